@@ -1,0 +1,85 @@
+"""Attention sublayers of the LTX-2.3 block: gated self-attention and gated cross-attention with fused projections.
+
+One Linear per input stream: self-attention projects [q | k | v | gate logits] in one GEMM; cross-attention
+projects [q | gate logits] from the queries and [k | v] from the context. The STG "value pass-through" of a
+skipped block runs only the contiguous [v | gate] rows of the fused weight (no Q, K, QK-norm, RoPE or SDPA).
+Per-head gates (LTX-2.3): the attention output of each head is scaled by 2 * sigmoid(logit) before `out`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.rope import CosSin, apply_split_rope
+
+
+def gated_output(out: nn.Linear, heads: Tensor, gate_logits: Tensor) -> Tensor:
+    """`out(heads * 2 sigmoid(gate))`: heads [B, N, H, D], gate_logits [B, N, H] -> [B, N, dim]."""
+    gates = 2.0 * torch.sigmoid(gate_logits)  # [B, N, H]
+    return out((heads * gates.unsqueeze(-1)).flatten(2))  # [B, N, H * D] -> [B, N, dim]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """SDPA over heads: q [B, Nq, H*D], k/v [B, Nk, H*D] -> [B, Nq, H, D]."""
+    b, nq, _ = q.shape
+    nk = k.shape[1]
+    q = q.view(b, nq, heads, -1).transpose(1, 2)  # [B, H, Nq, D]
+    k = k.view(b, nk, heads, -1).transpose(1, 2)  # [B, H, Nk, D]
+    v = v.view(b, nk, heads, -1).transpose(1, 2)  # [B, H, Nk, D]
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # [B, Nq, H, D]
+
+
+class SelfAttention(nn.Module):
+    """Gated self-attention with RMS QK-norm across heads and split RoPE."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.heads, self.head_dim, self.eps = heads, head_dim, eps
+        self.inner = heads * head_dim
+        self.qkvg = nn.Linear(dim, 3 * self.inner + heads)  # rows: [q | k | v | gate logits]
+        self.q_norm = nn.Parameter(torch.empty(self.inner))
+        self.k_norm = nn.Parameter(torch.empty(self.inner))
+        self.out = nn.Linear(self.inner, dim)
+
+    def forward(self, x: Tensor, rope: CosSin) -> Tensor:
+        i = self.inner
+        q, k, v, g = self.qkvg(x).split([i, i, i, self.heads], dim=-1)  # [B, N, I] x3, [B, N, H]
+        q = apply_split_rope(F.rms_norm(q, (i,), self.q_norm, self.eps), rope)
+        k = apply_split_rope(F.rms_norm(k, (i,), self.k_norm, self.eps), rope)
+        return gated_output(self.out, attend(q, k, v, self.heads), g)
+
+    def value_passthrough(self, x: Tensor) -> Tensor:
+        """STG-perturbed output: `out(gate * v)`, computing only the [v | gate] rows of the fused projection."""
+        i = self.inner
+        vg = F.linear(x, self.qkvg.weight[2 * i:], self.qkvg.bias[2 * i:])  # [B, N, I + H]
+        v, g = vg.split([i, self.heads], dim=-1)
+        return gated_output(self.out, v.unflatten(-1, (self.heads, self.head_dim)), g)
+
+
+class CrossAttention(nn.Module):
+    """Gated cross-attention: queries (and gate logits) from `x`, keys/values from `context`; optional RoPE on
+    both sides (A2V/V2A use the temporal tables, the text cross-attention none)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.heads, self.head_dim, self.eps = heads, head_dim, eps
+        self.inner = heads * head_dim
+        self.q_gate = nn.Linear(dim, self.inner + heads)  # rows: [q | gate logits]
+        self.kv = nn.Linear(context_dim, 2 * self.inner)  # rows: [k | v]
+        self.q_norm = nn.Parameter(torch.empty(self.inner))
+        self.k_norm = nn.Parameter(torch.empty(self.inner))
+        self.out = nn.Linear(self.inner, dim)
+
+    def forward(self, x: Tensor, context: Tensor, q_rope: CosSin | None = None,
+                k_rope: CosSin | None = None) -> Tensor:
+        i = self.inner
+        q, g = self.q_gate(x).split([i, self.heads], dim=-1)  # [B, Nq, I], [B, Nq, H]
+        k, v = self.kv(context).split([i, i], dim=-1)  # [B, Nk, I] each
+        q = F.rms_norm(q, (i,), self.q_norm, self.eps)
+        k = F.rms_norm(k, (i,), self.k_norm, self.eps)
+        if q_rope is not None:  # static per module use (A2V/V2A always, text never), not data-dependent
+            q = apply_split_rope(q, q_rope)
+            k = apply_split_rope(k, k_rope)
+        return gated_output(self.out, attend(q, k, v, self.heads), g)

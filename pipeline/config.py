@@ -1,0 +1,164 @@
+"""Model configuration (`ModelConfig`, named presets) and the latent grid a generation runs on (`LatentGrid`).
+
+Both are frozen, hashable dataclasses: anything that changes a captured graph (widths, depth, token counts) is a
+field, so it can be part of a graph key. Presets are plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+PRESET_NAMES = ("tiny", "small", "ltx2.3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of an LTX-2.3 audio-video transformer.
+
+    The LTX-2.3 features are always on (gated attention, 9-row cross-attention AdaLN, the sigma-driven prompt
+    AdaLN, split RoPE, cross-modality timesteps); only sizes vary between presets. Text context arrives after
+    the text connector, so its widths equal the stream widths in LTX-2.3.
+    """
+
+    num_layers: int = 48
+    video_heads: int = 32
+    video_head_dim: int = 128
+    audio_heads: int = 32
+    audio_head_dim: int = 64
+    in_channels: int = 128  # video latent channels (in and out)
+    audio_in_channels: int = 128  # audio latent channels (in and out)
+    video_context_dim: int = 4096
+    audio_context_dim: int = 2048
+    ffn_mult: int = 4
+    norm_eps: float = 1e-6
+    # RoPE ("split" layout, frequencies computed in float64 then cast to float32, as the reference does).
+    rope_theta: float = 10000.0
+    video_max_pos: tuple[int, int, int] = (20, 2048, 2048)  # (seconds, pixels, pixels)
+    audio_max_pos: int = 20  # seconds
+    vae_scale_factors: tuple[int, int, int] = (8, 32, 32)  # latent -> pixel (frames, height, width)
+    audio_scale_factor: int = 4  # audio latent -> mel frames
+    audio_sampling_rate: int = 16000
+    audio_hop_length: int = 160
+    causal_offset: int = 1
+    # sigma -> AdaLN timestep; the A2V/V2A gate AdaLNs see timestep * cross_attn_gate_scale
+    # (the reference's cross_attn_timestep_scale_multiplier / timestep_scale_multiplier = 1000 / 1000).
+    timestep_scale: float = 1000.0
+    cross_attn_gate_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "video_heads", "video_head_dim", "audio_heads", "audio_head_dim", "in_channels",
+                     "audio_in_channels", "video_context_dim", "audio_context_dim", "ffn_mult"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        for name, dim, heads in (("video", self.video_dim, self.video_heads), ("audio", self.audio_dim,
+                                                                               self.audio_heads)):
+            if getattr(self, f"{name}_head_dim") % 2:
+                raise ValueError(f"ModelConfig.{name}_head_dim must be even for split RoPE, "
+                                 f"got {getattr(self, f'{name}_head_dim')}")
+            if (dim // 2) % heads:
+                raise ValueError(f"ModelConfig: {name} RoPE width {dim // 2} must divide into {heads} heads")
+        # The A2V/V2A RoPE tables are audio-width; the video side splits them over the video heads (as the
+        # reference does), so audio_dim / 2 must divide into the video heads too.
+        if (self.audio_dim // 2) % self.video_heads:
+            raise ValueError(f"ModelConfig: cross-attention RoPE width {self.audio_dim // 2} must divide into "
+                             f"video_heads={self.video_heads}")
+        if len(self.video_max_pos) != 3 or len(self.vae_scale_factors) != 3:
+            raise ValueError("ModelConfig.video_max_pos and vae_scale_factors must have 3 entries (t, h, w), got "
+                             f"{self.video_max_pos!r} and {self.vae_scale_factors!r}")
+
+    @property
+    def video_dim(self) -> int:
+        return self.video_heads * self.video_head_dim
+
+    @property
+    def audio_dim(self) -> int:
+        return self.audio_heads * self.audio_head_dim
+
+    @property
+    def audio_latents_per_second(self) -> float:
+        return self.audio_sampling_rate / self.audio_hop_length / self.audio_scale_factor
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        """`tiny` (CPU tests, well under a second), `small` (full widths, 4 layers) or `ltx2.3` (48 layers, ~19B)."""
+        if name == "ltx2.3":
+            return cls()
+        if name == "small":
+            return cls(num_layers=4)
+        if name == "tiny":
+            return cls(num_layers=2, video_heads=2, video_head_dim=16, audio_heads=2, audio_head_dim=8,
+                       video_context_dim=32, audio_context_dim=16)
+        raise ValueError(f"unknown model preset {name!r}; expected one of {PRESET_NAMES}")
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Token counts the benchmarks use, factorised the way the real resolutions are (frames x height x width latents).
+_KNOWN_FACTORISATIONS = {
+    1536: (16, 8, 12),  # 384x256x121 (stage 1 of the 768x512 two-stage pipeline)
+    6144: (16, 16, 24),  # 768x512x121
+    8160: (16, 17, 30),  # 960x544x121 (HQ stage 1)
+    32640: (16, 34, 60),  # 1920x1088x121 (HQ stage 2)
+}
+
+
+@dataclass(frozen=True)
+class LatentGrid:
+    """The latent token grid of one generation: video (frames x height x width latents) plus audio tokens."""
+
+    frames: int
+    height: int
+    width: int
+    audio_tokens: int
+    fps: float = 24.0
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "height", "width", "audio_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LatentGrid.{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.fps, (int, float)) and self.fps > 0):
+            raise ValueError(f"LatentGrid.fps must be a positive number, got {self.fps!r}")
+
+    @property
+    def num_video_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def num_audio_tokens(self) -> int:
+        return self.audio_tokens
+
+    @classmethod
+    def from_pixels(cls, *, width: int, height: int, num_frames: int, fps: float = 24.0) -> LatentGrid:
+        """Latent grid of a `width` x `height` x `num_frames` video (8x temporal, 32x spatial VAE; 25 audio
+        latents per second)."""
+        if width < 32 or height < 32 or num_frames < 1:
+            raise ValueError(f"from_pixels: need width, height >= 32 and num_frames >= 1, got "
+                             f"{width}x{height}x{num_frames}")
+        return cls(frames=(num_frames - 1) // 8 + 1, height=height // 32, width=width // 32,
+                   audio_tokens=max(1, round(25 * num_frames / fps)), fps=float(fps))
+
+    @classmethod
+    def from_tokens(cls, num_video_tokens: int, *, audio_tokens: int | None = None, fps: float = 24.0) -> LatentGrid:
+        """A plausible grid with exactly `num_video_tokens` video tokens (for benchmarks).
+
+        Known sizes use the real factorisation (1536 = 16x8x12, 8160 = 16x17x30, ...); others pick the largest
+        frame count in (16, 8, 4, 2, 1) that divides, then the most square height x width. Audio tokens default to
+        what that many latent frames give at `fps` (16 frames -> 121 pixel frames -> 126 audio tokens).
+        """
+        if not isinstance(num_video_tokens, int) or num_video_tokens <= 0:
+            raise ValueError(f"num_video_tokens must be a positive int, got {num_video_tokens!r}")
+        if num_video_tokens in _KNOWN_FACTORISATIONS:
+            frames, height, width = _KNOWN_FACTORISATIONS[num_video_tokens]
+        else:
+            frames = next(f for f in (16, 8, 4, 2, 1) if num_video_tokens % f == 0)
+            rest = num_video_tokens // frames
+            height = max(d for d in range(1, math.isqrt(rest) + 1) if rest % d == 0)
+            width = rest // height
+        if audio_tokens is None:
+            audio_tokens = max(1, round(25 * ((frames - 1) * 8 + 1) / fps))
+        return cls(frames=frames, height=height, width=width, audio_tokens=audio_tokens, fps=float(fps))

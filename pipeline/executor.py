@@ -1,0 +1,167 @@
+"""The pass-executor seam between the denoising loop and however the transformer actually runs.
+
+The loop hands an executor the current latents, a HOST float sigma and the pass specs of one evaluation,
+and gets back one velocity pair per pass. It never knows whether the passes run eagerly (`EagerExecutor`,
+here), compiled, or as replayed CUDA graphs (the graph executor, one layer up): any object with the
+`PassExecutor` methods drops in without changing the loop.
+
+Contract every executor keeps:
+- `set_conditioning` is called once per stage (text contexts + RoPE tables); `run` many times.
+- `run` receives the latents in the loop's state dtype (e.g. float32) and casts them to the model dtype
+  itself; `sigma` is a Python float that becomes a float32 device tensor [B] without a host sync.
+- The returned velocities stay valid until the next `run` call (the loop reads them before calling again).
+- Nothing in `run` synchronises the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from pipeline.passes import TEXT_KEYS, PassSpec
+from profiling.ranges import region
+
+if TYPE_CHECKING:
+    from pipeline.model import LTX2Transformer
+    from pipeline.rope import RopeTables
+
+
+@dataclass(frozen=True, eq=False)
+class TextContext:
+    """One prompt's text conditioning after the connector: video [B, Nt, Dv] and audio [B, Nt, Da]."""
+
+    video: Tensor
+    audio: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class Conditioning:
+    """Everything fixed for a stage: the prompts' text contexts (keys "positive", "negative") and RoPE."""
+
+    texts: Mapping[str, TextContext]
+    rope: RopeTables
+
+
+class Velocity(NamedTuple):
+    """One pass's model output: video [B, Nv, C] and audio [B, Na, C] velocities (model dtype)."""
+
+    video: Tensor
+    audio: Tensor
+
+
+@runtime_checkable
+class PassExecutor(Protocol):
+    """Runs guidance passes for the loop. See the module docstring for the contract."""
+
+    def set_conditioning(self, conditioning: Conditioning) -> None: ...
+
+    def run(self, video: Tensor, audio: Tensor, sigma: float, specs: Sequence[PassSpec]) -> dict[str, Velocity]: ...
+
+
+def validate_conditioning(conditioning: Conditioning) -> None:
+    """Host checks of a `Conditioning` (types, keys, ranks, matching batch and device); metadata only."""
+    if not isinstance(conditioning, Conditioning):
+        raise ValueError(f"conditioning must be a Conditioning, got {type(conditioning).__name__}")
+    texts = conditioning.texts
+    if not isinstance(texts, Mapping) or not texts:
+        raise ValueError(f"conditioning.texts must be a non-empty mapping, got {texts!r}")
+    for key, text in texts.items():
+        if key not in TEXT_KEYS:
+            raise ValueError(f"conditioning.texts has key {key!r}; expected keys among {TEXT_KEYS}")
+        if not isinstance(text, TextContext):
+            raise ValueError(f"conditioning.texts[{key!r}] must be a TextContext, got {type(text).__name__}")
+        for field in ("video", "audio"):
+            t = getattr(text, field)
+            if not isinstance(t, Tensor) or t.ndim != 3:
+                shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"conditioning.texts[{key!r}].{field} must be a [B, Nt, D] tensor, got {shape}")
+        if text.video.shape[0] != text.audio.shape[0] or text.video.device != text.audio.device:
+            raise ValueError(
+                f"conditioning.texts[{key!r}]: video and audio contexts disagree (batch {text.video.shape[0]} "
+                f"vs {text.audio.shape[0]}, device {text.video.device} vs {text.audio.device})"
+            )
+
+
+class EagerExecutor:
+    """`PassExecutor` with plain model calls, one per spec, in the specs' order. Never synchronises the host."""
+
+    def __init__(self, model: LTX2Transformer):
+        self.model = model
+        self._conditioning: Conditioning | None = None
+
+    def set_conditioning(self, conditioning: Conditioning) -> None:
+        validate_conditioning(conditioning)
+        device, dtype = self.model.device, self.model.dtype
+        for key, text in conditioning.texts.items():
+            if text.video.device != device:
+                raise ValueError(
+                    f"conditioning.texts[{key!r}] is on {text.video.device}, expected the model's device {device}"
+                )
+        # Cast to the model dtype once per stage, not once per pass.
+        texts = {k: TextContext(t.video.to(dtype), t.audio.to(dtype)) for k, t in conditioning.texts.items()}
+        self._conditioning = Conditioning(texts=texts, rope=conditioning.rope)
+
+    def run(self, video: Tensor, audio: Tensor, sigma: float, specs: Sequence[PassSpec]) -> dict[str, Velocity]:
+        if self._conditioning is None:
+            raise ValueError("EagerExecutor.run called before set_conditioning(conditioning)")
+        check_specs(specs, self._conditioning)
+        b = video.shape[0]
+        dtype = self.model.dtype
+        video_in, audio_in = video.to(dtype), audio.to(dtype)
+        sigma_t = torch.full((b,), float(sigma), dtype=torch.float32, device=video.device)  # no host read
+        out: dict[str, Velocity] = {}
+        for spec in specs:
+            text = self._conditioning.texts[spec.text]
+            with region(f"pass {spec.name}"):
+                v, a = self.model(
+                    video_in,
+                    audio_in,
+                    _batch(text.video, b),
+                    _batch(text.audio, b),
+                    sigma_t,
+                    self._conditioning.rope,
+                    **spec.model_kwargs(),
+                )
+            out[spec.name] = Velocity(v, a)
+        return out
+
+
+def check_specs(specs: Sequence[PassSpec], conditioning: Conditioning) -> None:
+    """Host checks of one evaluation's specs: non-empty PassSpecs, unique names, their texts present."""
+    if not specs:
+        raise ValueError("specs must name at least one pass, got none")
+    names = [s.name for s in specs if isinstance(s, PassSpec)]
+    if len(names) != len(specs):
+        raise ValueError(f"specs must all be PassSpec, got {[type(s).__name__ for s in specs]}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"pass names must be unique within one evaluation, got {names}")
+    for spec in specs:
+        if spec.text not in conditioning.texts:
+            raise ValueError(
+                f"pass {spec.name!r} reads the {spec.text!r} text, but the conditioning only has "
+                f"{sorted(conditioning.texts)}"
+            )
+
+
+def _batch(context: Tensor, b: int) -> Tensor:
+    """Text context for batch b: as is, or a batch-1 context expanded (a view, no copy)."""
+    if context.shape[0] == b:
+        return context
+    if context.shape[0] == 1:
+        return context.expand(b, -1, -1)
+    raise ValueError(f"text context has batch {context.shape[0]}, expected 1 or the latents' batch {b}")
+
+
+__all__ = [
+    "Conditioning",
+    "EagerExecutor",
+    "PassExecutor",
+    "TextContext",
+    "Velocity",
+    "check_specs",
+    "validate_conditioning",
+]

@@ -1,0 +1,103 @@
+"""Guidance pass specs: one transformer call each, with its text and attention-skip options as data.
+
+A `PassSpec` is frozen and hashable, so the same value drives an eager call (`spec.model_kwargs()`) and
+names a captured graph (it is part of the graph key). The four kinds:
+
+| pass      | text     | options                                                     | needed when (video OR audio) |
+|-----------|----------|-------------------------------------------------------------|------------------------------|
+| cond      | positive | none                                                        | always                       |
+| neg       | negative | none                                                        | cfg != 1                     |
+| perturbed | positive | skip video and audio self-attention in the STG blocks       | stg != 0                     |
+| modality  | positive | disable A2V and V2A cross-attention in every block          | modality != 1                |
+
+The perturbed pass skips the STG blocks in both streams whenever it runs (as the reference does); its
+output is only used by the modalities whose stg is nonzero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.guidance import GuidanceConfig, GuidanceParams
+
+PASS_NAMES = ("cond", "neg", "perturbed", "modality")  # also the fixed execution order
+TEXT_KEYS = ("positive", "negative")
+
+
+def _block_tuple(value: object, field: str) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"PassSpec.{field} must be a tuple of block indices, got {value!r}")
+    blocks = tuple(value)  # type: ignore[arg-type]
+    for b in blocks:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+            raise ValueError(f"PassSpec.{field} must hold non-negative ints, got {blocks!r}")
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"PassSpec.{field} has duplicates: {blocks!r}")
+    return tuple(sorted(blocks))
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """One guidance pass: its name, which prompt it reads and its attention-skip options."""
+
+    name: str  # "cond" | "neg" | "perturbed" | "modality"
+    text: str = "positive"  # "positive" | "negative"
+    skip_video_self_attn_blocks: tuple[int, ...] = ()
+    skip_audio_self_attn_blocks: tuple[int, ...] = ()
+    disable_a2v_cross_attn: bool = False
+    disable_v2a_cross_attn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in PASS_NAMES:
+            raise ValueError(f"PassSpec.name must be one of {PASS_NAMES}, got {self.name!r}")
+        if self.text not in TEXT_KEYS:
+            raise ValueError(f"PassSpec.text must be one of {TEXT_KEYS}, got {self.text!r}")
+        for field in ("skip_video_self_attn_blocks", "skip_audio_self_attn_blocks"):
+            # Normalised to a sorted tuple so equal options give equal (and equally hashed) specs.
+            object.__setattr__(self, field, _block_tuple(getattr(self, field), field))
+        for field in ("disable_a2v_cross_attn", "disable_v2a_cross_attn"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"PassSpec.{field} must be a bool, got {getattr(self, field)!r}")
+
+    def model_kwargs(self) -> dict[str, object]:
+        """Exactly the four attention-skip keyword arguments of the transformer's forward."""
+        return {
+            "skip_video_self_attn_blocks": self.skip_video_self_attn_blocks,
+            "skip_audio_self_attn_blocks": self.skip_audio_self_attn_blocks,
+            "disable_a2v_cross_attn": self.disable_a2v_cross_attn,
+            "disable_v2a_cross_attn": self.disable_v2a_cross_attn,
+        }
+
+
+def build_pass_specs(
+    video_params: GuidanceParams, audio_params: GuidanceParams, stg_blocks: tuple[int, ...] = ()
+) -> tuple[PassSpec, ...]:
+    """Only the passes the guidance needs, in the fixed order cond, neg, perturbed, modality.
+
+    A pass is needed when either modality needs it. Identity guidance gives just `(cond,)`.
+    """
+    # GuidanceConfig validates the combination (finite scales, STG blocks present when stg != 0).
+    config = GuidanceConfig(video=video_params, audio=audio_params, stg_blocks=tuple(stg_blocks))
+    specs = [PassSpec("cond", "positive")]
+    if config.video.needs_neg or config.audio.needs_neg:
+        specs.append(PassSpec("neg", "negative"))
+    if config.video.needs_perturbed or config.audio.needs_perturbed:
+        specs.append(
+            PassSpec(
+                "perturbed",
+                "positive",
+                skip_video_self_attn_blocks=config.stg_blocks,
+                skip_audio_self_attn_blocks=config.stg_blocks,
+            )
+        )
+    if config.video.needs_modality or config.audio.needs_modality:
+        specs.append(PassSpec("modality", "positive", disable_a2v_cross_attn=True, disable_v2a_cross_attn=True))
+    return tuple(specs)
+
+
+def pass_specs_for(config: GuidanceConfig) -> tuple[PassSpec, ...]:
+    """`build_pass_specs` for a whole `GuidanceConfig`."""
+    return build_pass_specs(config.video, config.audio, config.stg_blocks)
+
+
+__all__ = ["PASS_NAMES", "TEXT_KEYS", "PassSpec", "build_pass_specs", "pass_specs_for"]

@@ -1,0 +1,110 @@
+"""Sigma schedules as plain Python floats.
+
+Every schedule decision of the denoising loop (step sizes, the terminal step, whether bongmath runs) is
+made from these numbers on the host, so nothing here is ever a tensor: the loop never has to read a sigma
+back from the device.
+
+- `ltx2_sigmas`: the LTX-2.3 schedule (token-dependent shift, stretched so the last nonzero sigma is the
+  terminal value), `steps + 1` floats ending in 0.0.
+- `distilled_stage2_sigmas`: the distilled stage-2 list; for res2s a 0.0011 floor is inserted before the
+  final 0 so that no full res2s step divides by `sigma - 0` (the floor step is then the terminal one).
+- `validate_sigmas`: the checks the loops run before their first step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+# Token anchors and shifts of the LTX-2 schedule: the shift `mu` is linear in the token count, 0.95 at
+# 1024 tokens and 2.05 at 4096 tokens (not clamped outside that range).
+BASE_SHIFT_TOKENS = 1024
+MAX_SHIFT_TOKENS = 4096
+BASE_SHIFT = 0.95
+MAX_SHIFT = 2.05
+
+# Stage 2 of the two-stage pipelines (distilled LoRA): 3 steps from 0.909375 to 0.
+DISTILLED_STAGE2_SIGMAS = (0.909375, 0.725, 0.421875, 0.0)
+# res2s cannot take a full step to sigma 0 (h = ln(sigma / 0) is infinite): the reference inserts this
+# floor before the final 0, and the floor -> 0 step is a single (terminal) evaluation.
+RES2S_SIGMA_FLOOR = 0.0011
+
+
+def shift_mu(num_tokens: int) -> float:
+    """The schedule shift `mu` for `num_tokens` video tokens (2.05 at the 4096 anchor)."""
+    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_SHIFT_TOKENS - BASE_SHIFT_TOKENS)
+    return num_tokens * slope + BASE_SHIFT - BASE_SHIFT_TOKENS * slope
+
+
+def ltx2_sigmas(steps: int, num_tokens: int | None = None, terminal: float = 0.1) -> list[float]:
+    """The LTX-2.3 sigma schedule: `steps + 1` Python floats from 1.0 down to 0.0.
+
+    1. `s_i = 1 - i/steps`; 2. shift `s' = e^mu / (e^mu + 1/s - 1)` (0 stays 0) with `mu = shift_mu(T)`;
+    3. stretch the nonzero part so its last value is `terminal`: `z = 1 - s'`, `s'' = 1 - z / (z_last / (1 -
+    terminal))`. `num_tokens=None` means the 4096-token anchor (the non-HQ presets); HQ stage 1 passes its
+    real token count. With `steps == 1` the only nonzero sigma is the pinned 1.0, so there is nothing to
+    stretch and the schedule is `[1.0, 0.0]`.
+
+    Computed in float64 (the reference computes the same formula in float32; the difference is < 1e-7).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if num_tokens is None:
+        num_tokens = MAX_SHIFT_TOKENS
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens <= 0:
+        raise ValueError(f"num_tokens must be a positive int or None (4096 anchor), got {num_tokens!r}")
+    if not (isinstance(terminal, (int, float)) and 0.0 < terminal < 1.0):
+        raise ValueError(f"terminal must be a float in the open interval (0, 1), got {terminal!r}")
+
+    exp_mu = math.exp(shift_mu(num_tokens))
+    linear = [1.0 - i / steps for i in range(steps)]  # the nonzero part; the trailing 0 is appended below
+    shifted = [exp_mu / (exp_mu + (1.0 / s - 1.0)) for s in linear]
+    if steps == 1:
+        return [shifted[0], 0.0]
+    one_minus = [1.0 - s for s in shifted]
+    scale = one_minus[-1] / (1.0 - terminal)
+    stretched = [1.0 - z / scale for z in one_minus]
+    # The formula puts the last nonzero sigma at `terminal` exactly; pin it so rounding cannot move it.
+    stretched[-1] = float(terminal)
+    return [*stretched, 0.0]
+
+
+def with_res2s_floor(sigmas: Sequence[float], floor: float = RES2S_SIGMA_FLOOR) -> list[float]:
+    """Insert `floor` before a final 0.0 (unless the last nonzero sigma is already at or below it)."""
+    out = [float(s) for s in sigmas]
+    if len(out) >= 2 and out[-1] == 0.0 and out[-2] > floor:
+        out.insert(-1, float(floor))
+    return out
+
+
+def distilled_stage2_sigmas(*, res2s: bool = True) -> list[float]:
+    """The distilled stage-2 list; with `res2s=True` (default) the 0.0011 floor is inserted before the 0.
+
+    With the floor, res2s runs 3 full steps (2 evaluations each) plus the terminal floor -> 0 step (one
+    evaluation): 7 evaluations.
+    """
+    sigmas = list(DISTILLED_STAGE2_SIGMAS)
+    return with_res2s_floor(sigmas) if res2s else sigmas
+
+
+def validate_sigmas(sigmas: Sequence[float], *, name: str = "sigmas") -> tuple[float, ...]:
+    """Check a schedule on the host and return it as a tuple of Python floats.
+
+    A schedule has at least two finite values in [0, 1], strictly decreasing; only the last may be 0.
+    """
+    try:
+        values = tuple(float(s) for s in sigmas)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a sequence of Python numbers, got {sigmas!r}") from e
+    if len(values) < 2:
+        raise ValueError(f"{name} needs at least 2 values (one step), got {list(values)}")
+    for i, s in enumerate(values):
+        if not math.isfinite(s) or not 0.0 <= s <= 1.0:
+            raise ValueError(f"{name}[{i}] must be a finite number in [0, 1], got {s!r}")
+    for i in range(len(values) - 1):
+        if not values[i + 1] < values[i]:
+            raise ValueError(
+                f"{name} must be strictly decreasing, got {name}[{i}]={values[i]!r} then "
+                f"{name}[{i + 1}]={values[i + 1]!r}"
+            )
+    return values

@@ -1,0 +1,346 @@
+"""Checkpoint key maps and safetensors loading (Lightricks single-file and diffusers formats).
+
+Every parameter of `LTX2Transformer` maps to one or more named tensors of the other format; fused parameters
+(self-attention [q | k | v | gate], cross-attention [q | gate] and [k | v]) map to row ranges. Loading reads one
+tensor at a time (safetensors `safe_open`) and copies it into its (slice of the) parameter, so it never needs
+twice the model's memory; every key is checked (names and shapes) before anything is copied, and all problems are
+reported in one error. Only safetensors are read (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from pipeline.config import ModelConfig
+
+OFFICIAL_PREFIX = "model.diffusion_model."
+# Inside the DiT prefix of single-file checkpoints but not part of the DiT (text connectors run outside it).
+OFFICIAL_IGNORED = ("video_embeddings_connector.", "audio_embeddings_connector.")
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+class KeySource(NamedTuple):
+    """One tensor of another format that fills rows [start, stop) of our parameter (rows None: all of it)."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+
+
+KeyMap = dict[str, tuple[KeySource, ...]]  # our parameter name -> its sources, in row order
+
+
+class WeightLoadError(ValueError):
+    """Missing, unexpected or mis-shaped checkpoint tensors (all listed in the message)."""
+
+
+# Module names per format: (ours, diffusers, official). Fused attention modules are expanded in `_key_map`.
+_TOP_LINEARS = (
+    ("video_in", "proj_in", "patchify_proj"),
+    ("audio_in", "audio_proj_in", "audio_patchify_proj"),
+    ("video_out", "proj_out", "proj_out"),
+    ("audio_out", "audio_proj_out", "audio_proj_out"),
+)
+_ADALNS = (
+    ("video_time", "time_embed", "adaln_single"),
+    ("audio_time", "audio_time_embed", "audio_adaln_single"),
+    ("video_prompt", "prompt_adaln", "prompt_adaln_single"),
+    ("audio_prompt", "audio_prompt_adaln", "audio_prompt_adaln_single"),
+    ("video_av", "av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
+    ("audio_av", "av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
+    ("video_av_gate", "av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
+    ("audio_av_gate", "av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single"),
+)
+_ADALN_PARTS = (("fc1", "emb.timestep_embedder.linear_1"), ("fc2", "emb.timestep_embedder.linear_2"),
+                ("proj", "linear"))
+_TOP_TABLES = (("video_out_table", "scale_shift_table"), ("audio_out_table", "audio_scale_shift_table"))
+_BLOCK_TABLES = (
+    ("video_table", "scale_shift_table", "scale_shift_table"),
+    ("audio_table", "audio_scale_shift_table", "audio_scale_shift_table"),
+    ("video_prompt_table", "prompt_scale_shift_table", "prompt_scale_shift_table"),
+    ("audio_prompt_table", "audio_prompt_scale_shift_table", "audio_prompt_scale_shift_table"),
+    ("video_av_table", "video_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_video"),
+    ("audio_av_table", "audio_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_audio"),
+)
+# (ours, theirs (both formats), is self-attention, video-width heads?)
+_BLOCK_ATTNS = (
+    ("video_self", "attn1", True, True),
+    ("audio_self", "audio_attn1", True, False),
+    ("video_text", "attn2", False, True),
+    ("audio_text", "audio_attn2", False, False),
+    ("a2v", "audio_to_video_attn", False, False),
+    ("v2a", "video_to_audio_attn", False, False),
+)
+_BLOCK_FFS = (("video_ff", "ff"), ("audio_ff", "audio_ff"))
+
+
+def _key_map(config: ModelConfig, fmt: str) -> KeyMap:
+    official = fmt == "official"
+    norm_q, norm_k = ("q_norm", "k_norm") if official else ("norm_q", "norm_k")
+    m: KeyMap = {}
+
+    def linear(ours: str, theirs: str) -> None:
+        for leaf in ("weight", "bias"):
+            m[f"{ours}.{leaf}"] = (KeySource(f"{theirs}.{leaf}"),)
+
+    def fused(ours: str, parts: list[tuple[str, int]]) -> None:
+        """Our Linear `ours` stacks the Linears `parts` (name, rows) along the output dim."""
+        for leaf in ("weight", "bias"):
+            sources, start = [], 0
+            for theirs, rows in parts:
+                sources.append(KeySource(f"{theirs}.{leaf}", (start, start + rows)))
+                start += rows
+            m[f"{ours}.{leaf}"] = tuple(sources)
+
+    for ours, diff, off in _TOP_LINEARS:
+        linear(ours, off if official else diff)
+    for ours, diff, off in _ADALNS:
+        for our_part, their_part in _ADALN_PARTS:
+            linear(f"{ours}.{our_part}", f"{off if official else diff}.{their_part}")
+    for ours, theirs in _TOP_TABLES:
+        m[ours] = (KeySource(theirs),)
+    for i in range(config.num_layers):
+        b, t = f"blocks.{i}", f"transformer_blocks.{i}"
+        for ours, diff, off in _BLOCK_TABLES:
+            m[f"{b}.{ours}"] = (KeySource(f"{t}.{off if official else diff}"),)
+        for ours, theirs, is_self, video_heads in _BLOCK_ATTNS:
+            heads = config.video_heads if video_heads else config.audio_heads
+            inner = heads * (config.video_head_dim if video_heads else config.audio_head_dim)
+            o, th = f"{b}.{ours}", f"{t}.{theirs}"
+            if is_self:
+                fused(f"{o}.qkvg", [(f"{th}.to_q", inner), (f"{th}.to_k", inner), (f"{th}.to_v", inner),
+                                    (f"{th}.to_gate_logits", heads)])
+            else:
+                fused(f"{o}.q_gate", [(f"{th}.to_q", inner), (f"{th}.to_gate_logits", heads)])
+                fused(f"{o}.kv", [(f"{th}.to_k", inner), (f"{th}.to_v", inner)])
+            m[f"{o}.q_norm"] = (KeySource(f"{th}.{norm_q}.weight"),)
+            m[f"{o}.k_norm"] = (KeySource(f"{th}.{norm_k}.weight"),)
+            linear(f"{o}.out", f"{th}.to_out.0")
+        for ours, theirs in _BLOCK_FFS:
+            linear(f"{b}.{ours}.fc1", f"{t}.{theirs}.net.0.proj")
+            linear(f"{b}.{ours}.fc2", f"{t}.{theirs}.net.2")
+    return m
+
+
+def official_key_map(config: ModelConfig) -> KeyMap:
+    """Ours -> Lightricks single-file names (without the `model.diffusion_model.` prefix)."""
+    return _key_map(config, "official")
+
+
+def diffusers_key_map(config: ModelConfig) -> KeyMap:
+    """Ours -> diffusers `LTX2VideoTransformer3DModel` state-dict names."""
+    return _key_map(config, "diffusers")
+
+
+def _targets(model: torch.nn.Module, key_map: KeyMap) -> dict[str, tuple[str, tuple[int, int] | None, tuple]]:
+    """Their name -> (our parameter name, rows, expected shape)."""
+    params = dict(model.named_parameters())
+    if set(params) != set(key_map):
+        raise AssertionError(f"key map out of sync with the model: {sorted(set(params) ^ set(key_map))[:10]}")
+    out = {}
+    for ours, sources in key_map.items():
+        shape = tuple(params[ours].shape)
+        for src in sources:
+            rows = src.rows
+            out[src.name] = (ours, rows, shape if rows is None else (rows[1] - rows[0], *shape[1:]))
+    return out
+
+
+def _problem_report(missing, unexpected, misshaped) -> str:
+    lines = []
+    if missing:
+        lines.append(f"{len(missing)} missing: " + ", ".join(f"{n} {list(s)}" for n, s in missing))
+    if unexpected:
+        lines.append(f"{len(unexpected)} unexpected: " + ", ".join(f"{n} {list(s)}" for n, s in unexpected))
+    if misshaped:
+        lines.append(f"{len(misshaped)} mis-shaped: " + ", ".join(
+            f"{n} {list(s)} (expected {list(e)})" for n, s, e in misshaped))
+    return "; ".join(lines)
+
+
+def _load(model: torch.nn.Module, files: list[Path], key_map: KeyMap, rename) -> None:
+    """Check every tensor of `files` (renamed by `rename`, None = ignore) against `key_map`, then copy them in."""
+    targets = _targets(model, key_map)
+    seen: set[str] = set()
+    unexpected, misshaped, plan = [], [], []
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = rename(key)
+                if name is None:
+                    continue
+                shape = tuple(f.get_slice(key).get_shape())
+                if name not in targets:
+                    unexpected.append((key, shape))
+                    continue
+                seen.add(name)
+                if shape != targets[name][2]:
+                    misshaped.append((key, shape, targets[name][2]))
+                plan.append((path, key, name))
+    missing = [(n, t[2]) for n, t in targets.items() if n not in seen]
+    if missing or unexpected or misshaped:
+        report = _problem_report(missing, unexpected, misshaped)
+        raise WeightLoadError(f"checkpoint does not match the model ({report}); nothing was loaded")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for path in files:  # one file open at a time, one tensor in host memory at a time
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for p, key, name in plan:
+                    if p != path:
+                        continue
+                    ours, rows, _ = targets[name]
+                    dst = params[ours] if rows is None else params[ours][rows[0]:rows[1]]
+                    dst.copy_(f.get_tensor(key))
+    model.weights_version += 1
+
+
+def _official_rename(key: str) -> str | None:
+    if not key.startswith(OFFICIAL_PREFIX):
+        return None  # VAE, audio VAE, vocoder, text encoder...: not the DiT
+    name = key[len(OFFICIAL_PREFIX):]
+    return None if name.startswith(OFFICIAL_IGNORED) else name
+
+
+def load_official_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a Lightricks single-file checkpoint (DiT keys under `model.diffusion_model.`; the rest ignored)."""
+    _load(model, [Path(path)], official_key_map(model.config), _official_rename)
+
+
+def diffusers_weight_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a diffusers transformer: a file, an index JSON, or a directory holding either
+    (`diffusion_pytorch_model.safetensors` or its sharded `.index.json`; a `transformer/` subfolder also works)."""
+    path = Path(path)
+    if path.is_dir():
+        for folder in (path, path / "transformer"):
+            if (folder / DIFFUSERS_INDEX).is_file():
+                return diffusers_weight_files(folder / DIFFUSERS_INDEX)
+            if (folder / DIFFUSERS_WEIGHTS).is_file():
+                return [folder / DIFFUSERS_WEIGHTS]
+        raise ValueError(f"path {str(path)!r} holds neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX}")
+    if path.name.endswith(".index.json"):
+        weight_map = json.loads(path.read_text())["weight_map"]
+        return [path.parent / name for name in sorted(set(weight_map.values()))]
+    if path.suffix == ".safetensors" and path.is_file():
+        return [path]
+    raise ValueError(f"path {str(path)!r} is not a .safetensors file, an .index.json or a directory of them")
+
+
+def load_diffusers_transformer(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a diffusers-format `LTX2VideoTransformer3DModel` (single file, sharded index, or their folder)."""
+    _load(model, diffusers_weight_files(path), diffusers_key_map(model.config), lambda key: key)
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load either format: a directory / index JSON is diffusers; a single file is official if any key carries
+    the `model.diffusion_model.` prefix, else diffusers."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".safetensors":
+        with safe_open(p, framework="pt", device="cpu") as f:
+            if any(k.startswith(OFFICIAL_PREFIX) for k in f.keys()):
+                return load_official_checkpoint(model, p)
+    return load_diffusers_transformer(model, p)
+
+
+def iter_mapped_tensors(model: torch.nn.Module, key_map: KeyMap) -> Iterator[tuple[str, Tensor]]:
+    """(their name, view of our parameter) for every tensor of the other format; views, no copies."""
+    params = dict(model.named_parameters())
+    for ours, sources in key_map.items():
+        p = params[ours].detach()
+        for src in sources:
+            yield src.name, p if src.rows is None else p[src.rows[0]:src.rows[1]]
+
+
+def diffusers_state_dict(model: torch.nn.Module, *, device: torch.device | str = "cpu",
+                         dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Our weights under diffusers names, copied to `device` (fused parameters split into their Linears).
+
+    `LTX2VideoTransformer3DModel.from_config(diffusers_config(cfg))` + `load_state_dict(this)` gives the
+    diffusers peer the same weights.
+    """
+    return {name: t.to(device=device, dtype=dtype or t.dtype, copy=True).contiguous()
+            for name, t in iter_mapped_tensors(model, diffusers_key_map(model.config))}
+
+
+def official_state_dict(model: torch.nn.Module, *, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Our weights under single-file names (with the `model.diffusion_model.` prefix), copied to `device`."""
+    return {OFFICIAL_PREFIX + name: t.to(device=device, copy=True).contiguous()
+            for name, t in iter_mapped_tensors(model, official_key_map(model.config))}
+
+
+def diffusers_config(config: ModelConfig) -> dict:
+    """`LTX2VideoTransformer3DModel` constructor arguments describing `config` (an LTX-2.3 architecture)."""
+    return {
+        "in_channels": config.in_channels, "out_channels": config.in_channels, "patch_size": 1, "patch_size_t": 1,
+        "num_attention_heads": config.video_heads, "attention_head_dim": config.video_head_dim,
+        "cross_attention_dim": config.video_context_dim, "vae_scale_factors": tuple(config.vae_scale_factors),
+        "pos_embed_max_pos": config.video_max_pos[0], "base_height": config.video_max_pos[1],
+        "base_width": config.video_max_pos[2], "gated_attn": True, "cross_attn_mod": True,
+        "audio_in_channels": config.audio_in_channels, "audio_out_channels": config.audio_in_channels,
+        "audio_patch_size": 1, "audio_patch_size_t": 1, "audio_num_attention_heads": config.audio_heads,
+        "audio_attention_head_dim": config.audio_head_dim, "audio_cross_attention_dim": config.audio_context_dim,
+        "audio_scale_factor": config.audio_scale_factor, "audio_pos_embed_max_pos": config.audio_max_pos,
+        "audio_sampling_rate": config.audio_sampling_rate, "audio_hop_length": config.audio_hop_length,
+        "audio_gated_attn": True, "audio_cross_attn_mod": True, "num_layers": config.num_layers,
+        "activation_fn": "gelu-approximate", "qk_norm": "rms_norm_across_heads", "norm_elementwise_affine": False,
+        "norm_eps": config.norm_eps, "caption_channels": config.video_context_dim, "attention_bias": True,
+        "attention_out_bias": True, "rope_theta": config.rope_theta, "rope_double_precision": True,
+        "causal_offset": config.causal_offset, "timestep_scale_multiplier": int(config.timestep_scale),
+        "cross_attn_timestep_scale_multiplier": int(round(config.timestep_scale * config.cross_attn_gate_scale)),
+        "rope_type": "split", "use_prompt_embeddings": False, "perturbed_attn": True,
+    }
+
+
+def save_diffusers_transformer(model: torch.nn.Module, directory: str | os.PathLike, *,
+                               max_shard_bytes: int | None = None) -> Path:
+    """Write our weights as a diffusers transformer folder (config.json + one file, or shards + index JSON)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = {"_class_name": "LTX2VideoTransformer3DModel", **diffusers_config(model.config)}
+    cfg["vae_scale_factors"] = list(cfg["vae_scale_factors"])
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    state = diffusers_state_dict(model)
+    if max_shard_bytes is None:
+        save_file(state, directory / DIFFUSERS_WEIGHTS)
+        return directory
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / fname)
+        weight_map.update(dict.fromkeys(shard, fname))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}
+    (directory / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2))
+    return directory
+
+
+def save_official_checkpoint(model: torch.nn.Module, path: str | os.PathLike, *,
+                             extra: dict[str, Tensor] | None = None) -> Path:
+    """Write our weights as a single-file checkpoint (`model.diffusion_model.` keys; `config` metadata holds
+    diffusers-style transformer arguments, which the loader does not read); `extra` adds other components'
+    tensors (as a real file has VAE etc.)."""
+    from safetensors.torch import save_file
+
+    state = official_state_dict(model)
+    state.update(extra or {})
+    meta = {"config": json.dumps({"transformer": diffusers_config(model.config)}), "model_version": "2.3"}
+    save_file(state, Path(path), metadata=meta)
+    return Path(path)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One GPU session in one go: environment facts, the cuda-marked tests (rewriting tests/GPU_RESULTS.md), then the
+# benchmark. Every log lands in LOGDIR so a single invocation on a GPU machine brings everything back.
+#
+#   tests/gpu_session.sh LOGDIR [WHEEL_DIR] [-- extra bench args]
+#
+# WHEEL_DIR (optional) holds wheels for packages the GPU machine lacks and cannot download (nvtx, cupti-python,
+# diffusers); they are installed offline into a private site directory first. STAGES (env) selects what runs:
+# any of "env tests bench" (default: all three).
+set -uo pipefail
+logdir=${1:?usage: tests/gpu_session.sh LOGDIR [WHEEL_DIR] [-- bench args]}
+shift
+wheels=""
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then wheels=$1; shift; fi
+[ "${1:-}" = "--" ] && shift
+stages=${STAGES:-"env tests bench"}
+mkdir -p "$logdir"
+export PYTHONUNBUFFERED=1
+
+if [ -n "$wheels" ]; then
+  site=/tmp/ltx2-site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl \
+    || { echo "offline wheel install from $wheels failed"; exit 1; }
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# Editable install without network: registers the console script and the pytest plugin's entry point.
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$logdir/install.log" 2>&1 \
+  || { cat "$logdir/install.log"; echo "editable install failed"; exit 1; }
+
+if [[ " $stages " == *" env "* ]]; then
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+    python3 -c "import nvtx, diffusers; print('nvtx ok, diffusers', diffusers.__version__)"
+    python3 -c "from cupti import cupti; print('cupti ok')"
+  } 2>&1 | tee "$logdir/env.log"
+fi
+
+status=0
+if [[ " $stages " == *" tests "* ]]; then
+  python3 tests/run_gpu.py 2>&1 | tee "$logdir/gpu_tests.log"
+  status=${PIPESTATUS[0]}
+  cp tests/GPU_RESULTS.md "$logdir/" 2>/dev/null
+fi
+
+if [[ " $stages " == *" bench "* ]]; then
+  ltx2-graphs bench --json "$logdir/bench.json" "$@" 2>&1 | tee "$logdir/bench.log"
+fi
+exit "$status"

@@ -1,0 +1,126 @@
+"""The eager pass executor: one plain model call per spec, keyed by pass name, validated on the host."""
+
+import pytest
+import torch
+
+from pipeline.config import LatentGrid, ModelConfig
+from pipeline.executor import Conditioning, EagerExecutor, PassExecutor, TextContext, Velocity
+from pipeline.model import build_model
+from pipeline.passes import PassSpec
+from pipeline.rope import build_rope_tables
+from profiling.ranges import range_listener
+from profiling.syncs import detect_host_syncs
+
+GRID = LatentGrid(frames=2, height=2, width=3, audio_tokens=5)
+SPECS = (
+    PassSpec("cond"),
+    PassSpec("neg", "negative"),
+    PassSpec("perturbed", skip_video_self_attn_blocks=(1,), skip_audio_self_attn_blocks=(1,)),
+    PassSpec("modality", disable_a2v_cross_attn=True, disable_v2a_cross_attn=True),
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads cost more than they save (and thrash on a busy 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = ModelConfig.preset("tiny")
+    model = build_model(config, device="cpu", dtype=torch.float32, seed=0)
+    g = torch.Generator().manual_seed(0)
+    texts = {
+        key: TextContext(torch.randn(1, 4, config.video_context_dim, generator=g),
+                         torch.randn(1, 4, config.audio_context_dim, generator=g))
+        for key in ("positive", "negative")
+    }
+    conditioning = Conditioning(texts=texts, rope=build_rope_tables(config, GRID, device="cpu"))
+    video = torch.randn(1, GRID.num_video_tokens, config.in_channels, generator=g)
+    audio = torch.randn(1, GRID.audio_tokens, config.audio_in_channels, generator=g)
+    return model, conditioning, video, audio
+
+
+def test_runs_every_spec_like_a_direct_call(tiny):
+    model, conditioning, video, audio = tiny
+    executor = EagerExecutor(model)
+    assert isinstance(executor, PassExecutor)
+    executor.set_conditioning(conditioning)
+    with torch.no_grad():
+        out = executor.run(video, audio, 0.625, SPECS)
+        assert list(out) == ["cond", "neg", "perturbed", "modality"]
+        sigma = torch.full((1,), 0.625)
+        for spec in SPECS:
+            text = conditioning.texts[spec.text]
+            want = model(video, audio, text.video, text.audio, sigma, conditioning.rope, **spec.model_kwargs())
+            assert isinstance(out[spec.name], Velocity)
+            assert torch.equal(out[spec.name].video, want[0]) and torch.equal(out[spec.name].audio, want[1])
+    assert not torch.equal(out["cond"].video, out["modality"].video)  # the options reached the model
+
+
+def test_batch_one_text_is_expanded(tiny):
+    model, conditioning, video, audio = tiny
+    executor = EagerExecutor(model)
+    executor.set_conditioning(conditioning)
+    with torch.no_grad():
+        two = executor.run(video.expand(2, -1, -1), audio.expand(2, -1, -1), 0.5, SPECS[:1])
+        one = executor.run(video, audio, 0.5, SPECS[:1])
+    assert two["cond"].video.shape[0] == 2
+    torch.testing.assert_close(two["cond"].video[1:], one["cond"].video)
+
+
+def test_casts_latents_to_the_model_dtype(tiny):
+    _, conditioning, video, audio = tiny
+    model = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=torch.bfloat16, seed=0)
+    executor = EagerExecutor(model)
+    executor.set_conditioning(conditioning)  # float32 texts are cast once here
+    with torch.no_grad():
+        out = executor.run(video, audio, 0.5, SPECS[:1])
+    assert out["cond"].video.dtype == torch.bfloat16
+
+
+def test_no_host_sync_and_pass_regions(tiny):
+    model, conditioning, video, audio = tiny
+    executor = EagerExecutor(model)
+    executor.set_conditioning(conditioning)
+
+    class Names:
+        def __init__(self):
+            self.pushed = []
+
+        def range_push(self, name):
+            self.pushed.append(name)
+
+        def range_pop(self, name):
+            pass
+
+    with range_listener(Names()) as names, torch.no_grad(), detect_host_syncs(mode="raise"):
+        executor.run(video, audio, 0.3, SPECS)
+    assert [n for n in names.pushed if n.startswith("pass ")] == [f"pass {s.name}" for s in SPECS]
+
+
+def test_errors(tiny):
+    model, conditioning, video, audio = tiny
+    executor = EagerExecutor(model)
+    with pytest.raises(ValueError, match="before set_conditioning"):
+        executor.run(video, audio, 0.5, SPECS)
+    with pytest.raises(ValueError, match="Conditioning"):
+        executor.set_conditioning({"positive": None})
+    with pytest.raises(ValueError, match="key 'neutral'"):
+        executor.set_conditioning(Conditioning({"neutral": conditioning.texts["positive"]}, conditioning.rope))
+    with pytest.raises(ValueError, match=r"\[B, Nt, D\]"):
+        executor.set_conditioning(Conditioning({"positive": TextContext(torch.zeros(4, 32), torch.zeros(1, 4, 16))},
+                                               conditioning.rope))
+    executor.set_conditioning(Conditioning({"positive": conditioning.texts["positive"]}, conditioning.rope))
+    with pytest.raises(ValueError, match="'negative' text"):
+        executor.run(video, audio, 0.5, SPECS)
+    with pytest.raises(ValueError, match="unique"):
+        executor.run(video, audio, 0.5, (SPECS[0], SPECS[0]))
+    with pytest.raises(ValueError, match="at least one"):
+        executor.run(video, audio, 0.5, ())
