@@ -1,0 +1,168 @@
+"""Capture: one CUDA graph per pass, every graph in one shared memory pool that lives as long as its graphs.
+
+Why each rule:
+- Warm-up runs on the side stream that captures: lazy initialisation (cuBLAS handles and workspaces, cuDNN
+  plans, torch.compile's first compile and autotuning, Triton kernel loading) must happen before capture.
+- `capture_error_mode="global"`: a host sync or an unsafe CUDA call from any thread aborts the capture; a
+  graph never silently contains one.
+- One pool and one capture stream per executor: passes never run concurrently, so they can share memory. Each
+  pass's outputs are allocated in the pool during its capture and held by its `PassGraph`, so no later
+  capture places anything on them. A graph captured later may reuse the temporaries of one captured earlier;
+  so within one evaluation graphs replay in capture order (`PassGraph.order`; the executor sorts by it), and
+  then no replay can overwrite an output the guidance combine still needs.
+- Every `CUDAGraph` (a failed one too) stays referenced as long as the pool: a destroyed graph releases its
+  share of the pool, and capturing into the pool afterwards trips an allocator assert.
+
+Sync contract: capturing synchronises the device (`torch.cuda.graph` does, to free memory first, and the
+warm-up is timed). That sync is deliberate: it is declared with `profiling.syncs.allow_host_sync` and PyTorch's
+sync debug mode is suspended around it. `PassGraph.replay` launches one graph on the current stream and never
+synchronises the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from graphs.buffers import StaticInputs
+from graphs.errors import CaptureError
+from graphs.keys import GraphKey
+from pipeline.executor import Velocity
+from profiling.ranges import region
+from profiling.syncs import allow_host_sync
+
+CAPTURE_FIX = (
+    "A CUDA graph cannot contain a host sync (.item(), .cpu(), .tolist(), bool(tensor), nonzero, boolean-mask "
+    "indexing, torch.tensor(list, device='cuda')) or a compile; run the pass eagerly under "
+    "profiling.syncs.detect_host_syncs() to find the op"
+)
+
+
+@contextlib.contextmanager
+def sync_debug_suspended() -> Iterator[None]:
+    """PyTorch's CUDA sync debug mode off for a deliberate sync; the previous mode restored in finally."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@dataclasses.dataclass(eq=False)
+class PassGraph:
+    """One captured pass: the graph, its held outputs and the static inputs it reads.
+
+    `outputs` are allocated in the pool and rewritten only by this graph's replays: they stay valid until this
+    graph replays again. `order` is the capture order within the pool (replay in increasing order).
+    """
+
+    key: GraphKey
+    graph: torch.cuda.CUDAGraph
+    outputs: Velocity
+    static: StaticInputs
+    order: int
+    warmup_seconds: float
+    capture_seconds: float
+
+    def replay(self) -> Velocity:
+        """Launch the graph on the current stream (no host sync) and return the held outputs."""
+        self.graph.replay()
+        return self.outputs
+
+    @property
+    def seconds(self) -> float:
+        return self.warmup_seconds + self.capture_seconds
+
+
+class GraphPool:
+    """The memory pool, capture stream and graph objects shared by all pass graphs of one executor."""
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise CaptureError(f"CUDA graphs need a CUDA device, got {device}")
+        self.device = device
+        with torch.cuda.device(device):
+            self.handle = torch.cuda.graph_pool_handle()
+            self.stream = torch.cuda.Stream(device=device)
+        self._graphs: list[torch.cuda.CUDAGraph] = []  # every graph captured into the pool, failed ones too
+        self._reserved_delta = 0  # memory_reserved growth across captures (fallback for reserved_bytes)
+        self.failed: str | None = None  # why the pool is unusable after a failed capture
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def capture(
+        self,
+        key: GraphKey,
+        fn: Callable[[], tuple[Tensor, Tensor]],
+        static: StaticInputs,
+        *,
+        order: int,
+        warmup_iters: int = 2,
+        warmup_fn: Callable[[], object] | None = None,
+    ) -> PassGraph:
+        """Warm up `warmup_fn` (default `fn`) on the capture stream, then capture `fn` into the pool.
+
+        `fn` must read only `static` and the model and return (video_velocity, audio_velocity). Raises
+        `CaptureError` (chained) when capture fails; the pool is unusable afterwards.
+        """
+        if self.failed is not None:
+            raise CaptureError(f"this executor's graph pool is unusable after a failed capture ({self.failed}); "
+                               "create a new GraphExecutor")
+        warmup_fn = warmup_fn or fn
+        name = key.pass_name
+        with (
+            region(f"capture {name}"),
+            allow_host_sync(f"capture {name}"),
+            sync_debug_suspended(),
+            torch.cuda.device(self.device),
+            torch.no_grad(),
+        ):
+            start = time.perf_counter()
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                for _ in range(warmup_iters):
+                    warmup_fn()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            torch.cuda.synchronize()  # warm-up (and any compile or autotune) finished: honest time split
+            warm = time.perf_counter()
+            torch.cuda.empty_cache()
+            reserved = torch.cuda.memory_reserved(self.device)
+            graph = torch.cuda.CUDAGraph()
+            self._graphs.append(graph)
+            try:
+                with torch.cuda.graph(graph, pool=self.handle, stream=self.stream, capture_error_mode="global"):
+                    out = fn()
+            except CaptureError as e:
+                self.failed = f"capture of {key.short()}: {e}"
+                raise
+            except Exception as e:
+                self.failed = f"capture of {key.short()}: {type(e).__name__}"
+                root = e  # ending a broken capture raises again; the first error says what broke it
+                for _ in range(8):
+                    if root.__context__ is None or root.__context__ is root:
+                        break
+                    root = root.__context__
+                cause = str(e) if root is e else f"{root} (then: {e})"
+                raise CaptureError(f"capturing pass {name!r} ({key.short()}) failed: {cause}. {CAPTURE_FIX}.") from e
+            self._reserved_delta += torch.cuda.memory_reserved(self.device) - reserved
+            done = time.perf_counter()
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
+            raise CaptureError(f"pass {name!r} returned {type(out).__name__}, expected (video, audio) tensors")
+        return PassGraph(key, graph, Velocity(out[0], out[1]), static, order, warm - start, done - warm)
+
+    def reserved_bytes(self) -> int:
+        """Device memory the pool holds: its segments in the allocator snapshot (host-side walk, no sync)."""
+        if not self._graphs:
+            return 0
+        pool = tuple(self.handle)
+        total = sum(
+            seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", ())) == pool
+        )
+        return total if total > 0 else max(self._reserved_delta, 0)

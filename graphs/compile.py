@@ -1,0 +1,220 @@
+"""Regional torch.compile of the transformer blocks, underneath CUDA graphs that stay ours.
+
+Why regional: compiling the blocks (not the whole model) compiles ONE block structure. Dynamo keys its cache
+on the block's forward code and, inlining built-in nn modules, takes each block's parameters as inputs, so
+the code compiled for block 0 serves all 48 blocks. Each distinct combination of skip flags a block sees
+(self-attention skipped or not, a2v/v2a on or off) and each input shape adds one variant: a handful in all,
+not one per pass per block.
+
+Why bounded: when a function recompiles too often dynamo's default is to fall back to eager silently. Here
+that limit is an error (`fail_on_recompile_limit_hit`), compiles are counted (`compiles`), and outside
+warm-up the stance is "fail_on_recompile", so an unexpected recompile raises instead of compiling (a compile
+inside a graph capture would also sync the host and abort it).
+
+Inductor's own CUDA graphs stay off (modes "reduce-overhead" and "max-autotune" are refused, and inductor's
+cudagraphs option is patched off while compiling): the per-pass graphs capture the compiled kernels.
+`dynamic=False`: each shape gets static kernels, which is what a static graph wants anyway.
+
+The compiled callables are installed on the blocks only inside `compiling()` / `frozen()`, so the same model
+driven by another executor outside them runs plain eager code. Compiler settings are restored in `finally`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from graphs.errors import CaptureError
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_mode_name(compile: bool | str | None) -> str:
+    """The compile setting as a key value: "off", "default" or "max-autotune-no-cudagraphs"."""
+    if compile is None or compile is False or compile == "off":
+        return "off"
+    if compile is True:
+        return "default"
+    if compile in COMPILE_MODES:
+        return compile
+    raise ValueError(
+        f"compile must be False, True or one of {COMPILE_MODES}, got {compile!r} (modes that turn on inductor's "
+        "own CUDA graphs are refused: the per-pass graphs are captured by this package)"
+    )
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks: the longest `nn.ModuleList` whose children share one class.
+
+    A model may name its block classes in `_repeated_blocks` (diffusers' convention); then only lists of
+    those classes count.
+    """
+    wanted = set(getattr(model, "_repeated_blocks", None) or ())
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        classes = {type(child) for child in module}
+        if len(classes) != 1 or (wanted and next(iter(classes)).__name__ not in wanted):
+            continue
+        if len(module) > len(best):
+            best = list(module)
+    if not best:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.ModuleList of same-class blocks to compile"
+            + (f" (looked for classes {sorted(wanted)})" if wanted else "")
+        )
+    return best
+
+
+def _unique_graphs() -> int:
+    """Dynamo's running count of graphs it has compiled (in this process)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _is_recompile_error(error: BaseException) -> bool:
+    return "fail_on_recompile" in str(error) or type(error).__name__ in ("RecompileError", "FailOnRecompileLimitHit")
+
+
+class CompiledBlocks:
+    """Compiled forwards for the repeated blocks of one model, installed only inside a context.
+
+    - `compiling()`: new variants may compile (warm-up), at most `max_variants` per block structure; reaching
+      the limit is a `CaptureError`, never a silent eager fallback.
+    - `frozen()`: any recompile is a `CaptureError` (capture, and anything after warm-up).
+    `compiles` counts the graphs dynamo compiled inside `compiling()`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str,
+        *,
+        max_variants: int = 16,
+        backend: str = "inductor",
+        fullgraph: bool = True,
+    ) -> None:
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
+        if max_variants < 1:
+            raise ValueError(f"max_variants must be >= 1, got {max_variants}")
+        self.mode = mode
+        self.backend = backend
+        self.max_variants = max_variants
+        self.blocks = find_blocks(model)
+        options: dict = {"backend": backend, "fullgraph": fullgraph, "dynamic": False}
+        if backend == "inductor":
+            options["mode"] = mode
+        # ONE compiled wrapper of the block class's forward, bound to each block: dynamo caches per code object
+        # and guards on the backend object, so a single wrapper lets every block share the compiled variants.
+        self._forward = type(self.blocks[0]).forward
+        self._compiled = torch.compile(self._forward, **options)
+        self._bound = [functools.partial(self._compiled, block) for block in self.blocks]
+        self.compiles = 0
+
+    def cached_variants(self) -> int:
+        """Compiled variants dynamo holds for the block forward (all instances in this process)."""
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(self._forward.__code__))
+
+    @contextlib.contextmanager
+    def _installed(self) -> Iterator[None]:
+        previous = [block._compiled_call_impl for block in self.blocks]
+        for block, compiled in zip(self.blocks, self._bound):
+            block._compiled_call_impl = compiled
+        try:
+            yield
+        finally:
+            for block, old in zip(self.blocks, previous):
+                block._compiled_call_impl = old
+
+    @contextlib.contextmanager
+    def _inductor_cudagraphs_off(self) -> Iterator[None]:
+        if self.backend != "inductor":
+            yield
+            return
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch({"triton.cudagraphs": False}):
+            yield
+
+    @contextlib.contextmanager
+    def compiling(self) -> Iterator[None]:
+        """Blocks run compiled; new variants compile, bounded by `max_variants`."""
+        import torch._dynamo
+
+        before = _unique_graphs()
+        # The limit counts every cache entry of the forward's code, other instances' too: allow this instance's
+        # remaining budget on top of what is cached now.
+        limit = max(1, self.cached_variants() + self.max_variants - self.compiles)
+        try:
+            with (
+                torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True),
+                self._inductor_cudagraphs_off(),
+                self._installed(),
+            ):
+                yield
+        except CaptureError:
+            raise
+        except Exception as e:
+            if type(e).__name__ == "FailOnRecompileLimitHit" or "recompile_limit" in str(e):
+                raise CaptureError(
+                    f"torch.compile needed more than {self.max_variants} variants of the {len(self.blocks)} "
+                    f"{type(self.blocks[0]).__name__} blocks (one per skip-flag combination and shape is expected): "
+                    "a guard probably specialises on something that differs per block or per call. Run with "
+                    'TORCH_LOGS="recompiles" to see the failing guard, or raise max_variants.'
+                ) from e
+            raise
+        finally:
+            self.compiles += _unique_graphs() - before
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Blocks run compiled; any recompile raises `CaptureError` (stance "fail_on_recompile")."""
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"), self._installed():
+                yield
+        except CaptureError:
+            raise
+        except Exception as e:
+            if _is_recompile_error(e):
+                raise CaptureError(
+                    "torch.compile wanted to recompile a block outside warm-up (an input shape, dtype or skip "
+                    f"flag its warm-up did not see): {str(e).splitlines()[0]}"
+                ) from e
+            raise
+
+
+class CompiledExecutor:
+    """A pass executor that runs passes eagerly with compiled blocks (regional compile, no CUDA graphs).
+
+    It wraps `pipeline.executor.EagerExecutor`; every call may compile a new variant, bounded as in
+    `CompiledBlocks.compiling`. Sync contract: as the eager executor's, plus whatever a first compile of a
+    variant does (compiles happen on the first evaluation that needs them).
+    """
+
+    def __init__(
+        self, model: nn.Module, mode: str | bool = "default", *, max_variants: int = 16, backend: str = "inductor"
+    ) -> None:
+        from pipeline.executor import EagerExecutor
+
+        name = compile_mode_name(mode)
+        if name == "off":
+            raise ValueError("CompiledExecutor needs a compile mode, got compile off (use EagerExecutor)")
+        self.model = model
+        self.blocks = CompiledBlocks(model, name, max_variants=max_variants, backend=backend)
+        self._eager = EagerExecutor(model)
+
+    def set_conditioning(self, conditioning) -> None:
+        self._eager.set_conditioning(conditioning)
+
+    def run(self, video, audio, sigma, specs):
+        with self.blocks.compiling():
+            return self._eager.run(video, audio, sigma, specs)

@@ -1,0 +1,427 @@
+"""GraphExecutor: the pipeline's pass executor, with one static CUDA graph per guidance pass.
+
+Per evaluation `run` copies the latents into the static inputs once, fills the sigma buffer from the host
+float, and replays one graph per pass spec (in capture order, see `graphs.capture`), returning each pass's
+held outputs. Texts and RoPE tables are copied into their static buffers once per `set_conditioning`
+(lazily, at the first `run` of each input signature after it).
+
+Each pass is looked up by its `GraphKey` (pass options, input shapes, device, model, weights, compile mode).
+A key that is not cached is a miss, handled by the miss policy:
+  "capture" (default): capture it now (captures during the first run are silent, later misses warn once);
+  "strict": raise `GraphMissError` naming the fields that differ from the nearest cached key;
+  "eager": run that pass eagerly (warn once).
+Nothing ever replays a graph for inputs it was not captured with.
+
+Sync contract: once every key is captured (`warmup`), `run` and `replay_only` never synchronise the host:
+two device copies, one `fill_` with a host float, one graph launch per pass, host metadata reads. Captures
+(on a miss or in `warmup`) synchronise deliberately (see `graphs.capture`).
+
+Not re-entrant: the static buffers and held outputs are shared, so a second call while one is in progress
+(another thread, or a call from inside a pass) raises `RuntimeError` instead of corrupting them.
+On a CPU model the executor refuses (policies "capture"/"strict") or runs every pass eagerly ("eager").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from graphs.buffers import StaticInputs, check_host_float
+from graphs.capture import GraphPool, PassGraph
+from graphs.compile import CompiledBlocks, compile_mode_name
+from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
+from graphs.keys import GraphKey, InputSignature, ModelIdentity, WeightsProbe, explain_miss
+from graphs.trees import same_device
+from pipeline.executor import Conditioning, EagerExecutor, Velocity, check_specs, validate_conditioning
+from pipeline.passes import PassSpec
+from profiling.ranges import region
+
+MISS_POLICIES = ("capture", "strict", "eager")
+
+
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphStats:
+    """A snapshot of what an executor has done. Times in seconds, memory in bytes."""
+
+    graphs: int  # graphs cached now
+    captures: int  # captures done (warmup and misses)
+    capture_seconds: float  # warm-up (incl. compile) + capture, summed over captures
+    replays: int
+    misses: int  # run() lookups that found no graph
+    eager_passes: int  # passes run eagerly (policy "eager" or a CPU model)
+    compiles: int  # torch.compile variants compiled during warm-ups
+    pool_bytes: int  # device memory held by the shared graph pool
+    static_bytes: int  # device memory of the static input buffers
+
+    def __str__(self) -> str:
+        return (
+            f"{self.graphs} graph(s), {self.captures} capture(s) in {self.capture_seconds:.2f} s, "
+            f"{self.replays} replay(s), {self.misses} miss(es), {self.eager_passes} eager pass(es), "
+            f"{self.compiles} compile(s), pool {self.pool_bytes / 2**20:.1f} MiB, "
+            f"static inputs {self.static_bytes / 2**20:.1f} MiB"
+        )
+
+
+def graphs_supported(device: torch.device) -> bool:
+    """Whether CUDA graphs can be captured on `device` (only CUDA devices)."""
+    return device.type == "cuda"
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    if param is None:
+        raise ValueError(f"model {type(model).__name__} has no parameters; cannot tell its device")
+    return param.device
+
+
+class GraphExecutor:
+    """Replays one static CUDA graph per guidance pass; implements `pipeline.executor.PassExecutor`.
+
+    Args:
+        model: the transformer (`pipeline.model.LTX2Transformer` or anything with its forward signature).
+        miss_policy: "capture" | "strict" | "eager", see the module docstring.
+        compile: False, True/"default" or "max-autotune-no-cudagraphs": regional torch.compile of the blocks
+            before capture (`graphs.compile`).
+        warmup_iters: eager (or compiled) calls on the capture stream before each capture.
+        max_compile_variants: bound on compiled block variants; more is a `CaptureError`.
+        progress: receives one line per capture (default: stderr); None for silence.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        miss_policy: str = "capture",
+        compile: bool | str = False,
+        warmup_iters: int = 2,
+        max_compile_variants: int = 16,
+        progress: Callable[[str], None] | None = _stderr_line,
+    ) -> None:
+        if miss_policy not in MISS_POLICIES:
+            raise ValueError(f"miss_policy must be one of {MISS_POLICIES}, got {miss_policy!r}")
+        if warmup_iters < 1:
+            raise ValueError(
+                f"warmup_iters must be >= 1 (lazy initialisation must not happen in capture), got {warmup_iters}"
+            )
+        self.model = model
+        self.miss_policy = miss_policy
+        self.compile_mode = compile_mode_name(compile)
+        self.warmup_iters = warmup_iters
+        self.max_compile_variants = max_compile_variants
+        self.device = _model_device(model)
+        self.graphs_enabled = graphs_supported(self.device)
+        if not self.graphs_enabled and miss_policy != "eager":
+            raise CaptureError(
+                f"GraphExecutor needs the model on a CUDA device, but it is on {self.device}: CUDA graphs exist "
+                "only on CUDA. Use pipeline.executor.EagerExecutor here, or GraphExecutor(..., miss_policy='eager') "
+                "to run every pass eagerly."
+            )
+        self._progress = progress
+        self._weights = WeightsProbe(model)
+        self._lock = threading.Lock()
+        self._conditioning: Conditioning | None = None
+        self._generation = 0
+        self._statics: dict[InputSignature, StaticInputs] = {}
+        self._graphs: dict[GraphKey, PassGraph] = {}
+        self._pool: GraphPool | None = None
+        self._blocks: CompiledBlocks | None = None
+        self._eager = EagerExecutor(model)  # runs the passes the policy sends to eager
+        self._eager_generation = -1
+        self._last_signature: InputSignature | None = None  # inputs of the last run/warmup, for replay_only
+        self._warned: set[str] = set()
+        self._settled = False  # a run/warmup has completed: later misses are warned (the first run's are not)
+        self._captures = 0
+        self._capture_seconds = 0.0
+        self._replays = 0
+        self._misses = 0
+        self._eager_passes = 0
+        self._pool_bytes = 0
+
+    # ------------------------------------------------------------------------------------------ public API
+
+    def set_conditioning(self, conditioning: Conditioning) -> None:
+        """Texts and RoPE tables for the next runs (once per generation/stage). The static copies are filled
+        lazily by the next `run` of each input signature: device copies, no host sync."""
+        with self._exclusive("set_conditioning"):
+            self._set_conditioning(conditioning)
+
+    def run(self, video: Tensor, audio: Tensor, sigma: float, specs: Sequence[PassSpec]) -> dict[str, Velocity]:
+        """One guided evaluation: each spec's velocity, keyed by spec name, valid until the next `run`.
+
+        video [B, Nv, C], audio [B, Na, C] on the model's device, any floating dtype (cast into the model-dtype
+        static buffers, as the eager executor casts); `sigma` a host float. The returned tensors are the graphs'
+        held outputs: read them before the next `run`.
+        """
+        with self._exclusive("run"):
+            conditioning = self._require_conditioning()
+            specs = tuple(specs)
+            check_specs(specs, conditioning)
+            self._check_latents(video, audio)
+            sigma = check_host_float(sigma)
+            if not self.graphs_enabled:
+                self._warn_once("cpu", f"CUDA graphs need a CUDA device (model on {self.device}); running every "
+                                       "pass eagerly (miss_policy='eager')")
+                return {s.name: self._eager_pass(s, video, audio, sigma) for s in specs}
+            keyed, static = self._prepare(video, audio, sigma, specs, conditioning)
+            if self.miss_policy == "strict":
+                missing = [key for _, key in keyed if key not in self._graphs]
+                if missing:
+                    self._misses += len(missing)
+                    raise GraphMissError(f"{explain_miss(missing[0], self._graphs)} (miss_policy='strict': capture "
+                                         "it ahead of time with warmup(...), or use miss_policy='capture')")
+            outputs: dict[str, Velocity] = {}
+            for spec, key in keyed:
+                graph = self._graphs.get(key)
+                if graph is None:
+                    self._misses += 1
+                    if self.miss_policy == "eager":
+                        self._warn_once("eager", f"running a pass eagerly (miss_policy='eager'): "
+                                                 f"{explain_miss(key, self._graphs)}")
+                        outputs[spec.name] = self._eager_pass(spec, video, audio, sigma)
+                        continue
+                    if self._settled:
+                        self._warn_once("capture", f"capturing a new graph (miss_policy='capture'): "
+                                                   f"{explain_miss(key, self._graphs)}")
+                    graph = self._capture(spec, key, static)
+                outputs[spec.name] = self._replay(graph)
+            self._settled = True
+            return {spec.name: outputs[spec.name] for spec in specs}
+
+    def warmup(
+        self,
+        specs: Sequence[PassSpec],
+        video_like: Tensor,
+        audio_like: Tensor,
+        *,
+        sigma: float = 1.0,
+        conditioning: Conditioning | None = None,
+    ) -> float:
+        """Capture every spec for these shapes ahead of time; returns the seconds spent capturing.
+
+        `video_like`/`audio_like` give shapes, dtypes and the values warm-up computes on; `conditioning`
+        (optional) is set first. Each new graph is replayed once so its first timed replay is not an outlier.
+        Captures here are not misses and do not warn. No-op (0.0) on a CPU model.
+        """
+        with self._exclusive("warmup"):
+            if conditioning is not None:
+                self._set_conditioning(conditioning)
+            conditioning = self._require_conditioning()
+            specs = tuple(specs)
+            check_specs(specs, conditioning)
+            self._check_latents(video_like, audio_like)
+            sigma = check_host_float(sigma)
+            if not self.graphs_enabled:
+                return 0.0
+            keyed, static = self._prepare(video_like, audio_like, sigma, specs, conditioning)
+            seconds = 0.0
+            for spec, key in keyed:
+                graph = self._graphs.get(key)
+                if graph is None:
+                    graph = self._capture(spec, key, static)
+                    seconds += graph.seconds
+                self._replay(graph)
+            self._settled = True
+            return seconds
+
+    def replay_only(self, spec: PassSpec) -> Velocity:
+        """Replay `spec`'s graph for the inputs of the last `run`/`warmup` without copying any input.
+
+        For timing one pass. Re-reads the weights state (host metadata, ~1 us per parameter) so a weight change
+        is a `GraphMissError`, never a stale replay; never synchronises the host.
+        """
+        with self._exclusive("replay_only"):
+            return self._replay(self._pass_graph(spec))
+
+    def pass_graph(self, spec: PassSpec) -> PassGraph:
+        """The captured graph of `spec` for the last `run`/`warmup` inputs and the current weights.
+
+        `pass_graph(spec).replay()` is a bare graph launch for tight timing loops; it is valid only while the
+        weights and the static inputs stay as they are. Raises `GraphMissError` when there is no such graph.
+        """
+        with self._exclusive("pass_graph"):
+            return self._pass_graph(spec)
+
+    @property
+    def stats(self) -> GraphStats:
+        return GraphStats(
+            graphs=len(self._graphs),
+            captures=self._captures,
+            capture_seconds=self._capture_seconds,
+            replays=self._replays,
+            misses=self._misses,
+            eager_passes=self._eager_passes,
+            compiles=self._blocks.compiles if self._blocks is not None else 0,
+            pool_bytes=self._pool_bytes,
+            static_bytes=sum(s.nbytes for s in self._statics.values()),
+        )
+
+    def keys(self) -> tuple[GraphKey, ...]:
+        """Cached keys, in capture order."""
+        return tuple(sorted(self._graphs, key=lambda k: self._graphs[k].order))
+
+    def reset(self) -> None:
+        """Drop every graph, the pool and the static inputs together (safe: the pool is never reused)."""
+        with self._exclusive("reset"):
+            self._graphs.clear()
+            self._statics.clear()
+            self._pool = None
+            self._last_signature = None
+            self._pool_bytes = 0
+            self._settled = False
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                f"GraphExecutor.{what}() called while another call is in progress (another thread, or from inside "
+                "a pass): one executor is not re-entrant because its static buffers and outputs are shared; "
+                "use one executor per thread"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _set_conditioning(self, conditioning: Conditioning) -> None:
+        validate_conditioning(conditioning)
+        off = [f"texts[{n!r}].{p}" for n, t in conditioning.texts.items() for p in same_device(t, self.device)]
+        off += [f"rope.{p}" for p in same_device(conditioning.rope, self.device)]
+        if off:
+            raise ValueError(f"conditioning tensors {off} are not on the model's device {self.device}")
+        self._conditioning = conditioning
+        self._generation += 1
+
+    def _require_conditioning(self) -> Conditioning:
+        if self._conditioning is None:
+            raise ValueError(
+                "call set_conditioning(conditioning) before run()/warmup(): the passes need texts and rope"
+            )
+        return self._conditioning
+
+    def _check_latents(self, video: Tensor, audio: Tensor) -> None:
+        for name, t in (("video", video), ("audio", audio)):
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+            if t.dim() != 3 or not t.dtype.is_floating_point:
+                raise ValueError(f"{name} must be a floating [B, N, C] tensor, got {t.dtype} {tuple(t.shape)}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, expected the model's device {self.device}")
+        if video.shape[0] != audio.shape[0]:
+            raise ValueError(f"video batch {video.shape[0]} != audio batch {audio.shape[0]}")
+
+    def _model_dtype(self) -> torch.dtype:
+        dtype = getattr(self.model, "dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else next(self.model.parameters()).dtype
+
+    def _static_inputs(self, signature: InputSignature, video: Tensor, audio: Tensor, conditioning) -> StaticInputs:
+        static = self._statics.get(signature)
+        if static is None:
+            static = StaticInputs(signature, video, audio, conditioning, self._model_dtype(), self._generation)
+            self._statics[signature] = static
+        elif static.conditioning_generation != self._generation:
+            static.set_conditioning(conditioning, self._generation)
+        return static
+
+    def _prepare(
+        self, video: Tensor, audio: Tensor, sigma: float, specs: tuple[PassSpec, ...], conditioning: Conditioning
+    ) -> tuple[list[tuple[PassSpec, GraphKey]], StaticInputs]:
+        """Keys of `specs` in replay order, and the static inputs loaded with this evaluation's values."""
+        weights = self._weights()  # once per evaluation, not per pass
+        identity = ModelIdentity.of(self.model)
+        signature = InputSignature.of(video, audio, conditioning, self._model_dtype())
+        keyed = [(s, GraphKey.make(s, signature, identity, weights, self.compile_mode)) for s in specs]
+        # Cached graphs first, in capture order; new keys after, in the given order. A graph captured later may
+        # reuse an earlier graph's temporaries, so replaying the earlier one after it could overwrite its held
+        # output while the guidance combine still needs it.
+        keyed.sort(key=lambda sk: self._graphs[sk[1]].order if sk[1] in self._graphs else math.inf)
+        static = self._static_inputs(signature, video, audio, conditioning)
+        static.load(video, audio, sigma)
+        self._last_signature = signature
+        return keyed, static
+
+    def _pass_graph(self, spec: PassSpec) -> PassGraph:
+        if self._last_signature is None:
+            raise GraphMissError("no run() or warmup() yet: there are no inputs to replay a graph for")
+        identity = ModelIdentity.of(self.model)
+        key = GraphKey.make(spec, self._last_signature, identity, self._weights(), self.compile_mode)
+        graph = self._graphs.get(key)
+        if graph is None:
+            raise GraphMissError(explain_miss(key, self._graphs))
+        return graph
+
+    def _capture(self, spec: PassSpec, key: GraphKey, static: StaticInputs) -> PassGraph:
+        if self._pool is None:
+            self._pool = GraphPool(self.device)
+        if self.compile_mode != "off" and self._blocks is None:
+            self._blocks = CompiledBlocks(self.model, self.compile_mode, max_variants=self.max_compile_variants)
+        args = static.model_args(spec.text)
+        kwargs = spec.model_kwargs()
+        model, blocks = self.model, self._blocks
+
+        def forward():
+            return model(*args, **kwargs)
+
+        def warm():
+            with blocks.compiling():
+                return forward()
+
+        def frozen():
+            with blocks.frozen():
+                return forward()
+
+        graph = self._pool.capture(
+            key,
+            forward if blocks is None else frozen,
+            static,
+            order=len(self._graphs),
+            warmup_iters=self.warmup_iters,
+            warmup_fn=None if blocks is None else warm,
+        )
+        self._graphs[key] = graph
+        self._captures += 1
+        self._capture_seconds += graph.seconds
+        self._pool_bytes = self._pool.reserved_bytes()
+        if self._progress is not None:
+            compiled = f" incl. compile, {self._blocks.compiles} variant(s) so far" if self._blocks is not None else ""
+            self._progress(
+                f"captured {key.short()} in {graph.seconds:.2f} s (warm-up {graph.warmup_seconds:.2f} s{compiled}, "
+                f"capture {graph.capture_seconds:.2f} s); {len(self._graphs)} graph(s), "
+                f"pool {self._pool_bytes / 2**20:.1f} MiB"
+            )
+        return graph
+
+    def _replay(self, graph: PassGraph) -> Velocity:
+        with region(f"replay {graph.key.pass_name}"):
+            out = graph.replay()
+        self._replays += 1
+        return out
+
+    def _eager_pass(self, spec: PassSpec, video: Tensor, audio: Tensor, sigma: float) -> Velocity:
+        """The pass as a plain model call (the uncompiled model) through the eager executor."""
+        if self._eager_generation != self._generation:
+            self._eager.set_conditioning(self._require_conditioning())
+            self._eager_generation = self._generation
+        with torch.no_grad():
+            out = self._eager.run(video, audio, sigma, (spec,))[spec.name]
+        self._eager_passes += 1
+        return out
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            warnings.warn(f"GraphExecutor: {message} (further such events are counted in stats, not warned)",
+                          GraphMissWarning, stacklevel=3)

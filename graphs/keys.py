@@ -1,0 +1,270 @@
+"""Graph keys: every value a captured pass has baked in, as one hashable, printable record.
+
+A CUDA graph freezes what the forward did on the host while it was captured: the Python branches taken
+(skip options), the shapes and dtypes of every kernel, the addresses of the weights and of the static
+buffers, the compiled code chosen by torch.compile. A replay with any of those changed would silently
+compute the wrong thing, so each of them is a field here and a change is a cache miss, never a stale replay:
+
+- the pass: its name (each pass has its own held outputs), the text it reads, every forward keyword option;
+- the inputs: device, shape and dtype of the latents, of each text context and of every RoPE table leaf;
+- the model: identity (id, class, config, attention backend), weights state, compile mode.
+
+`explain_miss` names the fields that differ from the nearest cached key, so a miss says what changed.
+Building a key reads host metadata only (shapes, dtypes, version counters, data pointers): no host sync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from graphs import trees
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _hashable(value: Any) -> Hashable:
+    """`value` itself when hashable, otherwise its repr (a config dict must still make a key)."""
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
+
+
+def _freeze(value: Any) -> Hashable:
+    """Option values as hashables: lists/sets of block indices become tuples."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, (set, frozenset)):
+        return tuple(sorted(value))
+    return _hashable(value)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class TensorSig:
+    """Shape and dtype of one tensor (its device is the key's device)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, tensor: Tensor) -> TensorSig:
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+    def __str__(self) -> str:
+        name = _DTYPE_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch."))
+        return f"{name}[{','.join(str(s) for s in self.shape)}]"
+
+    __repr__ = __str__
+
+
+def _describe(tree: Any, dtype: torch.dtype | None = None) -> tuple[tuple[str, Hashable], ...]:
+    """(path, TensorSig or plain value) for every leaf: the hashable shape of a container of tensors.
+    With `dtype`, tensors are described in that dtype (the dtype their static copy has)."""
+    return tuple(
+        (path, TensorSig(tuple(v.shape), dtype or v.dtype) if isinstance(v, Tensor) else _hashable(v))
+        for path, v in trees.leaves(tree)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSignature:
+    """Everything about the inputs of one evaluation that a capture bakes in. One set of static buffers
+    (`graphs.buffers.StaticInputs`) exists per signature, shared by all pass graphs of that signature.
+
+    Latents and text contexts are described in the model dtype: the executor casts them into static buffers
+    of that dtype (as the eager executor casts), so the caller's dtype is not baked into any graph. RoPE
+    tables are passed to the model as they are and keep their own dtype.
+    """
+
+    device: str
+    video: TensorSig  # [B, Nv, C]
+    audio: TensorSig  # [B, Na, C]
+    texts: tuple[tuple[str, tuple[tuple[str, Hashable], ...]], ...]  # per text name: its leaves' signatures
+    rope: tuple[tuple[str, Hashable], ...]
+
+    @classmethod
+    def of(cls, video: Tensor, audio: Tensor, conditioning: Any, dtype: torch.dtype) -> InputSignature:
+        """Signature of latents plus a `pipeline.executor.Conditioning` (texts mapping and rope tables),
+        for a model computing in `dtype`."""
+        texts = tuple((name, _describe(conditioning.texts[name], dtype)) for name in sorted(conditioning.texts))
+        return cls(
+            str(video.device),
+            TensorSig(tuple(video.shape), dtype),
+            TensorSig(tuple(audio.shape), dtype),
+            texts,
+            _describe(conditioning.rope),
+        )
+
+    def fields(self) -> dict[str, Hashable]:
+        out: dict[str, Hashable] = {"device": self.device, "video": self.video, "audio": self.audio}
+        for name, items in self.texts:
+            out.update({f"text[{name}].{path}": sig for path, sig in items})
+        out.update({f"rope.{path}": sig for path, sig in self.rope})
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIdentity:
+    """Which model a graph was captured from: the object (graphs read its weights by address), its class and
+    config (what the forward does), its attention backend if it has a switchable one, and `graph_key_extra`:
+    any hashable a model exposes for other host-side state its forward bakes into a capture (e.g. an adapter's
+    per-grid Python numbers or cached coordinate tensors replaced per grid)."""
+
+    model_id: int
+    model_class: str
+    config: Hashable
+    attention_backend: Hashable
+    extra: Hashable = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelIdentity:
+        return cls(
+            id(model),
+            type(model).__name__,
+            _hashable(getattr(model, "config", None)),
+            _hashable(getattr(model, "attention_backend", None)),
+            _hashable(getattr(model, "graph_key_extra", None)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsState:
+    """A cheap fingerprint of the weights, computed once per evaluation (not per pass).
+
+    - `version`: `model.weights_version` (loaders bump it when they load or change weights);
+    - `param_versions`: the sum of the parameters' in-place version counters (an in-place edit such as
+      `p.add_(...)` or `load_state_dict` under `no_grad` bumps it);
+    - `storage`: a hash of the parameters' and buffers' data pointers (a replaced tensor moves, and a graph
+      would keep reading the old address).
+    Reads host metadata only; inference-mode tensors have no version counter and count as 0.
+    """
+
+    version: int
+    param_versions: int
+    storage: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> WeightsState:
+        return WeightsProbe(model)()
+
+
+class WeightsProbe:
+    """Computes `WeightsState` of one model quickly.
+
+    Walking the module tree (`model.parameters()`) costs ~10 ms for a 48-block model; the probe walks it once
+    and keeps each parameter's slot (its module's `_parameters` dict and name), so a parameter replaced by
+    assignment or `load_state_dict(assign=True)` is still seen, at ~1 us per parameter.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._params = [(m._parameters, n) for m in model.modules() for n, p in m._parameters.items() if p is not None]
+        self._buffers = [(m._buffers, n) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+
+    def __call__(self) -> WeightsState:
+        versions = 0
+        pointers = []
+        for slots, name in self._params:
+            p = slots[name]
+            try:
+                versions += p._version
+            except RuntimeError:  # inference tensors track no version
+                pass
+            pointers.append(p.data_ptr())
+        pointers.extend(slots[name].data_ptr() for slots, name in self._buffers)
+        return WeightsState(int(getattr(self.model, "weights_version", 0)), versions, hash(tuple(pointers)))
+
+
+def pass_options(spec: Any) -> tuple[tuple[str, Hashable], ...]:
+    """A pass spec's forward keyword options (`spec.model_kwargs()`), sorted and hashable."""
+    return tuple(sorted((name, _freeze(value)) for name, value in spec.model_kwargs().items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphKey:
+    """One captured pass. Equal keys may share a graph; any differing field is a miss."""
+
+    pass_name: str
+    text: str
+    options: tuple[tuple[str, Hashable], ...]
+    inputs: InputSignature
+    model: ModelIdentity
+    weights: WeightsState
+    compile_mode: str  # "off" | "default" | "max-autotune-no-cudagraphs"
+
+    @classmethod
+    def make(
+        cls, spec: Any, inputs: InputSignature, model: ModelIdentity, weights: WeightsState, compile_mode: str
+    ) -> GraphKey:
+        """Key of `spec` (a `pipeline.passes.PassSpec`) for these inputs, model, weights and compile mode."""
+        return cls(spec.name, spec.text, pass_options(spec), inputs, model, weights, compile_mode)
+
+    def fields(self) -> dict[str, Hashable]:
+        """Flat name -> value view, the unit `explain_miss` compares."""
+        out: dict[str, Hashable] = {"pass": self.pass_name, "text": self.text}
+        out.update(dict(self.options))
+        out.update(self.inputs.fields())
+        out.update(
+            {
+                "model": f"{self.model.model_class}@{self.model.model_id:#x}",
+                "config": self.model.config,
+                "attention_backend": self.model.attention_backend,
+                "graph_key_extra": self.model.extra,
+                "weights_version": self.weights.version,
+                "param_versions": self.weights.param_versions,
+                "param_storage": f"{self.weights.storage & 0xFFFFFFFFFFFF:012x}",
+                "compile": self.compile_mode,
+            }
+        )
+        return out
+
+    def short(self) -> str:
+        """One phrase for progress lines: the pass, its active options and the latent shapes."""
+        active = [f"{name}={value}" for name, value in self.options if value]
+        opts = f" ({', '.join(active)})" if active else ""
+        return f"{self.pass_name}{opts} video {self.inputs.video} audio {self.inputs.audio}"
+
+    def __str__(self) -> str:
+        return (
+            f"GraphKey({self.short()}, text {self.text!r} on {self.inputs.device}, "
+            f"{self.model.model_class}@{self.model.model_id:#x}, weights v{self.weights.version}, "
+            f"compile {self.compile_mode})"
+        )
+
+
+def key_difference(a: GraphKey, b: GraphKey) -> list[tuple[str, Any, Any]]:
+    """(field, value in a, value in b) for each flat field that differs; a missing field reads '<absent>'."""
+    fa, fb = a.fields(), b.fields()
+    names = list(fa) + [n for n in fb if n not in fa]
+    absent = "<absent>"
+    return [(n, fa.get(n, absent), fb.get(n, absent)) for n in names if fa.get(n, absent) != fb.get(n, absent)]
+
+
+def nearest_key(key: GraphKey, cached: Iterable[GraphKey]) -> GraphKey | None:
+    """The cached key with the fewest differing fields (same pass name preferred on ties)."""
+    candidates = list(cached)
+    if not candidates:
+        return None
+    return min(candidates, key=lambda c: (len(key_difference(key, c)), c.pass_name != key.pass_name))
+
+
+def explain_miss(key: GraphKey, cached_keys: Iterable[GraphKey] | Mapping[GraphKey, Any]) -> str:
+    """Why `key` is not cached: the fields that differ from the nearest cached key, with both values."""
+    cached = list(cached_keys)
+    near = nearest_key(key, cached)
+    if near is None:
+        return f"no graph for {key.short()}: no graph has been captured yet"
+    diffs = key_difference(key, near)
+    if not diffs:
+        return f"{key.short()} is cached"
+    parts = "; ".join(f"{name}: {mine!r} (cached: {theirs!r})" for name, mine, theirs in diffs)
+    return (
+        f"no graph for {key.short()}; the nearest of {len(cached)} cached key(s) "
+        f"[{near.short()}] differs in {len(diffs)} field(s): {parts}"
+    )

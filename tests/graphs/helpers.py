@@ -1,0 +1,82 @@
+"""Helpers for the graph tests: a model, conditioning and latents on any device, and a CPU stand-in pool.
+
+`FakePool` replaces `graphs.capture.GraphPool` on CPU so the executor's own logic (keys, misses, policies,
+replay order, held outputs, static inputs) runs in CI without a GPU: "capture" runs the pass once into held
+output tensors, and "replay" recomputes it from the static inputs and copies the result into those same
+tensors - the observable behaviour of a static CUDA graph with static outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from graphs.capture import PassGraph
+from pipeline.config import LatentGrid, ModelConfig
+from pipeline.executor import Conditioning, TextContext, Velocity
+from pipeline.model import build_model
+from pipeline.rope import build_rope_tables
+
+
+def tiny_model(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    return build_model(ModelConfig.preset("tiny"), device=device, dtype=dtype, seed=seed)
+
+
+def make_conditioning(config: ModelConfig, grid: LatentGrid, *, device, dtype=torch.float32, text_tokens: int = 8,
+                      seed: int = 1, batch: int = 1) -> Conditioning:
+    """Random positive/negative text contexts (seeded, made on the CPU then moved) and the grid's RoPE tables."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    texts = {
+        name: TextContext(
+            randn(batch, text_tokens, config.video_context_dim), randn(batch, text_tokens, config.audio_context_dim)
+        )
+        for name in ("positive", "negative")
+    }
+    return Conditioning(texts=texts, rope=build_rope_tables(config, grid, device=device, batch_size=batch))
+
+
+def make_latents(config: ModelConfig, grid: LatentGrid, *, device, seed: int = 2, batch: int = 1,
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    video = torch.randn(batch, grid.num_video_tokens, config.in_channels, generator=gen)
+    audio = torch.randn(batch, grid.audio_tokens, config.audio_in_channels, generator=gen)
+    return video.to(device=device, dtype=dtype), audio.to(device=device, dtype=dtype)
+
+
+class FakeGraph:
+    """Stands in for a captured CUDA graph: replay recomputes the pass into the held outputs."""
+
+    def __init__(self, fn, outputs: Velocity, name: str, log: list[str]) -> None:
+        self.fn, self.outputs, self.name, self.log = fn, outputs, name, log
+
+    def replay(self) -> None:
+        self.log.append(self.name)
+        with torch.no_grad():
+            video, audio = self.fn()
+        self.outputs.video.copy_(video)
+        self.outputs.audio.copy_(audio)
+
+
+class FakePool:
+    """CPU stand-in for `graphs.capture.GraphPool` (same `capture` and `reserved_bytes` signatures)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.replayed: list[str] = []  # pass names in replay order
+        self.captured: list[str] = []
+
+    def capture(self, key, fn, static, *, order: int, warmup_iters: int = 2, warmup_fn=None) -> PassGraph:
+        with torch.no_grad():
+            for _ in range(warmup_iters):
+                (warmup_fn or fn)()
+            video, audio = fn()
+        self.captured.append(key.pass_name)
+        outputs = Velocity(video.clone(), audio.clone())
+        return PassGraph(key, FakeGraph(fn, outputs, key.pass_name, self.replayed), outputs, static, order, 0.0, 0.0)
+
+    def reserved_bytes(self) -> int:
+        return 0

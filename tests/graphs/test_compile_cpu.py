@@ -1,0 +1,138 @@
+"""Regional compile plumbing on CPU (dynamo with the "eager" backend, so no inductor build): one compiled
+block structure shared by all blocks, variants bounded and counted, recompiles outside warm-up an error,
+blocks left uncompiled outside the contexts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+
+from graphs.compile import CompiledBlocks, CompiledExecutor, compile_mode_name, find_blocks
+from graphs.errors import CaptureError
+from pipeline.config import LatentGrid
+from pipeline.executor import EagerExecutor, PassExecutor
+from pipeline.passes import PassSpec
+from tests.graphs.helpers import make_conditioning, make_latents, tiny_model
+
+COND = PassSpec("cond")
+MODALITY = PassSpec("modality", disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model()
+    grid = LatentGrid.from_tokens(8, audio_tokens=4)
+    return model, grid
+
+
+def _forward(model, grid, spec, tokens: int | None = None):
+    if tokens is not None:
+        grid = LatentGrid.from_tokens(tokens, audio_tokens=grid.audio_tokens)
+    conditioning = make_conditioning(model.config, grid, device="cpu")
+    video, audio = make_latents(model.config, grid, device="cpu")
+    text = conditioning.texts[spec.text]
+    sigma = torch.full((1,), 0.5)
+    with torch.no_grad():
+        return model(video, audio, text.video, text.audio, sigma, conditioning.rope, **spec.model_kwargs())
+
+
+@pytest.mark.parametrize("value, name", [(False, "off"), (None, "off"), ("off", "off"), (True, "default"),
+                                         ("default", "default"),
+                                         ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_compile_mode_names(value, name):
+    assert compile_mode_name(value) == name
+
+
+@pytest.mark.parametrize("value", ["reduce-overhead", "max-autotune", "fast", 1.0])
+def test_modes_with_inductor_cudagraphs_or_unknown_are_refused(value):
+    with pytest.raises(ValueError, match="compile must be"):
+        compile_mode_name(value)
+
+
+def test_find_blocks(tiny):
+    model, _ = tiny
+    assert find_blocks(model) == list(model.blocks)
+    with pytest.raises(ValueError, match="no nn.ModuleList"):
+        find_blocks(nn.Sequential(nn.Linear(2, 2)))
+    mixed = nn.Module()
+    mixed.layers = nn.ModuleList([nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)])
+    mixed.heads = nn.ModuleList([nn.ReLU(), nn.ReLU()])
+    assert len(find_blocks(mixed)) == 2  # only same-class lists count
+    mixed._repeated_blocks = ["Linear"]
+    with pytest.raises(ValueError, match=r"looked for classes \['Linear'\]"):
+        find_blocks(mixed)
+
+
+def test_one_structure_serves_every_block_and_variants_are_counted(tiny, fresh_dynamo):
+    model, grid = tiny
+    eager_cond = _forward(model, grid, COND)
+    blocks = CompiledBlocks(model, "default", backend="eager")
+    with blocks.compiling():
+        compiled_cond = _forward(model, grid, COND)
+    assert blocks.compiles == 1  # both blocks share one compiled graph
+    assert blocks.cached_variants() == 1
+    torch.testing.assert_close(compiled_cond, eager_cond)
+    with blocks.compiling():
+        _forward(model, grid, MODALITY)  # a2v/v2a off: one more variant
+        _forward(model, grid, COND)  # cached
+    assert blocks.compiles == 2
+    assert all(b._compiled_call_impl is None for b in model.blocks)  # eager outside the contexts
+
+
+def test_frozen_runs_cached_variants_and_refuses_recompiles(tiny, fresh_dynamo):
+    model, grid = tiny
+    blocks = CompiledBlocks(model, "default", backend="eager")
+    with blocks.compiling():
+        _forward(model, grid, COND)
+    with blocks.frozen():
+        _forward(model, grid, COND)
+    with pytest.raises(CaptureError, match="recompile a block outside warm-up"):
+        with blocks.frozen():
+            _forward(model, grid, COND, tokens=12)
+    assert all(b._compiled_call_impl is None for b in model.blocks)
+
+
+def test_variant_limit_is_an_error_not_an_eager_fallback(tiny, fresh_dynamo):
+    model, grid = tiny
+    blocks = CompiledBlocks(model, "default", backend="eager", max_variants=1)
+    with blocks.compiling():
+        _forward(model, grid, COND)
+    with pytest.raises(CaptureError, match="more than 1 variants of the 2 AudioVideoBlock blocks"):
+        with blocks.compiling():
+            _forward(model, grid, MODALITY)
+
+
+def test_bad_compiled_blocks_arguments(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="mode must be one of"):
+        CompiledBlocks(model, "off")
+    with pytest.raises(ValueError, match="max_variants must be >= 1"):
+        CompiledBlocks(model, "default", max_variants=0)
+
+
+def test_compiled_executor_runs_passes_with_compiled_blocks(tiny, fresh_dynamo):
+    model, grid = tiny
+    conditioning = make_conditioning(model.config, grid, device="cpu")
+    video, audio = make_latents(model.config, grid, device="cpu")
+    executor = CompiledExecutor(model, "default", backend="eager")
+    assert isinstance(executor, PassExecutor)
+    eager = EagerExecutor(model)
+    for ex in (executor, eager):
+        ex.set_conditioning(conditioning)
+    with torch.no_grad():
+        ours = executor.run(video, audio, 0.5, (COND, MODALITY))
+        theirs = eager.run(video, audio, 0.5, (COND, MODALITY))
+    for name in ("cond", "modality"):
+        torch.testing.assert_close(ours[name].video, theirs[name].video)
+    assert executor.blocks.compiles == 2
+    with pytest.raises(ValueError, match="needs a compile mode"):
+        CompiledExecutor(model, False)

@@ -1,0 +1,420 @@
+"""GraphExecutor logic on CPU: refusal/fallback on a CPU model, and - with a stand-in pool that "captures" by
+running the pass into held outputs - keys, miss policies, replay order, held outputs, static inputs,
+weight changes and re-entrancy. The same tests on real CUDA graphs are in test_graphs_gpu.py."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+
+import graphs.executor
+from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
+from graphs.executor import GraphExecutor, GraphStats
+from pipeline.config import LatentGrid
+from pipeline.executor import Conditioning, EagerExecutor, PassExecutor, TextContext
+from pipeline.passes import PassSpec
+from profiling.syncs import detect_host_syncs
+from tests.graphs.helpers import FakePool, make_conditioning, make_latents, tiny_model
+
+COND = PassSpec("cond", "positive")
+NEG = PassSpec("neg", "negative")
+MODALITY = PassSpec("modality", disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)
+HQ = (COND, NEG, MODALITY)
+GRID = LatentGrid.from_tokens(24, audio_tokens=10)
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """Let the executor 'capture' on CPU with FakePool."""
+    monkeypatch.setattr(graphs.executor, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(graphs.executor, "GraphPool", FakePool)
+
+
+_SHARED: dict = {}
+
+
+def _setup(grid: LatentGrid = GRID, *, fresh: bool = False):
+    """(model, conditioning, video, audio). The tiny model is built once per module unless `fresh` (tests that
+    edit weights or the model get their own); the executor never writes into any of these."""
+    if fresh or "model" not in _SHARED:
+        model = tiny_model()
+        if fresh:
+            return (model, *_inputs(model, grid))
+        _SHARED["model"] = model
+    model = _SHARED["model"]
+    return (model, *_inputs(model, grid))
+
+
+def _inputs(model, grid):
+    conditioning = make_conditioning(model.config, grid, device="cpu")
+    video, audio = make_latents(model.config, grid, device="cpu")
+    return conditioning, video, audio
+
+
+def _eager(model, conditioning, video, audio, sigma, specs):
+    eager = EagerExecutor(model)
+    eager.set_conditioning(conditioning)
+    with torch.no_grad():
+        return eager.run(video, audio, sigma, specs)
+
+
+def _executor(model, **kwargs) -> GraphExecutor:
+    lines: list[str] = []
+    executor = GraphExecutor(model, progress=lines.append, warmup_iters=1, **kwargs)
+    executor.progress_lines = lines  # type: ignore[attr-defined]
+    return executor
+
+
+# --------------------------------------------------------------------------- a CPU model: refuse or fall back
+
+
+@pytest.mark.parametrize("policy", ["capture", "strict"])
+def test_cpu_model_is_refused_with_the_fix(policy):
+    model = _setup()[0]
+    with pytest.raises(CaptureError, match=r"needs the model on a CUDA device, but it is on cpu.*EagerExecutor"):
+        GraphExecutor(model, miss_policy=policy)
+
+
+def test_cpu_model_falls_back_to_eager_when_configured():
+    model, conditioning, video, audio = _setup()
+    executor = GraphExecutor(model, miss_policy="eager", progress=None)
+    assert isinstance(executor, PassExecutor)
+    executor.set_conditioning(conditioning)
+    with pytest.warns(GraphMissWarning, match="CUDA graphs need a CUDA device"):
+        out = executor.run(video, audio, 0.7, HQ)
+    expected = _eager(model, conditioning, video, audio, 0.7, HQ)
+    for name in ("cond", "neg", "modality"):
+        assert torch.equal(out[name].video, expected[name].video)
+        assert torch.equal(out[name].audio, expected[name].audio)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        executor.run(video, audio, 0.5, HQ)
+    assert executor.stats.eager_passes == 6 and executor.stats.captures == 0
+    assert executor.warmup(HQ, video, audio) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"miss_policy": "sometimes"}, "miss_policy must be one of"),
+    ({"compile": "reduce-overhead"}, "compile must be False, True or one of"),
+    ({"compile": "max-autotune"}, "compile must be False, True or one of"),
+    ({"warmup_iters": 0}, "warmup_iters must be >= 1"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GraphExecutor(_setup()[0], **{"miss_policy": "eager", **kwargs})
+
+
+# --------------------------------------------------------------------------- input validation
+
+
+def test_run_before_set_conditioning(fake_graphs):
+    model, _, video, audio = _setup()
+    with pytest.raises(ValueError, match="set_conditioning"):
+        _executor(model).run(video, audio, 0.5, HQ)
+
+
+@pytest.mark.parametrize("case", ["device", "rank", "batch", "sigma_tensor", "dup_names", "int_latents"])
+def test_bad_run_inputs_raise_value_error(fake_graphs, case):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    args = {"video": video, "audio": audio, "sigma": 0.5, "specs": HQ}
+    match = {
+        "device": ("video", torch.empty(video.shape, device="meta"), "video is on meta"),
+        "rank": ("audio", audio[0], r"audio must be a floating \[B, N, C\]"),
+        "batch": ("audio", torch.cat([audio, audio]), "video batch 1 != audio batch 2"),
+        "sigma_tensor": ("sigma", torch.tensor(0.5), "sigma must be a host float"),
+        "dup_names": ("specs", (COND, COND), "unique"),
+        "int_latents": ("video", video.long(), "floating"),
+    }[case]
+    args[match[0]] = match[1]
+    with pytest.raises(ValueError, match=match[2]):
+        executor.run(**args)
+    assert executor.stats.captures == 0
+
+
+def test_conditioning_on_another_device_is_refused(fake_graphs):
+    model, conditioning, _, _ = _setup()
+    positive = conditioning.texts["positive"]
+    meta = TextContext(*(torch.empty(t.shape, device="meta") for t in (positive.video, positive.audio)))
+    bad = Conditioning(texts={"positive": meta, "negative": conditioning.texts["negative"]}, rope=conditioning.rope)
+    with pytest.raises(ValueError, match="not on the model's device"):
+        _executor(model).set_conditioning(bad)
+
+
+# --------------------------------------------------------------------------- capture, replay, held outputs
+
+
+def test_capture_on_first_use_then_replay(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first captures of an executor are not warned misses
+        out = executor.run(video, audio, 0.7, HQ)
+    assert executor.stats.captures == 3 and executor.stats.misses == 3 and executor.stats.replays == 3
+    assert len(executor.progress_lines) == 3 and executor.progress_lines[0].startswith("captured cond")
+    expected = _eager(model, conditioning, video, audio, 0.7, HQ)
+    for name in expected:
+        assert torch.equal(out[name].video, expected[name].video)
+    # New values, same shapes: replays only, reading the new inputs.
+    video2, audio2 = make_latents(model.config, GRID, device="cpu", seed=9)
+    out2 = executor.run(video2, audio2, 0.3, HQ)
+    assert executor.stats.captures == 3 and executor.stats.replays == 6 and executor.stats.misses == 3
+    expected2 = _eager(model, conditioning, video2, audio2, 0.3, HQ)
+    for name in expected2:
+        assert torch.equal(out2[name].video, expected2[name].video)
+        assert torch.equal(out2[name].audio, expected2[name].audio)
+        assert out2[name].video is out[name].video  # the same held output tensors, rewritten
+
+
+def test_outputs_are_held_per_pass(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    out = executor.run(video, audio, 0.7, HQ)
+    cond = out["cond"].video.clone()
+    executor.replay_only(NEG)
+    executor.replay_only(MODALITY)
+    assert torch.equal(out["cond"].video, cond)
+    pointers = {out[n].video.data_ptr() for n in out} | {out[n].audio.data_ptr() for n in out}
+    assert len(pointers) == 6
+
+
+@pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
+def test_replays_follow_capture_order_whatever_the_spec_order(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, (COND, MODALITY))
+    executor.run(video, audio, 0.7, (NEG, MODALITY, COND))  # neg is new: captured after the cached ones
+    pool = executor._pool
+    assert pool.captured == ["cond", "modality", "neg"]
+    pool.replayed.clear()
+    out = executor.run(video, audio, 0.7, (NEG, MODALITY, COND))
+    assert pool.replayed == ["cond", "modality", "neg"]
+    assert list(out) == ["neg", "modality", "cond"]  # returned in the caller's order
+    assert [k.pass_name for k in executor.keys()] == ["cond", "modality", "neg"]
+
+
+def test_new_conditioning_values_reach_the_graphs_without_recapture(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, HQ)
+    other = make_conditioning(model.config, GRID, device="cpu", seed=42)
+    executor.set_conditioning(other)
+    out = executor.run(video, audio, 0.7, HQ)
+    assert executor.stats.captures == 3
+    expected = _eager(model, other, video, audio, 0.7, HQ)
+    for name in expected:
+        assert torch.equal(out[name].video, expected[name].video)
+
+
+def test_a_second_shape_gets_its_own_static_inputs_and_graphs(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, HQ)
+    grid2 = LatentGrid.from_tokens(48, audio_tokens=12)
+    _, conditioning2, video2, audio2 = _setup(grid2)
+    executor.set_conditioning(conditioning2)
+    with pytest.warns(GraphMissWarning, match=r"capturing a new graph.*video: 'bf16|video: fp32"):
+        out = executor.run(video2, audio2, 0.4, (COND,))
+    assert executor.stats.captures == 4 and len(executor._statics) == 2
+    assert torch.equal(out["cond"].video, _eager(model, conditioning2, video2, audio2, 0.4, (COND,))["cond"].video)
+    executor.set_conditioning(conditioning)  # back to the first shape: cached
+    executor.run(video, audio, 0.7, HQ)
+    assert executor.stats.captures == 4
+
+
+# --------------------------------------------------------------------------- miss policies
+
+
+def test_strict_policy_raises_with_the_difference(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model, miss_policy="strict")
+    with pytest.raises(GraphMissError, match="no graph has been captured yet"):
+        executor.set_conditioning(conditioning)
+        executor.run(video, audio, 0.7, HQ)
+    seconds = executor.warmup(HQ, video, audio, conditioning=conditioning)
+    assert seconds >= 0.0 and executor.stats.captures == 3
+    misses = executor.stats.misses
+    executor.run(video, audio, 0.7, HQ)
+    assert executor.stats.misses == misses
+    perturbed = PassSpec("perturbed", skip_video_self_attn_blocks=(1,), skip_audio_self_attn_blocks=(1,))
+    with pytest.raises(GraphMissError, match=r"skip_video_self_attn_blocks: \(1,\) \(cached: \(\)\)"):
+        executor.run(video, audio, 0.7, (COND, perturbed))
+    with pytest.raises(GraphMissError, match=r"video: bf16\[1,23,128\]|video: fp32\[1,23,128\]"):
+        executor.run(video[:, :23], audio, 0.7, HQ)
+    assert executor.stats.captures == 3
+
+
+def test_eager_policy_runs_misses_eagerly_and_warns_once(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model, miss_policy="eager")
+    executor.warmup((COND,), video, audio, conditioning=conditioning)
+    with pytest.warns(GraphMissWarning, match="running a pass eagerly"):
+        out = executor.run(video, audio, 0.7, HQ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        executor.run(video, audio, 0.7, HQ)
+    stats = executor.stats
+    assert stats.captures == 1 and stats.eager_passes == 4 and stats.misses == 4
+    expected = _eager(model, conditioning, video, audio, 0.7, HQ)
+    for name in expected:
+        assert torch.equal(out[name].video, expected[name].video)
+
+
+def test_capture_policy_warns_once_for_later_misses(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.warmup((COND,), video, audio, conditioning=conditioning)
+    with pytest.warns(GraphMissWarning, match="capturing a new graph"):
+        executor.run(video, audio, 0.7, (COND, NEG))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        executor.run(video, audio, 0.7, (COND, NEG, MODALITY))
+    assert executor.stats.captures == 3
+
+
+# --------------------------------------------------------------------------- weights: never a stale replay
+
+
+def test_weight_changes_miss(fake_graphs):
+    model, conditioning, video, audio = _setup(fresh=True)
+    executor = _executor(model, miss_policy="strict")
+    executor.warmup(HQ, video, audio, conditioning=conditioning)
+    model.weights_version += 1
+    with pytest.raises(GraphMissError, match="weights_version: 1 \\(cached: 0\\)"):
+        executor.run(video, audio, 0.7, HQ)
+    with pytest.raises(GraphMissError, match="weights_version"):
+        executor.replay_only(COND)
+    executor.warmup(HQ, video, audio)
+    with torch.no_grad():
+        model.blocks[0].video_ff.fc1.weight.mul_(1.5)
+    with pytest.raises(GraphMissError, match="param_versions"):
+        executor.run(video, audio, 0.7, HQ)
+
+
+def test_in_place_edit_recaptures_and_matches_the_edited_model(fake_graphs):
+    model, conditioning, video, audio = _setup(fresh=True)
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, HQ)
+    with torch.no_grad():
+        model.video_out.weight.mul_(-1.0)
+    with pytest.warns(GraphMissWarning, match="param_versions"):
+        out = executor.run(video, audio, 0.7, HQ)
+    assert executor.stats.captures == 6
+    expected = _eager(model, conditioning, video, audio, 0.7, HQ)
+    assert torch.equal(out["cond"].video, expected["cond"].video)
+
+
+# --------------------------------------------------------------------------- the rest of the API
+
+
+def test_replay_only_needs_a_run_and_a_known_spec(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    with pytest.raises(GraphMissError, match="no run"):
+        executor.replay_only(COND)
+    executor.warmup((COND,), video, audio, conditioning=conditioning)
+    assert executor.pass_graph(COND).key.pass_name == "cond"
+    with pytest.raises(GraphMissError, match="pass: 'neg'"):
+        executor.replay_only(NEG)
+
+
+def test_stats_and_reset(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.warmup(HQ, video, audio, conditioning=conditioning)
+    stats = executor.stats
+    assert isinstance(stats, GraphStats) and stats.graphs == 3 and stats.static_bytes > 0
+    assert "3 graph(s), 3 capture(s)" in str(stats) and "pool 0.0 MiB" in str(stats)
+    executor.reset()
+    assert executor.stats.graphs == 0 and executor.keys() == ()
+    executor.run(video, audio, 0.5, HQ)
+    assert executor.stats.graphs == 3
+
+
+def test_not_reentrant_from_inside_a_pass(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    seen: list[BaseException] = []
+
+    def hook(module, args):
+        try:
+            executor.run(video, audio, 0.5, (COND,))
+        except RuntimeError as e:
+            seen.append(e)
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        executor.run(video, audio, 0.5, (COND,))
+    finally:
+        handle.remove()
+    assert seen and "not re-entrant" in str(seen[0])
+
+
+def test_not_reentrant_across_threads(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    inside, release = threading.Event(), threading.Event()
+
+    def hook(module, args):
+        inside.set()
+        release.wait(timeout=30)
+
+    handle = model.register_forward_pre_hook(hook)
+    worker = threading.Thread(target=executor.run, args=(video, audio, 0.5, (COND,)))
+    worker.start()
+    try:
+        assert inside.wait(timeout=30)
+        with pytest.raises(RuntimeError, match="not re-entrant"):
+            executor.run(video, audio, 0.5, (COND,))
+        with pytest.raises(RuntimeError, match="not re-entrant"):
+            executor.set_conditioning(conditioning)
+    finally:
+        release.set()
+        worker.join()
+        handle.remove()
+    executor.run(video, audio, 0.5, (COND,))  # usable again once the other call is done
+
+
+def test_run_reads_no_tensor_data_on_the_host(fake_graphs):
+    """The executor's own host work (keys, weights state, static copies) makes no host-sync op."""
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.warmup((COND,), video, audio, conditioning=conditioning)
+    with detect_host_syncs(mode="raise"):
+        executor.set_conditioning(conditioning)
+        executor.run(video, audio, 0.5, (COND,))
+        executor.replay_only(COND)
+
+
+@pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
+def test_loop_with_stand_in_graphs_equals_eager(fake_graphs):
+    """The stage-1 + stage-2 loop through the executor (static inputs, casts, held outputs, a second shape)
+    equals the eager loop exactly; on a GPU the same holds with real graphs (test_graphs_gpu.py)."""
+    from pipeline.denoise import denoise_stage1, denoise_stage2
+
+    model, conditioning, video, audio = _setup()
+    grid2 = LatentGrid.from_tokens(48, audio_tokens=GRID.audio_tokens)
+    conditioning2 = make_conditioning(model.config, grid2, device="cpu")
+
+    def loop(executor):
+        s1 = denoise_stage1(executor, conditioning, video, audio, seed=3, steps=2, guidance="hq", quiet=True)
+        video2 = s1.video.repeat(1, 2, 1)  # any [1, 48, C] stage-2 input
+        s2 = denoise_stage2(executor, conditioning2, video2, s1.audio, seed=3, quiet=True)
+        return s1.video, s1.audio, s2.video
+
+    executor = _executor(model)
+    for ours, eager in zip(loop(executor), loop(EagerExecutor(model))):
+        assert torch.equal(ours, eager)
+    assert executor.stats.captures == 4 and executor.stats.eager_passes == 0

@@ -1,0 +1,161 @@
+"""Graph keys: every baked value is a field, keys hash and print, and a miss names what differs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graphs.keys import (
+    GraphKey,
+    InputSignature,
+    ModelIdentity,
+    TensorSig,
+    WeightsProbe,
+    WeightsState,
+    explain_miss,
+    key_difference,
+    nearest_key,
+)
+from pipeline.config import LatentGrid
+from pipeline.passes import PassSpec
+from tests.graphs.helpers import make_conditioning, make_latents, tiny_model
+
+COND = PassSpec("cond", "positive")
+NEG = PassSpec("neg", "negative")
+PERTURBED = PassSpec("perturbed", skip_video_self_attn_blocks=(1,), skip_audio_self_attn_blocks=(1,))
+MODALITY = PassSpec("modality", disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)
+
+
+def _setup(tokens: int = 24, audio_tokens: int = 10):
+    model = tiny_model()
+    grid = LatentGrid.from_tokens(tokens, audio_tokens=audio_tokens)
+    conditioning = make_conditioning(model.config, grid, device="cpu")
+    video, audio = make_latents(model.config, grid, device="cpu")
+    return model, conditioning, video, audio
+
+
+def _key(spec, model, conditioning, video, audio, compile_mode="off", dtype=torch.bfloat16) -> GraphKey:
+    signature = InputSignature.of(video, audio, conditioning, dtype)
+    return GraphKey.make(spec, signature, ModelIdentity.of(model), WeightsState.of(model), compile_mode)
+
+
+def test_tensor_sig_prints_dtype_and_shape():
+    assert str(TensorSig((1, 96, 128), torch.bfloat16)) == "bf16[1,96,128]"
+    assert str(TensorSig((2,), torch.float32)) == "fp32[2]"
+    assert str(TensorSig((3, 4), torch.int64)) == "int64[3,4]"
+
+
+def test_equal_inputs_give_equal_hashable_keys():
+    model, conditioning, video, audio = _setup()
+    a = _key(COND, model, conditioning, video, audio)
+    b = _key(PassSpec("cond"), model, conditioning, video.clone(), audio.clone())
+    assert a == b and hash(a) == hash(b)
+    assert {a: 1}[b] == 1
+    assert _key(NEG, model, conditioning, video, audio) != a
+
+
+def test_key_prints_pass_options_and_shapes():
+    model, conditioning, video, audio = _setup()
+    key = _key(PERTURBED, model, conditioning, video, audio)
+    text = str(key)
+    assert "perturbed" in text and "skip_video_self_attn_blocks=(1,)" in text
+    assert "video bf16[1,24,128]" in text and "audio bf16[1,10,128]" in text
+    assert "LTX2Transformer" in text and "compile off" in text
+    assert "skip" not in _key(COND, model, conditioning, video, audio).short()
+
+
+def test_signature_uses_model_dtype_not_the_callers():
+    # The executor casts into static buffers of the model dtype, so fp32 and bf16 latents share a graph.
+    model, conditioning, video, audio = _setup()
+    assert _key(COND, model, conditioning, video, audio) == _key(COND, model, conditioning, video.bfloat16(),
+                                                                  audio.bfloat16())
+    fields = _key(COND, model, conditioning, video, audio).fields()
+    assert fields["video"] == TensorSig((1, 24, 128), torch.bfloat16)
+    assert fields["text[positive].video"] == TensorSig((1, 8, model.config.video_context_dim), torch.bfloat16)
+    assert fields["rope.video.0"].dtype == torch.float32  # RoPE keeps its own dtype
+
+
+def test_explain_miss_names_a_skip_option():
+    model, conditioning, video, audio = _setup()
+    cached = [_key(s, model, conditioning, video, audio) for s in (COND, NEG, MODALITY)]
+    other = PassSpec("perturbed", skip_video_self_attn_blocks=(0,), skip_audio_self_attn_blocks=(1,))
+    cached.append(_key(PERTURBED, model, conditioning, video, audio))
+    message = explain_miss(_key(other, model, conditioning, video, audio), cached)
+    assert "skip_video_self_attn_blocks: (0,) (cached: (1,))" in message
+    assert "differs in 1 field(s)" in message
+    assert "skip_audio_self_attn_blocks" not in message.split("field(s): ")[1]
+
+
+def test_explain_miss_names_a_shape_change():
+    model, conditioning, video, audio = _setup()
+    cached = [_key(COND, model, conditioning, video, audio)]
+    _, conditioning2, video2, audio2 = _setup(tokens=48)
+    message = explain_miss(_key(COND, model, conditioning2, video2, audio2), cached)
+    assert "video: bf16[1,48,128] (cached: bf16[1,24,128])" in message
+    assert "rope.video.0" in message  # the RoPE tables changed shape with the grid
+    assert "audio:" not in message.split("field(s): ")[1]
+
+
+def test_explain_miss_names_compile_mode_and_model_fields():
+    model, conditioning, video, audio = _setup()
+    cached = [_key(COND, model, conditioning, video, audio)]
+    message = explain_miss(_key(COND, model, conditioning, video, audio, compile_mode="default"), cached)
+    assert "compile: 'default' (cached: 'off')" in message
+    model.attention_backend = "math"
+    message = explain_miss(_key(COND, model, conditioning, video, audio), cached)
+    assert "attention_backend: 'math' (cached: 'auto')" in message
+    model.graph_key_extra = ("grid", 2, 4, 6)
+    message = explain_miss(_key(COND, model, conditioning, video, audio), cached)
+    assert "graph_key_extra: ('grid', 2, 4, 6) (cached: None)" in message
+    del model.graph_key_extra
+    other = tiny_model(seed=0)
+    message = explain_miss(_key(COND, other, conditioning, video, audio), cached)
+    assert "model:" in message and "param_storage" in message
+
+
+def test_explain_miss_with_nothing_cached():
+    model, conditioning, video, audio = _setup()
+    assert "no graph has been captured yet" in explain_miss(_key(COND, model, conditioning, video, audio), [])
+
+
+def test_nearest_key_prefers_fewest_differences_then_same_pass():
+    model, conditioning, video, audio = _setup()
+    cond, neg, modality = (_key(s, model, conditioning, video, audio) for s in (COND, NEG, MODALITY))
+    # A modality pass at another compile mode differs from the cached modality key in one field only.
+    wanted = _key(MODALITY, model, conditioning, video, audio, compile_mode="default")
+    assert nearest_key(wanted, [cond, neg, modality]) == modality
+    assert [d[0] for d in key_difference(wanted, modality)] == ["compile"]
+    assert nearest_key(wanted, []) is None
+
+
+def test_weights_version_bump_changes_the_state():
+    model = tiny_model()
+    before = WeightsState.of(model)
+    model.weights_version += 1
+    after = WeightsState.of(model)
+    assert after != before and after.version == before.version + 1
+
+
+def test_in_place_weight_edit_changes_param_versions():
+    model = tiny_model()
+    probe = WeightsProbe(model)
+    before = probe()
+    with torch.no_grad():
+        model.blocks[0].video_ff.fc1.weight.add_(1.0)
+    after = probe()
+    assert after.param_versions == before.param_versions + 1
+    assert after.storage == before.storage
+
+
+def test_replaced_parameter_changes_storage():
+    model = tiny_model()
+    probe = WeightsProbe(model)
+    before = probe()
+    model.video_in.weight = nn.Parameter(model.video_in.weight.detach().clone())
+    assert probe().storage != before.storage  # the probe re-reads each parameter slot
+
+
+def test_probe_tolerates_inference_tensors():
+    with torch.inference_mode():
+        model = nn.Linear(2, 2)
+    assert WeightsProbe(model)().param_versions == 0
