@@ -1,0 +1,102 @@
+"""The pytest plugin, run through pytester: fixture, marker, option group, failure listing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from profiling.syncs import detect_host_syncs
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _warm_detector():
+    """Use the detector once in this process before any in-process pytester run.
+
+    Its first use imports torch._dynamo (and ~800 modules); pytester unloads modules first imported inside
+    a run, and torch's operator libraries refuse to be registered a second time on re-import.
+    """
+    with detect_host_syncs(mode="record"):
+        torch.randn(2).sum()
+
+HEADER = """
+import pytest
+import torch
+from profiling.ranges import region
+from profiling.syncs import allow_host_sync
+"""
+
+
+def _run(pytester, body: str, *args: str):
+    pytester.makepyfile(test_body=HEADER + body)
+    return pytester.runpytest("-p", "no:cacheprovider", *args)
+
+
+def test_fixture(pytester):
+    result = _run(pytester, """
+def test_two_syncs(no_host_sync):
+    t = torch.randn(4)
+    with no_host_sync:
+        with region("loop"), region("step 2"):
+            value = t.sum().item()
+            rows = t.tolist()
+    raise AssertionError("never reached: the block's exit fails the test")
+
+def test_clean(no_host_sync):
+    t = torch.randn(4)
+    with no_host_sync:
+        u = torch.where(t > 0, t, 0.0).mul_(2.0)
+        with allow_host_sync("check the result inside the block"):
+            assert u.min().item() >= 0.0
+    assert no_host_sync.findings == []
+    with no_host_sync:  # reusable
+        u.add_(1.0)
+    assert float(u.min()) >= 1.0  # after the block: free to sync
+
+def test_error_is_not_hidden(no_host_sync):
+    with no_host_sync:
+        torch.tensor(1.0).item()
+        raise KeyError("the real problem")
+""")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines([
+        "*no_host_sync: 2 host sync(s) where none is allowed:*",
+        "*aten._local_scalar_dense.default via Tensor.item at *test_body.py:*`value = t.sum().item()`"
+        " in loop > step 2*",
+        "*Tensor.tolist at *test_body.py:*`rows = t.tolist()` in loop > step 2*",
+        "*KeyError: 'the real problem'*",
+    ])
+    result.stdout.no_fnmatch_line("*never reached*")
+    result.stdout.no_fnmatch_line("*no_host_sync: 1 host sync*")  # the KeyError test reports the KeyError
+
+
+def test_marker_checks_the_whole_test_body(pytester):
+    result = _run(pytester, """
+@pytest.fixture
+def data():
+    t = torch.randn(4)
+    assert t.abs().sum().item() >= 0  # fixtures are outside the check
+    return t
+
+@pytest.mark.no_host_sync
+def test_marked_dirty(data):
+    if data.sum() > 100:
+        pass
+
+@pytest.mark.no_host_sync
+def test_marked_clean(data):
+    data.mul_(0.5).clamp_(-1.0, 1.0)
+
+def test_unmarked_is_unchecked(data):
+    assert data.sum().item() == data.sum().item()
+""", "--strict-markers")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*test_marked_dirty*", "*Tensor.__bool__*`if data.sum() > 100:`*"])
+
+
+def test_options_and_markers_are_registered(pytester):
+    help_result = pytester.runpytest("--help")
+    help_result.stdout.fnmatch_lines(["*ltx2-graphs host-sync checks*", "*--ltx2-sync-cupti*"])
+    markers = pytester.runpytest("--markers")
+    markers.stdout.fnmatch_lines(["*@pytest.mark.no_host_sync:*"])

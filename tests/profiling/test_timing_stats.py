@@ -1,0 +1,51 @@
+"""Timing helpers: statistics, warm-up excluded, argument checks; CUDA events on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from profiling.syncs import detect_host_syncs
+from profiling.timing import TimingStats, matmul_peak_tflops, time_cuda
+
+
+def test_stats_from_samples():
+    stats = TimingStats.from_samples([3.0, 1.0, 2.0, 10.0])
+    assert (stats.median_ms, stats.min_ms, stats.max_ms) == (2.5, 1.0, 10.0)
+    assert stats.samples == (3.0, 1.0, 2.0, 10.0)
+    assert stats.spread_ms == 9.0 and stats.spread_pct == pytest.approx(360.0)
+    assert str(stats).startswith("2.500 ms median (min 1.000 ms, max 10.000 ms")
+    with pytest.raises(ValueError, match="no samples"):
+        TimingStats.from_samples([])
+
+
+def test_warmup_calls_are_not_timed():
+    calls = []
+    stats = time_cuda(lambda: calls.append(1), warmup=2, repeats=5, device="cpu")
+    assert len(calls) == 7 and len(stats.samples) == 5
+    assert all(s >= 0.0 for s in stats.samples)
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="repeats"):
+        time_cuda(lambda: None, repeats=0, device="cpu")
+    with pytest.raises(ValueError, match="warmup"):
+        time_cuda(lambda: None, warmup=-1, device="cpu")
+
+
+def test_matmul_peak_on_cpu_is_positive():
+    assert matmul_peak_tflops("cpu", torch.float32, size=64, warmup=1, repeats=3) > 0.0
+
+
+@pytest.mark.cuda
+def test_cuda_events_sync_only_at_the_boundaries():
+    x = torch.randn(2048, 2048, device="cuda")
+    with detect_host_syncs(mode="raise"):  # boundary syncs are inside allow_host_sync
+        stats = time_cuda(lambda: x @ x, warmup=2, repeats=5)
+    assert len(stats.samples) == 5 and stats.min_ms > 0.0
+
+
+@pytest.mark.cuda
+def test_matmul_peak_on_gpu_is_plausible():
+    tflops = matmul_peak_tflops("cuda", torch.bfloat16, size=4096)
+    assert 1.0 < tflops < 5000.0
