@@ -96,7 +96,9 @@ class RecordConverter:
         self.memory = {int(memory.PAGEABLE): "pageable", int(memory.PINNED): "pinned", int(memory.DEVICE): "device",
                        int(memory.MANAGED): "managed"}
         flag = cupti.ActivityFlag
-        self.marker_start, self.marker_end = int(flag.MARKER_START), int(flag.MARKER_END)
+        self.marker_start = int(flag.MARKER_START)
+        # cupti-python 13.0 drops MARKER_END from its enum (the C header defines it as the bit after START).
+        self.marker_end = int(getattr(flag, "MARKER_END", self.marker_start << 1))
         self.thread_object = int(cupti.ActivityObjectKind.THREAD)
         self._api_names: dict[int, str] = {}
         self.markers: list[tuple[int, int, str, str, int, bool]] = []  # (ts, id, name, domain, thread, start?)

@@ -70,6 +70,13 @@ ITEM_RECORDS = [  # what `.item()` on a CUDA tensor produced (CUPTI_NOTES): copy
 ]
 
 
+def test_converter_handles_binding_without_marker_end():
+    # cupti-python 13.0.1 (seen on an H200 machine) has MARKER_START but no MARKER_END member.
+    flags = enum.IntEnum("F", {"MARKER_INSTANTANEOUS": 1, "MARKER_START": 2})
+    converter = RecordConverter(NS(**{**vars(FakeCupti), "ActivityFlag": flags}))
+    assert (converter.marker_start, converter.marker_end) == (2, 4)
+
+
 def test_converter_maps_fields_and_enums():
     converter = RecordConverter(FakeCupti)
     records = [converter.convert(r) for r in ITEM_RECORDS]
