@@ -1,0 +1,210 @@
+"""`ltx2-graphs bench`: every executor side by side in ONE process, on the same weights and the same inputs,
+with diffusers' `LTX2VideoTransformer3DModel` (same weights) as peer rows.
+
+Order of work, and why:
+1. measure the bf16 matmul peak (the MFU denominator) before any model exists;
+2. build our model once (seeded random weights, or `--weights`) and, per executor and shape, measure a cell
+   (`graphs.bench_rows`); each executor is dropped after its cell so graph pools do not pile up;
+3. peer rows: diffusers' transformer gets our weights under its names (`pipeline.weights`). The ltx2.3 preset is
+   ~38 GB in bf16, so two copies plus activations do not fit an 80 GB card: when a second copy would not fit
+   in free GPU memory, our weights are first copied to CPU memory, our model is freed, and the peer
+   is built from the CPU copy. Smaller presets are copied GPU to GPU.
+   Peer executors: eager, graphs (our GraphExecutor driving the diffusers adapter), compile (diffusers' own
+   `compile_repeated_blocks`, what a diffusers user calls) and compile+graphs (those compiled blocks captured
+   per pass by our GraphExecutor: the strongest combination a diffusers user can assemble by hand). The compile
+   rows run last because diffusers' compile stays installed on its blocks.
+Inputs per shape: `LatentGrid.from_tokens` (1536 = 16x8x12, 8160 = 16x17x30 latents), 126 audio tokens, 1024
+random text tokens per prompt, batch 1; the same latents and texts for every row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import replace
+
+import torch
+
+from graphs.bench_report import BenchReport, format_report
+from graphs.bench_rows import CellInputs, CellPlan, measure_cell
+from graphs.cli_console import CommandError, Progress
+from graphs.run_workload import (
+    Workload,
+    build_model,
+    check_executor,
+    cpu_threads,
+    random_conditioning,
+    random_latents,
+    resolve_workload,
+)
+from pipeline.config import LatentGrid
+
+GPU_TOKENS = (1536, 8160)
+CPU_TOKENS = (48,)
+GPU_EXECUTORS = ("eager", "graphs", "compile", "compile+graphs")
+CPU_EXECUTORS = ("eager",)
+DEFAULT_PASSES = ("cond", "modality")
+STEP_COUNT = 2  # res2s steps timed per cell (plus one untimed)
+
+
+def plan_from_args(args, workload: Workload):
+    """(our executors, peer executors, timed specs, step guidance, shapes) from the flags and the device."""
+    from pipeline.guidance import GuidanceConfig
+    from pipeline.passes import PassSpec
+
+    gpu = workload.device.type == "cuda"
+    executors = args.executors if args.executors is not None else (GPU_EXECUTORS if gpu else CPU_EXECUTORS)
+    peers = () if args.no_peer else (args.peer_executors or (GPU_EXECUTORS if gpu else CPU_EXECUTORS))
+    for name in (*executors, *peers):
+        check_executor(name, workload.device)
+    stg_blocks = (min(28, workload.config.num_layers - 1),)
+    all_specs = {
+        "cond": PassSpec("cond", "positive"),
+        "neg": PassSpec("neg", "negative"),
+        "perturbed": PassSpec("perturbed", "positive", skip_video_self_attn_blocks=stg_blocks,
+                              skip_audio_self_attn_blocks=stg_blocks),
+        "modality": PassSpec("modality", "positive", disable_a2v_cross_attn=True, disable_v2a_cross_attn=True),
+    }
+    timed = tuple(all_specs[name] for name in (args.passes or DEFAULT_PASSES))
+    guidance = GuidanceConfig.preset(args.guidance)
+    if guidance.stg_blocks and max(guidance.stg_blocks) >= workload.config.num_layers:
+        guidance = replace(guidance, stg_blocks=stg_blocks)
+    tokens = args.tokens or (GPU_TOKENS if gpu else CPU_TOKENS)
+    return executors, peers, timed, guidance, tokens
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _shape_inputs(workload: Workload, tokens: int, audio_tokens: int | None) -> CellInputs:
+    grid = LatentGrid.from_tokens(tokens, audio_tokens=audio_tokens)  # default: 126 audio tokens (16 latent frames)
+    shaped = replace(workload, grid=grid)
+    video, audio = random_latents(shaped)
+    return CellInputs(workload.config, grid, workload.text_tokens, random_conditioning(shaped), video, audio,
+                      workload.seed)
+
+
+def run_cells(impl: str, model, executors, shapes: dict[int, CellInputs], plan: CellPlan, report: BenchReport,
+              progress: Progress, prepare=None) -> None:
+    """Executor-major loop over the cells of one implementation, appending rows to `report`."""
+    from graphs.diffusers_adapter import free_cuda_memory
+
+    compiled = False
+    for name in executors:
+        if impl == "diffusers" and "compile" in name and not compiled:
+            # diffusers' own regional compile; compile+graphs then captures these compiled blocks per pass.
+            progress("diffusers: compile_repeated_blocks(fullgraph=True) (compiles on the first call of each shape)")
+            model.compile_repeated_blocks(fullgraph=True)
+            compiled = True
+        for tokens, inputs in shapes.items():
+            if prepare is not None:
+                prepare(inputs.grid)
+            rows, step = measure_cell(impl, name, model, inputs, plan, progress)
+            report.passes += rows
+            report.steps.append(step)
+            free_cuda_memory()
+
+
+def peer_order(executors) -> tuple[str, ...]:
+    """diffusers' compile stays installed once called: run its compiled rows after the plain ones."""
+    plain = [e for e in executors if "compile" not in e]
+    compiled = [e for e in ("compile", "compile+graphs") if e in executors]
+    return (*plain, *compiled)
+
+
+def bench(args, progress: Progress) -> BenchReport:
+    from graphs import diffusers_adapter as peer_lib
+    from profiling.timing import matmul_peak_tflops
+
+    workload = resolve_workload(args, grid=LatentGrid.from_tokens(1536))
+    executors, peers, timed, guidance, tokens = plan_from_args(args, workload)
+    if peers and not peer_lib.diffusers_available():
+        progress("diffusers is not installed: no peer rows (pip install diffusers)")
+        peers = ()
+    if not executors and not peers:
+        raise CommandError("nothing to measure: --executors none and no peer rows",
+                           hint="drop --no-peer, install diffusers, or name executors")
+    progress(f"measuring the {str(workload.dtype).removeprefix('torch.')} matmul peak on {workload.device}")
+    peak = matmul_peak_tflops(workload.device, workload.dtype)
+    report = BenchReport(
+        device=str(workload.device), card=_device_name(workload.device), torch_version=torch.__version__,
+        diffusers_version=_diffusers_version(), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        preset=workload.preset, dtype=str(workload.dtype).removeprefix("torch."), text_tokens=workload.text_tokens,
+        peak_tflops=peak, guidance=args.guidance, repeats=args.repeats,
+    )
+    plan = CellPlan(timed_specs=timed, guidance=guidance, repeats=args.repeats, warmup=args.warmup,
+                    step_count=STEP_COUNT, peak_tflops=peak)
+    with cpu_threads(workload):
+        _bench_rows(args, workload, executors, peers, plan, tokens, report, progress)
+    report.notes.append("kernels: " + _kernel_note(report))
+    return report
+
+
+def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress) -> None:
+    from graphs import diffusers_adapter as peer_lib
+
+    model = build_model(workload, progress)
+    shapes = {t: _shape_inputs(workload, t, args.audio_tokens) for t in tokens}
+    run_cells("ours", model, executors, shapes, plan, report, progress)
+    if peers:
+        peer = _build_peer(model, workload, report, progress)
+        del model
+        peer_lib.free_cuda_memory()
+        run_cells("diffusers", peer, peer_order(peers), shapes, plan, report, progress, prepare=peer.prepare)
+
+
+def _build_peer(model, workload: Workload, report: BenchReport, progress: Progress):
+    """diffusers' transformer with our weights: GPU to GPU when it fits, else staged through CPU memory."""
+    from graphs import diffusers_adapter as peer_lib
+
+    if peer_lib.needs_cpu_staging(model):
+        size = peer_lib.model_bytes(model) / 1e9
+        progress(f"copying our weights ({size:.1f} GB) to CPU memory under diffusers names, then freeing our model")
+        state = peer_lib.stage_to_cpu(model)
+        model.to("meta")  # drop our GPU copy now; the caller's reference no longer holds memory
+        torch.compiler.reset()  # compiled code of our blocks may still reference their weights
+        peer_lib.free_cuda_memory()
+        progress("building diffusers' transformer from the CPU copy")
+        peer = peer_lib.peer_from_state(state, workload.config, device=workload.device, dtype=workload.dtype)
+        del state
+        report.notes.append("peer weights staged through CPU memory (two copies do not fit on the GPU)")
+    else:
+        progress("building diffusers' transformer with our weights (GPU to GPU copy)")
+        peer = peer_lib.from_ltx2(model)
+    progress("diffusers peer ready")
+    return peer
+
+
+def _diffusers_version() -> str | None:
+    try:
+        import diffusers
+    except Exception:
+        return None
+    return diffusers.__version__
+
+
+def _kernel_note(report: BenchReport) -> str:
+    sources = sorted({r.kernel_source for r in report.passes if r.kernel_source})
+    if sources == ["aten ops"]:
+        return "on CPU the kernel column counts aten ops dispatched per pass (a stand-in for kernel launches)"
+    return f"counted with {', '.join(sources) or 'nothing'} (graph replays count every kernel node)"
+
+
+def main(args, progress: Progress) -> int:
+    """Entry for `ltx2-graphs bench` (called by graphs.cli)."""
+    if args.repeats < 1:
+        raise CommandError(f"--repeats must be >= 1, got {args.repeats}")
+    report = bench(args, progress)
+    if args.json != "-":
+        print(format_report(report))
+    if args.json:
+        from graphs.cli_console import emit_json
+
+        emit_json(report.to_json(), args.json)
+    failed = sum(1 for r in report.passes if r.error) + sum(1 for r in report.steps if r.error)
+    if failed:
+        progress(f"{failed} row(s) failed; see the table")
+    return 0

@@ -1,0 +1,147 @@
+"""Kernel count and GPU busy % of a block of work, with the best tool available.
+
+GPU busy % = time at least one kernel was running / wall time of the block, where the block ends with one
+synchronisation (inside `allow_host_sync`) so work the host enqueued ahead is inside the window. Sources, in
+order of preference:
+
+- "cupti": the in-process CUPTI profiler (`profiling.cupti`, needs `ltx2-graphs[cupti]`); kernels of a graph
+  replay are counted per kernel node, attributed to the region that launched them.
+- "torch.profiler": kineto's CUDA kernel events when cupti-python is missing. Same definitions; torch's
+  profiler is itself a CUPTI client, so it never runs at the same time as the CUPTI profiler.
+- "aten ops" (CPU): no kernels exist; the count is the number of aten ops dispatched, a cheap stand-in
+  that tracks launch count (each eager GPU op is about one kernel launch); GPU busy is not measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from profiling.ranges import region
+from profiling.syncs import allow_host_sync
+
+MEASURED_RANGE = "measured"
+
+
+@dataclass
+class KernelActivity:
+    """What `kernel_activity` saw; fields stay None when the source cannot measure them."""
+
+    source: str  # "cupti" | "torch.profiler" | "aten ops" | "off"
+    kernels: int | None = None
+    busy_pct: float | None = None
+    wall_ms: float | None = None
+
+    def per_call(self, calls: int) -> float | None:
+        return None if self.kernels is None else self.kernels / calls
+
+
+def cupti_available() -> bool:
+    try:
+        from profiling.cupti import import_cupti
+
+        import_cupti()
+    except Exception:
+        return False
+    return True
+
+
+def _merged_ns(intervals: list[tuple[int, int]]) -> int:
+    total, end = 0, None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def kernel_activity(
+    device: torch.device, *, enabled: bool = True, prefer: str = "auto", cupti_only: bool = False
+) -> Iterator[KernelActivity]:
+    """Measure kernels and GPU busy of the block (see the module docstring). `prefer`: auto|cupti|torch.
+
+    `cupti_only`: measure nothing (source "off") rather than fall back to torch.profiler, whose per-event cost
+    is too high for long blocks such as a whole eager denoising loop (~1M kernels).
+    """
+    if not enabled:
+        yield KernelActivity("off")
+        return
+    if device.type != "cuda":
+        counter = _OpCounter()
+        result = KernelActivity("aten ops")
+        started = time.perf_counter()
+        with counter:
+            yield result
+        result.kernels, result.wall_ms = counter.count, (time.perf_counter() - started) * 1e3
+        return
+    use_cupti = prefer == "cupti" or (prefer == "auto" and cupti_available())
+    if cupti_only and not use_cupti:
+        yield KernelActivity("off")
+    elif use_cupti:
+        with _cupti_activity(device) as result:
+            yield result
+    else:
+        with _torch_profiler_activity(device) as result:
+            yield result
+
+
+def _end_of_window(device: torch.device) -> None:
+    with allow_host_sync("end of a measured window"):
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _cupti_activity(device: torch.device) -> Iterator[KernelActivity]:
+    from profiling.cupti import CuptiProfiler
+
+    result = KernelActivity("cupti")
+    with CuptiProfiler(control=False) as prof:
+        with region(MEASURED_RANGE):
+            yield result
+            _end_of_window(device)
+    row = next((r for r in prof.report(require_control=False).ranges if r.name == MEASURED_RANGE), None)
+    if row is not None:
+        result.kernels, result.busy_pct, result.wall_ms = row.kernels, row.gpu_busy_pct, row.wall_ns / 1e6
+
+
+@contextlib.contextmanager
+def _torch_profiler_activity(device: torch.device) -> Iterator[KernelActivity]:
+    from torch.profiler import ProfilerActivity, profile
+
+    result = KernelActivity("torch.profiler")
+    with allow_host_sync("start of a measured window"):
+        torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        yield result
+        _end_of_window(device)
+        wall_s = time.perf_counter() - started
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and _is_kernel(e)]
+    intervals = [(int(e.time_range.start * 1e3), int(e.time_range.end * 1e3)) for e in kernels]  # us -> ns
+    result.kernels = len(kernels)
+    result.wall_ms = wall_s * 1e3
+    result.busy_pct = min(100.0, 100.0 * _merged_ns(intervals) / 1e9 / wall_s) if wall_s > 0 else None
+
+
+def _is_kernel(event) -> bool:
+    """Kineto's device events include memcpy/memset; count kernels only."""
+    name = event.name.lower()
+    return not (name.startswith("memcpy") or name.startswith("memset"))

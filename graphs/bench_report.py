@@ -1,0 +1,156 @@
+"""The benchmark's results: one row per (implementation, executor, shape, pass) plus one per step, printed as
+tables (tabulate) and written as JSON.
+
+Column meanings (units in the headers):
+- pass ms: median over `--repeats` timed calls (CUDA events on a GPU), spread = (max - min) / median;
+- kernels: kernels launched per pass (CUPTI or torch.profiler; on CPU the aten ops dispatched, see
+  `graphs.bench_kernels`); GPU busy: kernel time / wall time over a few back-to-back passes;
+- TFLOP/s: the analytic FLOPs of the pass (`graphs.bench_flops`) / median time; MFU: that over the bf16 matmul
+  peak measured in the same run (`profiling.timing.matmul_peak_tflops`);
+- step ms: median device time of real res2s steps (2 evaluations of the guidance preset's passes, the guidance
+  combine and the sampler update) through `pipeline.denoise`; host syncs / step over those steps;
+- warm-up s: compile + capture (+ first runs) of that executor for that shape, excluded from every timing;
+  pool MiB: device memory held by the graph pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from profiling.timing import TimingStats
+
+
+@dataclass
+class PassRow:
+    impl: str  # "ours" | "diffusers"
+    executor: str
+    video_tokens: int
+    pass_name: str
+    flops: int
+    timing: TimingStats | None = None
+    kernels: float | None = None
+    kernel_source: str = ""
+    busy_pct: float | None = None
+    tflops: float | None = None
+    mfu_pct: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class StepRow:
+    impl: str
+    executor: str
+    video_tokens: int
+    passes: tuple[str, ...]
+    step: TimingStats | None = None
+    syncs_per_step: float | None = None
+    sync_detector: str = ""
+    warmup_s: float | None = None
+    captures: int | None = None
+    compiles: int | None = None
+    pool_bytes: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class BenchReport:
+    device: str
+    card: str
+    torch_version: str
+    diffusers_version: str | None
+    date: str
+    preset: str
+    dtype: str
+    text_tokens: int
+    peak_tflops: float
+    guidance: str
+    repeats: int
+    passes: list[PassRow] = field(default_factory=list)
+    steps: list[StepRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        for row in data["passes"] + data["steps"]:
+            for key in ("timing", "step"):
+                if row.get(key):
+                    row[key] = {k: row[key][k] for k in ("median_ms", "min_ms", "max_ms", "samples")}
+        return data
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, default=str)
+
+
+def _ms(stats: TimingStats | None) -> str:
+    return "-" if stats is None else f"{stats.median_ms:.2f}"
+
+
+def _spread(stats: TimingStats | None) -> str:
+    return "-" if stats is None else f"{stats.spread_pct:.1f}%"
+
+
+def _flops(value: float | None, unit: str = "") -> str:
+    """Engineering notation so both the 19B model (TFLOP) and the tiny CPU one (MFLOP) read well."""
+    if value is None:
+        return "-"
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}".strip()
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def pass_table(report: BenchReport) -> str:
+    from tabulate import tabulate
+
+    headers = ["impl", "executor", "tokens", "pass", "pass ms", "spread", "kernels", "GPU busy", "FLOP", "FLOP/s",
+               "MFU"]
+    rows = []
+    for r in report.passes:
+        if r.error:
+            rows.append([r.impl, r.executor, r.video_tokens, r.pass_name, "failed", r.error[:60], "", "", "", "", ""])
+            continue
+        rows.append([
+            r.impl, r.executor, r.video_tokens, r.pass_name, _ms(r.timing), _spread(r.timing), _num(r.kernels, ".0f"),
+            _num(r.busy_pct, ".1f") + ("%" if r.busy_pct is not None else ""), _flops(r.flops),
+            _flops(None if r.tflops is None else r.tflops * 1e12, "/s"),
+            _num(r.mfu_pct, ".1f") + ("%" if r.mfu_pct is not None else ""),
+        ])
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def step_table(report: BenchReport) -> str:
+    from tabulate import tabulate
+
+    headers = ["impl", "executor", "tokens", "step passes", "step ms", "spread", "host syncs/step", "warm-up s",
+               "captures", "compiles", "pool MiB"]
+    rows = []
+    for r in report.steps:
+        if r.error:
+            rows.append([r.impl, r.executor, r.video_tokens, ",".join(r.passes), "failed", r.error[:60], "", "", "",
+                         "", ""])
+            continue
+        rows.append([
+            r.impl, r.executor, r.video_tokens, ",".join(r.passes), _ms(r.step), _spread(r.step),
+            _num(r.syncs_per_step, ".1f"), _num(r.warmup_s, ".1f"), _num(r.captures, "d"), _num(r.compiles, "d"),
+            _num(None if r.pool_bytes is None else r.pool_bytes / 2**20, ".1f"),
+        ])
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def format_report(report: BenchReport) -> str:
+    head = (
+        f"{report.card} | torch {report.torch_version} | diffusers {report.diffusers_version or 'not installed'} | "
+        f"{report.date}\n{report.preset} {report.dtype}, batch 1, {report.text_tokens} text tokens; matmul peak "
+        f"{report.peak_tflops:.3g} TFLOP/s (measured); {report.repeats} repeats per pass; step = res2s step of "
+        f"guidance '{report.guidance}'"
+    )
+    parts = [head, "", "per pass:", pass_table(report), "", "per step:", step_table(report)]
+    if report.notes:
+        parts += ["", *[f"note: {n}" for n in report.notes]]
+    return "\n".join(parts)

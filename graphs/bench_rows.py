@@ -1,0 +1,163 @@
+"""Measuring one benchmark cell: one executor of one implementation on one shape.
+
+A cell warms the executor up (compile/capture every pass it will run, timed as warm-up), then:
+1. per timed pass: `profiling.timing.time_cuda` over `executor.run(..., (spec,))` (the same call for every
+   executor, so eager, compiled and replayed passes are timed identically), then a few back-to-back calls
+   under `graphs.bench_kernels.kernel_activity` for kernels per pass and GPU busy;
+2. per step: real res2s steps of the guidance preset through `pipeline.denoise.denoise_stage1` (sigmas taken
+   from the start of the HQ schedule, all non-terminal: 2 evaluations per step), with host syncs counted.
+Any failure inside a cell becomes that cell's `error` (one line) so one broken row does not end the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from graphs.bench_flops import spec_flops
+from graphs.bench_report import PassRow, StepRow
+from graphs.cli_console import one_line
+from graphs.run_executors import make_executor, warm_up
+from graphs.bench_kernels import kernel_activity
+from graphs.run_syncs import count_host_syncs
+from profiling.timing import TimingStats, time_cuda
+
+
+@dataclass(frozen=True)
+class CellInputs:
+    """Everything a cell runs on (shared by every executor and implementation at one shape)."""
+
+    config: object  # pipeline.config.ModelConfig (the FLOP formula reads it)
+    grid: object  # pipeline.config.LatentGrid
+    text_tokens: int
+    conditioning: object  # pipeline.executor.Conditioning
+    video: torch.Tensor  # [1, Nv, C] model dtype
+    audio: torch.Tensor  # [1, Na, C]
+    seed: int
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """What to measure in each cell."""
+
+    timed_specs: tuple  # PassSpecs timed one by one
+    guidance: object  # pipeline.guidance.GuidanceConfig of the step
+    repeats: int
+    warmup: int
+    step_count: int  # res2s steps timed
+    kernel_calls: int = 3  # back-to-back passes under the kernel profiler
+    peak_tflops: float = 0.0
+
+
+def step_sigmas(video_tokens: int, count: int) -> list[float]:
+    """The first `count` steps of the 15-step HQ schedule for this token count (all non-terminal)."""
+    from pipeline.sigmas import ltx2_sigmas
+
+    schedule = ltx2_sigmas(15, video_tokens)
+    return schedule[: min(count, len(schedule) - 2) + 1]
+
+
+def measure_cell(
+    impl: str,
+    executor_name: str,
+    model: torch.nn.Module,
+    inputs: CellInputs,
+    plan: CellPlan,
+    progress: Callable[[str], None],
+) -> tuple[list[PassRow], StepRow]:
+    """Rows of one cell (see the module docstring). The executor is dropped before returning."""
+    from pipeline.passes import pass_specs_for
+
+    tokens = inputs.grid.num_video_tokens
+    step_specs = pass_specs_for(plan.guidance)
+    all_specs = _union(step_specs, plan.timed_specs)
+    flops = {s.name: spec_flops(inputs.config, inputs.grid, inputs.text_tokens, s).total for s in plan.timed_specs}
+    rows = [PassRow(impl, executor_name, tokens, s.name, flops[s.name]) for s in plan.timed_specs]
+    step_row = StepRow(impl, executor_name, tokens, tuple(s.name for s in step_specs))
+    progress(f"{impl} {executor_name} @ {tokens} tokens: warm-up")
+    try:
+        executor = make_executor(executor_name, model, progress=progress)
+        stats = warm_up(executor, executor_name, all_specs, inputs.conditioning, inputs.video, inputs.audio,
+                        progress=progress)
+    except Exception as e:  # the whole cell failed
+        message = one_line(f"{type(e).__name__}: {e}")
+        for row in rows:
+            row.error = message
+        step_row.error = message
+        progress(f"{impl} {executor_name} @ {tokens} tokens: FAILED in warm-up: {message}")
+        return rows, step_row
+    step_row.warmup_s, step_row.captures = stats.seconds, stats.captures
+    step_row.compiles, step_row.pool_bytes = stats.compiles, stats.pool_bytes
+    for spec, row in zip(plan.timed_specs, rows):
+        _measure_pass(executor, spec, row, inputs, plan)
+        progress(f"{impl} {executor_name} @ {tokens} tokens: pass {spec.name} "
+                 + (f"{row.timing.median_ms:.2f} ms" if row.timing else f"FAILED: {row.error}"))
+    _measure_steps(executor, executor_name, step_row, inputs, plan)
+    progress(f"{impl} {executor_name} @ {tokens} tokens: step "
+             + (f"{step_row.step.median_ms:.1f} ms" if step_row.step else f"FAILED: {step_row.error}"))
+    del executor
+    return rows, step_row
+
+
+def _union(first: Sequence, second: Sequence) -> tuple:
+    seen, out = set(), []
+    for spec in (*first, *second):
+        if spec.name not in seen:
+            seen.add(spec.name)
+            out.append(spec)
+    return tuple(out)
+
+
+def _measure_pass(executor, spec, row: PassRow, inputs: CellInputs, plan: CellPlan) -> None:
+    device = inputs.video.device
+
+    def call():
+        return executor.run(inputs.video, inputs.audio, 0.5, (spec,))
+
+    try:
+        with torch.no_grad():
+            row.timing = time_cuda(call, warmup=plan.warmup, repeats=plan.repeats, device=device)
+            with kernel_activity(device) as activity:
+                for _ in range(plan.kernel_calls):
+                    call()
+    except Exception as e:
+        row.error = one_line(f"{type(e).__name__}: {e}")
+        return
+    row.kernels, row.kernel_source = activity.per_call(plan.kernel_calls), activity.source
+    row.busy_pct = activity.busy_pct
+    row.tflops = row.flops / (row.timing.median_ms * 1e-3) / 1e12
+    if plan.peak_tflops > 0:
+        row.mfu_pct = 100.0 * row.tflops / plan.peak_tflops
+
+
+def _measure_steps(executor, executor_name: str, row: StepRow, inputs: CellInputs, plan: CellPlan) -> None:
+    from pipeline.denoise import denoise_stage1
+
+    device = inputs.video.device
+    video, audio = inputs.video.float(), inputs.audio.float()
+
+    def steps(count: int):
+        sigmas = step_sigmas(inputs.grid.num_video_tokens, count)
+        result = denoise_stage1(executor, inputs.conditioning, video, audio, seed=inputs.seed, sigmas=sigmas,
+                                guidance=plan.guidance, quiet=True)
+        return result.device_step_ms()
+
+    try:
+        # On a GPU the sync-debug counter costs nothing, so the timed steps are also the counted ones. On CPU the
+        # dispatch detector slows every op several times: time without it, then count over one more step.
+        on_gpu, compiled = device.type == "cuda", "compile" in executor_name
+        with count_host_syncs(device, enabled=on_gpu) as syncs:
+            step_ms = steps(plan.step_count + 1)  # one extra step: warm-up
+        counted_steps = len(step_ms)
+        if not on_gpu:
+            with count_host_syncs(device, compiled=compiled) as syncs:
+                counted_steps = len(steps(1))
+    except Exception as e:
+        row.error = one_line(f"{type(e).__name__}: {e}")
+        return
+    timed = step_ms[1:] if len(step_ms) > 1 else step_ms  # the first step pays one-time costs
+    row.step = TimingStats.from_samples(timed)
+    row.sync_detector = syncs.detector
+    row.syncs_per_step = None if syncs.count is None else syncs.count / counted_steps

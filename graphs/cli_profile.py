@@ -1,0 +1,115 @@
+"""`ltx2-graphs profile`: a few denoising steps under the in-process CUPTI profiler, or an nsys export analysed.
+
+Live mode (GPU): the model is built and the executor warmed up (compile/capture) OUTSIDE the profiler, then each
+requested stage's loop runs inside `profiling.cupti.CuptiProfiler`, which first runs the positive control (one
+deliberate sync that the report must see, or it refuses to claim zero syncs). The report lists, per region
+(stage > loop > step > eval > pass/replay), unexpected syncs, device->host copies, kernels and GPU busy.
+
+File mode (`--nsys-sqlite FILE`, no GPU needed): read an `nsys export --type sqlite` file with
+`profiling.nsys` and print the same report. How to record a good file is in `profiling/nsys.py` and the README.
+
+Exit status: 0 when no unexpected sync was seen, 1 when some were (so CI can gate on it), 2/3 for errors.
+"""
+
+from __future__ import annotations
+
+import os
+
+from graphs.cli_console import CommandError, Progress, shorten
+
+
+def analyse_file(args, progress: Progress) -> int:
+    from profiling.attribution import analyse
+    from profiling.nsys import read_timeline
+    from profiling.report import BlindProfilerError
+    from profiling.trace import write_chrome_trace
+
+    path = args.nsys_sqlite
+    if not os.path.isfile(path):  # sqlite3 would silently create an empty database
+        raise CommandError(f"--nsys-sqlite {path}: no such file", hint="export one with `nsys export --type=sqlite`")
+    progress(f"reading {path}")
+    try:
+        timeline = read_timeline(path)
+    except Exception as e:
+        raise CommandError(f"--nsys-sqlite {path} could not be read as an nsys SQLite export: {e}",
+                           hint="export with `nsys export --type=sqlite --output=FILE.sqlite REPORT.nsys-rep`") from e
+    try:
+        report = analyse(timeline, require_control=not args.no_control)
+    except BlindProfilerError as e:
+        raise CommandError(str(e), hint="record the positive control inside the capture range, or pass "
+                           "--no-control to accept an unverified count") from e
+    if args.trace:
+        write_chrome_trace(timeline, args.trace)
+        progress(f"wrote trace {args.trace}")
+    return _emit(args, [("nsys", report)], extra={"source_file": path})
+
+
+def profile_live(args, progress: Progress) -> int:
+    from graphs import runner
+    from graphs.run_report import format_summary
+
+    options = runner.options_from_args(args)
+    if options.workload.device.type != "cuda":
+        raise CommandError(
+            "profile runs the CUPTI profiler, which needs a CUDA GPU, and none is in use",
+            hint="on CPU use `ltx2-graphs run` (its dispatch-level detector counts syncs) or analyse an nsys "
+            "export with --nsys-sqlite FILE",
+            code=3,
+        )
+    from profiling.cupti import CuptiProfiler, import_cupti
+
+    try:
+        import_cupti()
+    except ImportError as e:
+        raise CommandError(f"the CUPTI profiler cannot be used: {shorten(str(e))}",
+                           hint="pip install 'ltx2-graphs[cupti]' (cupti-python of torch's CUDA major version)",
+                           code=2) from e
+    profilers: list[tuple[str, CuptiProfiler]] = []
+
+    def loop_context(stage: int):
+        prof = CuptiProfiler()
+        profilers.append((f"stage{stage}", prof))
+        return prof
+
+    summary = runner.run(options, progress, loop_context=loop_context)
+    reports = [(name, prof.report()) for name, prof in profilers]
+    if args.trace:
+        for name, prof in profilers:
+            target = args.trace if len(profilers) == 1 else _numbered(args.trace, name)
+            prof.write_trace(target)
+            progress(f"wrote trace {target} (open in https://ui.perfetto.dev or chrome://tracing)")
+    if args.json != "-":
+        print(format_summary(summary))
+        print()
+    return _emit(args, reports, extra={"run": summary.to_json()})
+
+
+def _numbered(path: str, name: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.{name}{ext or '.json'}"
+
+
+def _emit(args, reports, *, extra: dict) -> int:
+    """Print each report (table, then its syncs) and/or write the JSON; exit 1 if any unexpected sync."""
+    from graphs.cli_console import emit_json
+
+    unexpected = sum(len(r.unexpected_syncs) for _, r in reports)
+    if args.json != "-":
+        for name, report in reports:
+            print(f"== {name} ==")
+            print(report.table())
+            if report.syncs:
+                print()
+                print(report.syncs_table())
+            print()
+    if args.json:
+        emit_json({**extra, "reports": {name: r.to_dict() for name, r in reports}, "unexpected_syncs": unexpected},
+                  args.json)
+    return 1 if unexpected else 0
+
+
+def main(args, progress: Progress) -> int:
+    """Entry for `ltx2-graphs profile` (called by graphs.cli)."""
+    if args.nsys_sqlite:
+        return analyse_file(args, progress)
+    return profile_live(args, progress)

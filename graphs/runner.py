@@ -1,0 +1,354 @@
+"""`ltx2-graphs run`: build the model, warm up (compile/capture) the chosen executor, run stage 1 and/or 2 of the
+denoising loop, and report per-step time, transformer calls, captures, host syncs and GPU busy.
+
+Stage 2 needs clean latents at twice stage 1's width and height. Real pipelines get them from a latent
+upsampler, which this project does not have: after stage 1 the latents are repeated 2x2 (nearest neighbour),
+and `--stages 2` alone starts from seeded random latents. The work per step is the same either way. `--resolution`
+(or `--tokens`) always names stage 1's grid.
+
+Warm-up (torch.compile, graph capture) runs before each stage on that stage's shapes and is reported
+separately: the per-step times are those of the loop alone. Syncs are counted around the loop only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from graphs.run_output import write_safetensors_atomic
+from graphs.cli_console import CommandError, Progress, emit_json
+from graphs.run_executors import WarmupStats, make_executor, warm_up
+from graphs.bench_kernels import kernel_activity
+from graphs.run_syncs import SyncCount, count_host_syncs
+from graphs.run_workload import (
+    Workload,
+    build_model,
+    cpu_threads,
+    random_conditioning,
+    resolve_executor,
+    resolve_workload,
+)
+from pipeline.config import LatentGrid
+from pipeline.guidance import GuidanceConfig, GuidanceParams
+
+LoopContext = Callable[[int], contextlib.AbstractContextManager]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """A fully resolved `run` (no "auto" left)."""
+
+    workload: Workload
+    executor: str
+    guidance: GuidanceConfig
+    guidance_name: str
+    steps: int | None  # None: the stage-1 default (15)
+    stages: tuple[int, ...]
+    sync_check: bool
+    output: str | None = None
+    gpu_busy: bool = True  # measure GPU busy with CUPTI when available
+    nsys: bool = False  # mark each loop for an nsys capture range (see nsys_capture_range)
+    notes: tuple[str, ...] = ()  # adjustments made while resolving the flags, printed as progress
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    video_tokens: int
+    audio_tokens: int
+    steps: int
+    evaluations: int
+    transformer_calls: int
+    passes: tuple[str, ...]
+    step_ms: tuple[float, ...]  # device time per step (CUDA events; wall time on CPU)
+    host_step_ms: tuple[float, ...]  # time to enqueue each step on the host
+    loop_s: float  # wall time of the whole loop, including the final wait
+    warmup: WarmupStats
+    syncs: SyncCount
+    gpu_busy: float | None = None  # kernel time / loop wall time, when measured
+    gpu_busy_source: str = ""  # "cupti" or "cuda events (upper bound)"
+    kernels: int | None = None  # kernels launched in the loop (CUPTI only)
+
+    @property
+    def median_step_ms(self) -> float:
+        return statistics.median(self.step_ms) if self.step_ms else float("nan")
+
+
+@dataclass
+class RunSummary:
+    """What `run` reports (table or JSON)."""
+
+    workload: str
+    preset: str
+    device: str
+    dtype: str
+    executor: str
+    guidance: str
+    seed: int
+    build_s: float
+    stages: list[StageSummary] = field(default_factory=list)
+    total_s: float = 0.0
+    output: str | None = None
+
+    @property
+    def syncs(self) -> int | None:
+        counts = [s.syncs.count for s in self.stages]
+        return None if any(c is None for c in counts) else sum(counts)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["syncs"] = self.syncs
+        for stage, summary in zip(data["stages"], self.stages):
+            stage["median_step_ms"] = summary.median_step_ms
+        return data
+
+
+def guidance_from_args(args) -> GuidanceConfig:
+    """The guidance preset with any per-modality override flags applied (validated by GuidanceConfig)."""
+    base = GuidanceConfig.preset(args.guidance)
+    changed = {}
+    for modality in ("video", "audio"):
+        params: GuidanceParams = getattr(base, modality)
+        overrides = {
+            name: getattr(args, f"{modality}_{name}")
+            for name in ("cfg", "stg", "rescale", "modality")
+            if getattr(args, f"{modality}_{name}", None) is not None
+        }
+        changed[modality] = GuidanceParams(**{**asdict(params), **overrides})
+    stg_blocks = base.stg_blocks if args.stg_blocks is None else args.stg_blocks
+    try:
+        return GuidanceConfig(video=changed["video"], audio=changed["audio"], stg_blocks=stg_blocks)
+    except ValueError as e:
+        raise CommandError(str(e), hint="set --stg-blocks (e.g. 28) or the STG scales to 0") from e
+
+
+def options_from_args(args) -> RunOptions:
+    workload = resolve_workload(args)
+    guidance = guidance_from_args(args)
+    notes = []
+    layers = workload.config.num_layers
+    if args.stg_blocks is None and guidance.stg_blocks and max(guidance.stg_blocks) >= layers:
+        # The dev preset names block 28 of the 48-layer model; smaller presets get their last block instead.
+        notes.append(f"STG block(s) {list(guidance.stg_blocks)} do not exist in the {workload.preset} preset "
+                     f"({layers} layers): using block {layers - 1} (set --stg-blocks to choose)")
+        guidance = dataclasses.replace(guidance, stg_blocks=(layers - 1,))
+    try:
+        guidance.validate(workload.config.num_layers)
+    except ValueError as e:
+        raise CommandError(str(e), hint="pick --stg-blocks inside the model's depth") from e
+    sync_check = args.sync_check != "off"
+    return RunOptions(
+        workload=workload,
+        executor=resolve_executor(args.executor, workload.device),
+        guidance=guidance,
+        guidance_name=args.guidance,
+        steps=args.steps,
+        stages=args.stages,
+        sync_check=sync_check,
+        output=getattr(args, "output", None),
+        gpu_busy=getattr(args, "gpu_busy", "auto") != "off",
+        nsys=getattr(args, "nsys", False),
+        notes=tuple(notes),
+    )
+
+
+def stage2_grid(grid: LatentGrid) -> LatentGrid:
+    """Stage 2 runs at twice stage 1's latent width and height (the 2x spatial upsampler's output)."""
+    return LatentGrid(grid.frames, grid.height * 2, grid.width * 2, grid.audio_tokens, grid.fps)
+
+
+def upsample_2x(video: torch.Tensor, grid: LatentGrid) -> torch.Tensor:
+    """Nearest-neighbour 2x2 spatial repeat of video latents [B, F*H*W, C] -> [B, F*2H*2W, C]."""
+    b, _, c = video.shape
+    x = video.view(b, grid.frames, grid.height, grid.width, c)  # [B, F, H, W, C]
+    x = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # [B, F, 2H, 2W, C]
+    return x.reshape(b, -1, c)
+
+
+def _stage_workload(workload: Workload, grid: LatentGrid) -> Workload:
+    from dataclasses import replace
+
+    return replace(workload, grid=grid)
+
+
+def run_stage(stage: int, options: RunOptions, executor, latents, workload: Workload, progress: Progress,
+              loop_context: LoopContext | None = None):
+    """Warm up the executor for this stage's shapes, then run the stage loop with syncs counted.
+
+    `loop_context(stage)`, when given, is entered around the loop alone (the profile command puts the CUPTI
+    profiler there); otherwise on a GPU the loop's kernel time is measured with CUPTI when it is installed.
+    """
+    from pipeline import denoise
+    from pipeline.passes import pass_specs_for
+
+    conditioning = random_conditioning(workload)
+    video, audio = latents
+    guidance = options.guidance if stage == 1 else GuidanceConfig()  # stage 2: the identity -> only "cond"
+    specs = pass_specs_for(guidance)
+    warmup = warm_up(executor, options.executor, specs, conditioning, video, audio, progress=progress)
+    on_gpu = workload.device.type == "cuda"
+    captures_before = _captures(executor)
+    started = time.perf_counter()
+    # Profilers outermost, the sync count innermost: only the loop itself is checked for syncs.
+    with (
+        kernel_activity(
+            workload.device, enabled=on_gpu and options.gpu_busy and loop_context is None, cupti_only=True
+        ) as activity,
+        loop_context(stage) if loop_context is not None else contextlib.nullcontext(),
+        count_host_syncs(workload.device, enabled=options.sync_check, compiled="compile" in options.executor) as syncs,
+    ):
+        if stage == 1:
+            result = denoise.denoise_stage1(
+                executor, conditioning, video, audio, seed=workload.seed, steps=options.steps,
+                guidance=options.guidance, quiet=progress.quiet,
+            )
+        else:
+            result = denoise.denoise_stage2(
+                executor, conditioning, video, audio, seed=workload.seed, quiet=progress.quiet
+            )
+        step_ms = result.device_step_ms()  # one wait for the last step's event, inside allow_host_sync
+    loop_s = time.perf_counter() - started
+    _count_loop_captures(executor, captures_before, syncs)
+    if activity.busy_pct is not None:
+        busy, busy_source = activity.busy_pct / 100.0, activity.source
+    elif on_gpu:
+        busy, busy_source = busy_fraction(step_ms, loop_s), "cuda events (upper bound)"
+    else:
+        busy, busy_source = None, ""
+    summary = StageSummary(
+        stage=result.stage,
+        video_tokens=workload.grid.num_video_tokens,
+        audio_tokens=workload.grid.num_audio_tokens,
+        steps=result.steps,
+        evaluations=result.evaluations,
+        transformer_calls=result.transformer_calls,
+        passes=tuple(s.name for s in result.specs),
+        step_ms=tuple(step_ms),
+        host_step_ms=result.host_step_ms,
+        loop_s=loop_s,
+        warmup=warmup,
+        syncs=syncs,
+        gpu_busy=busy,
+        gpu_busy_source=busy_source,
+        kernels=activity.kernels,
+    )
+    return (result.video, result.audio), summary
+
+
+def _captures(executor) -> int | None:
+    stats = getattr(executor, "stats", None)
+    return None if stats is None else stats.captures
+
+
+def _count_loop_captures(executor, before: int | None, syncs: SyncCount) -> None:
+    """A graph captured inside the loop (a cache miss) synchronises the host, but through
+    `torch.cuda.synchronize`, which sync debug mode does not see: count it here."""
+    after = _captures(executor)
+    if before is None or after is None or after == before or syncs.count is None:
+        return
+    syncs.count += after - before
+    syncs.findings.append(f"{after - before} graph capture(s) inside the loop (cache misses; each synchronises)")
+
+
+def busy_fraction(step_ms, loop_s: float) -> float | None:
+    """Device time of the steps (CUDA events, back to back) over the loop's wall time.
+
+    An upper bound on kernel-busy time (gaps between kernels inside a step count as busy); `ltx2-graphs bench`
+    and `profile` measure kernel time exactly with a profiler.
+    """
+    if not step_ms or loop_s <= 0:
+        return None
+    return min(1.0, sum(step_ms) / 1e3 / loop_s)
+
+
+@contextlib.contextmanager
+def nsys_capture_range(device: torch.device):
+    """NVTX region "profile" (domain ltx2) holding the positive control and then the loop: what
+    `nsys profile --capture-range=nvtx --nvtx-capture=profile@ltx2` records, and what the nsys analyser needs
+    to trust a count of zero syncs (`ltx2-graphs profile --nsys-sqlite`)."""
+    from profiling.control import run_positive_control
+    from profiling.ranges import region
+
+    with region("profile"):
+        if device.type == "cuda":
+            run_positive_control(device)
+        yield
+
+
+def run(options: RunOptions, progress: Progress, loop_context: LoopContext | None = None) -> RunSummary:
+    """Build, warm up and run every requested stage; write the output if asked. Returns the summary."""
+    started = time.perf_counter()
+    w = options.workload
+    if options.nsys and loop_context is None:
+        def loop_context(stage: int):
+            return nsys_capture_range(w.device)
+
+    with cpu_threads(w):
+        return _run(options, progress, loop_context, started)
+
+
+def _run(options: RunOptions, progress: Progress, loop_context: LoopContext | None, started: float) -> RunSummary:
+    from pipeline.noise import initial_latents
+
+    w = options.workload
+    progress(f"workload: {w.describe()}; executor {options.executor}; guidance {options.guidance_name}")
+    for note in options.notes:
+        progress(note)
+    model = build_model(w, progress)
+    build_s = time.perf_counter() - started
+    summary = RunSummary(
+        workload=w.describe(), preset=w.preset, device=str(w.device), dtype=str(w.dtype).removeprefix("torch."),
+        executor=options.executor, guidance=options.guidance_name, seed=w.seed, build_s=build_s,
+    )
+    executor = make_executor(options.executor, model, progress=progress)
+    grid = w.grid
+    c = w.config
+    latents = initial_latents(
+        (1, grid.num_video_tokens, c.in_channels), (1, grid.num_audio_tokens, c.audio_in_channels),
+        seed=w.seed, device=w.device,
+    )
+    for stage in options.stages:
+        if stage == 2:
+            grid2 = stage2_grid(w.grid)
+            if 1 in options.stages:
+                latents = (upsample_2x(latents[0], w.grid), latents[1])
+            else:
+                latents = initial_latents(
+                    (1, grid2.num_video_tokens, c.in_channels), (1, grid2.num_audio_tokens, c.audio_in_channels),
+                    seed=w.seed + 1, device=w.device,
+                )
+            grid = grid2
+        progress(f"stage {stage}: {grid.num_video_tokens} video tokens, {grid.num_audio_tokens} audio tokens")
+        latents, stage_summary = run_stage(
+            stage, options, executor, latents, _stage_workload(w, grid), progress, loop_context
+        )
+        summary.stages.append(stage_summary)
+    if options.output:
+        meta = {"preset": w.preset, "seed": str(w.seed), "executor": options.executor,
+                "guidance": options.guidance_name, "stages": ",".join(map(str, options.stages)),
+                "grid": json.dumps(asdict(grid))}
+        write_safetensors_atomic(options.output, {"video": latents[0], "audio": latents[1]}, meta)
+        summary.output = options.output
+        progress(f"wrote final latents to {options.output}")
+    summary.total_s = time.perf_counter() - started
+    return summary
+
+
+def main(args, progress: Progress) -> int:
+    """Entry for `ltx2-graphs run` (called by graphs.cli)."""
+    options = options_from_args(args)
+    summary = run(options, progress)
+    if args.json != "-":
+        from graphs.run_report import format_summary
+
+        print(format_summary(summary))
+    if args.json:
+        emit_json(summary.to_json(), args.json)
+    return 0

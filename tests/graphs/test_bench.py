@@ -1,0 +1,98 @@
+"""`ltx2-graphs bench` as a CPU smoke test (tiny preset, eager rows, diffusers peer) and, on a GPU, one short
+run of every executor on the small preset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from graphs.bench import peer_order
+from graphs.bench_report import BenchReport, PassRow, StepRow, format_report
+from graphs.cli import main
+from profiling.timing import TimingStats
+
+
+def bench_json(capsys, tmp_path, *argv: str) -> tuple[dict, str]:
+    path = tmp_path / "bench.json"
+    code = main(["bench", "--quiet", "--json", str(path), *argv])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(path.read_text()), out.out
+
+
+def test_cpu_bench_with_peer(capsys, tmp_path):
+    pytest.importorskip("diffusers")
+    data, table = bench_json(capsys, tmp_path, "--device", "cpu", "--preset", "tiny", "--repeats", "2",
+                             "--warmup", "1", "--passes", "cond,perturbed,modality")
+    assert "per pass:" in table and "per step:" in table and "diffusers" in table
+    rows = {(r["impl"], r["pass_name"]): r for r in data["passes"]}
+    assert set(rows) == {(i, p) for i in ("ours", "diffusers") for p in ("cond", "perturbed", "modality")}
+    for row in rows.values():
+        assert row["error"] is None, row["error"]
+        assert row["timing"]["median_ms"] > 0 and len(row["timing"]["samples"]) == 2
+        assert row["flops"] > 0 and row["tflops"] > 0 and row["mfu_pct"] > 0
+        assert row["kernels"] > 0 and row["kernel_source"] == "aten ops"
+    # Same weights and inputs: the two implementations do the same work per pass.
+    assert rows[("ours", "cond")]["flops"] == rows[("diffusers", "cond")]["flops"]
+    assert rows[("ours", "modality")]["flops"] < rows[("ours", "cond")]["flops"]
+    steps = {r["impl"]: r for r in data["steps"]}
+    assert steps["ours"]["passes"] == ["cond", "neg", "modality"] and steps["ours"]["step"]["median_ms"] > 0
+    assert steps["ours"]["syncs_per_step"] == 0  # our loop, checked by the dispatch detector
+    assert data["peak_tflops"] > 0 and data["torch_version"] == torch.__version__
+
+
+def test_cpu_bench_without_peer_and_json_to_stdout(capsys):
+    code = main(["bench", "--device", "cpu", "--no-peer", "--repeats", "1", "--warmup", "1", "--passes", "cond",
+                 "--quiet", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert {r["impl"] for r in data["passes"]} == {"ours"} and len(data["passes"]) == 1
+
+
+def test_peer_order_runs_compiled_rows_last():
+    assert peer_order(("compile+graphs", "eager", "compile", "graphs")) == ("eager", "graphs", "compile",
+                                                                            "compile+graphs")
+    assert peer_order(("compile+graphs", "eager")) == ("eager", "compile+graphs")
+
+
+def test_failed_rows_are_reported_not_fatal():
+    report = BenchReport("cpu", "CPU", "x", None, "now", "tiny", "float32", 16, 1.0, "hq", 2)
+    report.passes.append(PassRow("ours", "eager", 48, "cond", 10, TimingStats.from_samples([1.0, 2.0])))
+    report.passes.append(PassRow("diffusers", "compile", 48, "cond", 10, error="CaptureError: boom"))
+    report.steps.append(StepRow("diffusers", "compile", 48, ("cond",), error="CaptureError: boom"))
+    text = format_report(report)
+    assert "failed" in text and "boom" in text
+    assert json.loads(report.dumps())["passes"][1]["error"] == "CaptureError: boom"
+
+
+@pytest.mark.cuda
+def test_gpu_bench_small_preset_one_shape(capsys, tmp_path):
+    """Eager and per-pass graphs, ours and diffusers', on the small preset at 1536 tokens, 2 repeats: all rows
+    succeed, graph rows capture, replays do not sync. (The compiled rows are left to the benchmark run itself:
+    their compile time would dominate this test.)"""
+    data, _ = bench_json(capsys, tmp_path, "--preset", "small", "--tokens", "1536", "--repeats", "2", "--warmup",
+                         "1", "--passes", "cond,modality", "--executors", "eager,graphs", "--peer-executors",
+                         "eager,graphs")
+    failed = [(r["impl"], r["executor"], r["error"]) for r in data["passes"] + data["steps"] if r["error"]]
+    assert not failed, failed
+    steps = {(r["impl"], r["executor"]): r for r in data["steps"]}
+    assert steps[("ours", "graphs")]["captures"] >= 3 and steps[("ours", "graphs")]["pool_bytes"] > 0
+    assert steps[("ours", "graphs")]["syncs_per_step"] == 0
+    assert steps[("diffusers", "graphs")]["captures"] >= 3
+    for row in data["passes"]:
+        assert row["kernels"] > 0 and 0 < row["busy_pct"] <= 100 and 0 < row["mfu_pct"] < 100
+
+
+def test_bench_without_diffusers_installed_skips_the_peer(capsys, monkeypatch):
+    import graphs.diffusers_adapter as adapter
+
+    monkeypatch.setattr(adapter, "diffusers_available", lambda: False)
+    code = main(["bench", "--device", "cpu", "--repeats", "1", "--warmup", "1", "--passes", "cond", "--json"])
+    out = capsys.readouterr()
+    assert code == 0 and "diffusers is not installed" in out.err
+    assert {r["impl"] for r in json.loads(out.out)["passes"]} == {"ours"}
+    code = main(["bench", "--device", "cpu", "--executors", "none", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nothing to measure" in err[0]

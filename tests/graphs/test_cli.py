@@ -1,0 +1,164 @@
+"""The `ltx2-graphs` command on CPU: help, one-line errors, the default run, JSON and the atomic output file.
+
+Commands run in-process through `graphs.cli.main(argv)` (no interpreter start-up per test); one test runs the
+installed console script itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from graphs.cli import build_parser, main
+
+SUBCOMMANDS = ("run", "bench", "profile")
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `ltx2-graphs argv...`; argparse exits are caught too."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr lines that are not progress lines."""
+    return [line for line in err.splitlines() if line.strip() and not line.startswith("[")]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_of_each_subcommand(capsys, command):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0
+    assert "no text encoder" in out  # every command says where the text contexts come from
+    for flag in ("--preset", "--weights", "--dtype", "--seed", "--json", "--quiet", "--debug"):
+        assert flag in out, f"{command} --help lacks {flag}"
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and all(c in out for c in SUBCOMMANDS)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (("run", "--steps", "0"), "positive integer"),
+        (("run", "--resolution", "100x100"), "multiples of 32"),
+        (("run", "--resolution", "wide"), "WIDTHxHEIGHT"),
+        (("run", "--executor", "turbo"), "invalid choice"),
+        (("run", "--stages", "3"), "1, 2 or 1,2"),
+        (("run", "--video-cfg", "-1"), ">= 0"),
+        (("bench", "--tokens", "15x"), "comma-separated"),
+        (("bench", "--passes", "cond,uncond"), "subset"),
+        (("run", "--tokens", "64", "--resolution", "64x64"), "cannot be combined"),
+        (("run", "--video-stg", "1"), "stg_blocks is empty"),
+        (("run", "--stg-blocks", "7", "--guidance", "dev"), "out of range"),
+        (("run", "--video-stg", "1", "--stg-blocks", "2"), "out of range"),
+        (("run", "--device", "tpu"), "--device"),
+        (("profile", "--nsys-sqlite", "/nonexistent/x.sqlite"), "no such file"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_nonzero_exit(capsys, argv, words):
+    code, _, err = run_cli(capsys, *argv)
+    lines = error_lines(err)
+    assert code == 2, (code, err)
+    assert len(lines) == 1, f"expected one error line, got: {lines}"
+    assert words in lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is visible")
+@pytest.mark.parametrize(
+    "argv",
+    [("run", "--executor", "graphs"), ("run", "--executor", "compile+graphs"), ("run", "--device", "cuda"),
+     ("bench", "--executors", "eager,graphs"), ("profile",)],
+)
+def test_gpu_only_requests_on_cpu_give_one_clear_line(capsys, argv):
+    code, _, err = run_cli(capsys, *argv)
+    lines = error_lines(err)
+    assert code == 3
+    assert len(lines) == 1 and "GPU" in lines[0] and "hint:" in lines[0], lines
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(capsys):
+    code, _, err = run_cli(capsys, "run", "--video-stg", "1", "--debug")
+    assert code == 2 and "Traceback" in err
+
+
+def test_defaults_resolve_to_the_cpu_configuration():
+    """No flags on a machine without a GPU: tiny preset, fp32, eager, HQ guidance (15 steps), sync check on."""
+    from graphs.runner import options_from_args
+
+    if torch.cuda.is_available():
+        pytest.skip("the defaults differ on a GPU machine")
+    options = options_from_args(build_parser().parse_args(["run"]))
+    w = options.workload
+    assert (w.preset, w.dtype, str(w.device), options.executor) == ("tiny", torch.float32, "cpu", "eager")
+    assert options.steps is None and options.stages == (1,) and options.sync_check
+    assert w.grid.num_video_tokens == 48 and w.text_tokens == 16
+
+
+def test_default_run_on_cpu(capsys, tmp_path):
+    """`ltx2-graphs run` with its defaults (4 of the 15 steps, to keep CI fast): 0 syncs, table, JSON, output."""
+    out_file = tmp_path / "out" / "latents.safetensors"
+    json_file = tmp_path / "summary.json"
+    code, out, err = run_cli(capsys, "run", "--steps", "4", "--output", str(out_file), "--json", str(json_file))
+    assert code == 0, err
+    assert "stage1" in out and "host syncs" in out  # the table was printed
+    summary = json.loads(json_file.read_text())
+    assert summary["preset"] == "tiny" and summary["executor"] == "eager" and summary["device"] == "cpu"
+    stage = summary["stages"][0]
+    assert stage["steps"] == 4 and stage["evaluations"] == 7 and stage["transformer_calls"] == 21
+    assert stage["passes"] == ["cond", "neg", "modality"]
+    assert len(stage["step_ms"]) == 4 and all(t > 0 for t in stage["step_ms"])
+    assert stage["syncs"]["detector"] == "dispatch" and stage["syncs"]["count"] == 0
+    assert summary["syncs"] == 0
+    # The output file: complete, named tensors, metadata, and no temporary left behind.
+    with safe_open(str(out_file), "pt") as f:
+        assert set(f.keys()) == {"video", "audio"}
+        assert f.get_tensor("video").shape == (1, 48, 128)
+        assert torch.isfinite(f.get_tensor("video")).all()
+        assert f.metadata()["preset"] == "tiny"
+    assert [p.name for p in out_file.parent.iterdir()] == ["latents.safetensors"]
+
+
+def test_json_to_stdout_is_pure_json(capsys):
+    code, out, _ = run_cli(capsys, "run", "--steps", "1", "--quiet", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["stages"][0]["transformer_calls"] == 3  # one terminal step: 1 evaluation x 3 passes
+
+
+def test_quiet_prints_no_progress(capsys):
+    code, _, err = run_cli(capsys, "run", "--steps", "1", "--quiet")
+    assert code == 0 and err == ""
+
+
+@pytest.mark.skipif(shutil.which("ltx2-graphs") is None, reason="console script not installed (pip install -e .)")
+def test_installed_console_script(tmp_path):
+    proc = subprocess.run(
+        ["ltx2-graphs", "run", "--steps", "1", "--quiet", "--json", str(tmp_path / "s.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["syncs"] == 0
+    bad = subprocess.run(["ltx2-graphs", "run", "--steps", "-3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_parser_is_built_without_importing_the_model():
+    """--help and argument errors must stay cheap: building the parser imports no model code."""
+    before = set(sys.modules)
+    build_parser()
+    assert not any(m.startswith("pipeline.model") for m in set(sys.modules) - before)

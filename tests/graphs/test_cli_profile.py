@@ -1,0 +1,77 @@
+"""`ltx2-graphs profile --nsys-sqlite` on synthetic exports (no GPU), built with the profiling tests' own
+writer (`tests/profiling/test_nsys_sqlite.py`, documented nsys schema) from their synthetic run; and the live
+CUPTI profile on a GPU."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+from graphs.cli import main
+
+PROFILING_TESTS = Path(__file__).resolve().parents[1] / "profiling"
+
+
+@pytest.fixture
+def export_writer(monkeypatch):
+    """(write_export, make_timeline) from the profiling tests, importable the way pytest imports them."""
+    monkeypatch.syspath_prepend(str(PROFILING_TESTS))
+    nsys_tests = importlib.import_module("test_nsys_sqlite")
+    attribution_tests = importlib.import_module("test_range_attribution")
+    return nsys_tests.write_export, attribution_tests.make_timeline
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_profile_reads_an_nsys_export(capsys, tmp_path, export_writer):
+    write_export, make_timeline = export_writer
+    path = tmp_path / "run.sqlite"
+    write_export(path, make_timeline())
+    report_json, trace = tmp_path / "report.json", tmp_path / "trace.json"
+    code, out, err = run_cli(capsys, "profile", "--nsys-sqlite", str(path), "--json", str(report_json),
+                             "--trace", str(trace))
+    assert code == 1, err  # the synthetic run has unexpected syncs: exit 1 so CI can gate on it
+    assert "step #" in out and "UNEXPECTED" in out and "positive control seen" in out
+    data = json.loads(report_json.read_text())
+    assert data["unexpected_syncs"] == 3 and data["reports"]["nsys"]["control"] == "seen"
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_profile_refuses_an_export_without_the_control(capsys, tmp_path, export_writer):
+    write_export, make_timeline = export_writer
+    path = tmp_path / "clean.sqlite"
+    write_export(path, make_timeline(control=False))
+    code, _, err = run_cli(capsys, "profile", "--nsys-sqlite", str(path))
+    lines = [line for line in err.splitlines() if not line.startswith("[")]
+    assert code == 2 and len(lines) == 1 and "refusing" in lines[0] and "--no-control" in lines[0]
+    code, out, _ = run_cli(capsys, "profile", "--nsys-sqlite", str(path), "--no-control", "--json")
+    assert json.loads(out)["reports"]["nsys"]["control"] == "absent"
+
+
+def test_profile_rejects_a_file_that_is_not_sqlite(capsys, tmp_path):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a database")
+    code, _, err = run_cli(capsys, "profile", "--nsys-sqlite", str(bad))
+    lines = [line for line in err.splitlines() if not line.startswith("[")]
+    assert code == 2 and len(lines) == 1 and "nsys SQLite export" in lines[0]
+
+
+@pytest.mark.cuda
+def test_live_profile_on_gpu(capsys, tmp_path):
+    pytest.importorskip("cupti")
+    trace = tmp_path / "trace.json"
+    code, out, err = run_cli(capsys, "profile", "--preset", "small", "--tokens", "256", "--steps", "2",
+                             "--trace", str(trace), "--quiet", "--json")
+    data = json.loads(out)
+    assert code == 0, (data.get("unexpected_syncs"), err)
+    report = data["reports"]["stage1"]
+    assert report["control"] == "seen" and report["unexpected_syncs"] == 0
+    assert any(r["name"].startswith("replay") for r in report["ranges"])
+    assert json.loads(trace.read_text())["traceEvents"]

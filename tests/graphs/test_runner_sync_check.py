@@ -1,0 +1,32 @@
+"""Host-sync counting as the runner and the benchmark use it: the dispatch detector on CPU, and the counting of
+CUDA sync-debug warnings (the GPU detector), simulated here by raising the warning PyTorch raises."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from graphs.run_syncs import count_host_syncs
+
+
+def test_dispatch_detector_counts_a_sync_on_cpu():
+    x = torch.ones(3)
+    with count_host_syncs(torch.device("cpu")) as result:
+        x.sum().item()
+        x.nonzero()
+    assert result.detector == "dispatch" and result.count == 2 and len(result.findings) == 2
+
+
+def test_disabled_check_reports_nothing():
+    with count_host_syncs(torch.device("cpu"), enabled=False) as result:
+        torch.ones(1).item()
+    assert result.count is None and result.describe() == "not checked"
+
+
+def test_sync_debug_warnings_are_counted():
+    with count_host_syncs(torch.device("cuda")) as result:  # on a CPU machine cuda_sync_debug is a no-op
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        warnings.warn("something unrelated", UserWarning)
+    assert result.detector == "cuda-sync-debug" and result.count == 1
+    assert "synchronizing" in result.findings[0]
