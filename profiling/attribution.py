@@ -8,7 +8,7 @@ Rules (the same for CUPTI and nsys input):
   that time on any thread is used instead.
 * A region's counts include its nested regions ("loop" counts every sync of every "step").
 * A host sync is a CUPTI synchronisation record other than stream-wait-event (that one waits on the GPU,
-  not the host); or a blocking API call without such a record; or a device->host copy into pageable
+  not the host) and other than those of polling calls (`cudaEventQuery`/`cudaStreamQuery` return at once); or a blocking API call without such a record; or a device->host copy into pageable
   memory that is not already followed by a sync on its thread (pageable copies block the host even when
   ``non_blocking=True``).
 * GPU busy % of a region is the union of kernel execution intervals clipped to the region's wall time,
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from profiling.ranges import CONTROL_RANGE
 from profiling.report import OUTSIDE, HostSync, ProfileReport, RangeStats
-from profiling.timeline import ApiRecord, RangeRecord, Timeline, canonical_api_name, is_blocking_api
+from profiling.timeline import (ApiRecord, RangeRecord, Timeline, canonical_api_name, is_blocking_api,
+                                is_polling_api)
 
 NO_RANGE = -1
 
@@ -118,10 +119,11 @@ def _host_syncs(timeline: Timeline, index: RangeIndex) -> list[tuple[HostSync, i
         out.append((HostSync(kind, name, start, max(0, end - start), thread, index.path(where), correlation), where))
 
     for sync in timeline.syncs:
-        if sync.kind == "stream_wait_event":
+        api = api_by_corr.get(sync.correlation)
+        if sync.kind == "stream_wait_event" or (api is not None and is_polling_api(api.name)):
             continue
         synced.add(sync.correlation)
-        add(sync.kind, api_by_corr.get(sync.correlation), sync.start, sync.end)
+        add(sync.kind, api, sync.start, sync.end)
     for api in timeline.api_calls:
         if is_blocking_api(api.name) and api.correlation not in synced:
             synced.add(api.correlation)

@@ -45,6 +45,16 @@ def is_blocking_api(name: str) -> bool:
     return canonical_api_name(name) in BLOCKING_APIS
 
 
+# Polls that return at once whether or not the work is done. CUPTI still files them as SYNCHRONIZATION records
+# (seen on an H200, CUDA 13: `cudaEventQuery` as EVENT_SYNCHRONIZE, ~2 us, from the caching allocator), but the
+# host never waits on them.
+POLLING_APIS = frozenset({"cudaEventQuery", "cudaStreamQuery", "cuEventQuery", "cuStreamQuery"})
+
+
+def is_polling_api(name: str) -> bool:
+    return canonical_api_name(name) in POLLING_APIS
+
+
 @dataclass(frozen=True)
 class RangeRecord:
     """A region on a host thread (from the range listener, CUPTI MARKER records or nsys NVTX_EVENTS)."""

@@ -219,3 +219,15 @@ def test_pageable_copy_counts_when_the_next_sync_is_elsewhere():
     )
     assert [(s.kind, s.ranges, s.allowed) for s in analyse(timeline).syncs] == [
         ("pageable D2H copy", ("copy",), False), ("context_synchronize", (ALLOW_PREFIX + "profiler flush",), True)]
+
+
+def test_event_queries_are_polls_not_syncs():
+    # Seen on an H200 (CUDA 13): CUPTI files the caching allocator's cudaEventQuery calls as EVENT_SYNCHRONIZE
+    # records of ~2 us. The host never waits on a query, so they must not count as syncs.
+    base = make_timeline()
+    query = ApiRecord("cudaEventQuery_v3020", 2300, 2302, T, 40)
+    timeline = Timeline(ranges=base.ranges, api_calls=[*base.api_calls, query],
+                        syncs=[*base.syncs, SyncRecord("event_synchronize", 2300, 2302, 40, 13)],
+                        memcpys=base.memcpys, kernels=base.kernels)
+    assert [s.api for s in host_syncs(timeline)] == [s.api for s in host_syncs(make_timeline())]
+    assert len(analyse(timeline, require_control=True).unexpected_syncs) == 3
