@@ -26,7 +26,8 @@ import torch
 
 from graphs.bench_report import BenchReport, format_report
 from graphs.bench_rows import CellInputs, CellPlan, measure_cell
-from graphs.cli_console import CommandError, Progress
+from graphs.cli_console import CommandError, Progress, emit_json
+from graphs.run_executors import EXECUTOR_NAMES
 from graphs.run_workload import (
     Workload,
     build_model,
@@ -40,7 +41,7 @@ from pipeline.config import LatentGrid
 
 GPU_TOKENS = (1536, 8160)
 CPU_TOKENS = (48,)
-GPU_EXECUTORS = ("eager", "graphs", "compile", "compile+graphs")
+GPU_EXECUTORS = EXECUTOR_NAMES
 CPU_EXECUTORS = ("eager",)
 DEFAULT_PASSES = ("cond", "modality")
 STEP_COUNT = 2  # res2s steps timed per cell (plus one untimed)
@@ -201,8 +202,6 @@ def main(args, progress: Progress) -> int:
     if args.json != "-":
         print(format_report(report))
     if args.json:
-        from graphs.cli_console import emit_json
-
         emit_json(report.to_json(), args.json)
     failed = sum(1 for r in report.passes if r.error) + sum(1 for r in report.steps if r.error)
     if failed:

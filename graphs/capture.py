@@ -21,10 +21,9 @@ synchronises the host.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -34,24 +33,13 @@ from graphs.errors import CaptureError
 from graphs.keys import GraphKey
 from pipeline.executor import Velocity
 from profiling.ranges import region
-from profiling.syncs import allow_host_sync
+from profiling.syncs import allow_host_sync, sync_debug_suspended
 
 CAPTURE_FIX = (
     "A CUDA graph cannot contain a host sync (.item(), .cpu(), .tolist(), bool(tensor), nonzero, boolean-mask "
     "indexing, torch.tensor(list, device='cuda')) or a compile; run the pass eagerly under "
     "profiling.syncs.detect_host_syncs() to find the op"
 )
-
-
-@contextlib.contextmanager
-def sync_debug_suspended() -> Iterator[None]:
-    """PyTorch's CUDA sync debug mode off for a deliberate sync; the previous mode restored in finally."""
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(0)
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
 
 
 @dataclasses.dataclass(eq=False)

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from graphs.cli_console import CommandError, Progress, one_line, shorten
 
 PROG = "ltx2-graphs"
+# Copies of graphs.run_executors.EXECUTOR_NAMES and pipeline.passes.PASS_NAMES (importing those would import torch
+# before --help); tests/graphs/test_cli.py checks that they agree.
 EXECUTORS = ("eager", "graphs", "compile", "compile+graphs")
 PASS_NAMES = ("cond", "neg", "perturbed", "modality")
 NO_TEXT_ENCODER = (
@@ -235,6 +237,14 @@ def add_execution_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_loop_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command that runs the denoising loop (`run`, `profile`)."""
+    add_model_flags(parser)
+    add_shape_flags(parser, many_tokens=False)
+    add_guidance_flags(parser)
+    add_execution_flags(parser)
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog=PROG,
@@ -249,10 +259,7 @@ def build_parser() -> OneLineParser:
         description="Run stage 1 (and/or 2) of the LTX-2.3 denoising loop with the chosen pass executor and print "
         "per-step time, transformer calls, graph captures, host syncs seen and GPU busy. " + NO_TEXT_ENCODER,
     )
-    add_model_flags(run)
-    add_shape_flags(run, many_tokens=False)
-    add_guidance_flags(run)
-    add_execution_flags(run)
+    add_loop_flags(run)
     run.add_argument(
         "--gpu-busy",
         default="auto",
@@ -320,10 +327,7 @@ def build_parser() -> OneLineParser:
         "report (loop / step / eval / pass / replay). With --nsys-sqlite, analyse an `nsys export --type sqlite` "
         "file instead (no GPU needed). " + NO_TEXT_ENCODER,
     )
-    add_model_flags(profile)
-    add_shape_flags(profile, many_tokens=False)
-    add_guidance_flags(profile)
-    add_execution_flags(profile)
+    add_loop_flags(profile)
     profile.set_defaults(steps=2)
     profile.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (JSON) of the profiled steps")
     profile.add_argument(

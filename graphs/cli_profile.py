@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from graphs.cli_console import CommandError, Progress, shorten
+from graphs.cli_console import CommandError, Progress, emit_json, shorten
 
 
 def analyse_file(args, progress: Progress) -> int:
@@ -91,8 +91,6 @@ def _numbered(path: str, name: str) -> str:
 
 def _emit(args, reports, *, extra: dict) -> int:
     """Print each report (table, then its syncs) and/or write the JSON; exit 1 if any unexpected sync."""
-    from graphs.cli_console import emit_json
-
     unexpected = sum(len(r.unexpected_syncs) for _, r in reports)
     if args.json != "-":
         for name, report in reports:

@@ -210,26 +210,18 @@ def _has_transformer_keys(path: str) -> bool:
         return False
 
 
-def random_text(workload: Workload, *, generator: torch.Generator):
-    """One random `TextContext` ([1, Nt, video ctx] and [1, Nt, audio ctx]) drawn on the CPU, moved to the device."""
-    from pipeline.executor import TextContext
-
-    c = workload.config
-    video = torch.randn(1, workload.text_tokens, c.video_context_dim, generator=generator)  # [B, Nt, Dv_ctx]
-    audio = torch.randn(1, workload.text_tokens, c.audio_context_dim, generator=generator)  # [B, Nt, Da_ctx]
-    to = dict(device=workload.device, dtype=workload.dtype)
-    return TextContext(video=video.to(**to), audio=audio.to(**to))
-
-
 def random_conditioning(workload: Workload):
     """Positive and negative random text contexts plus the RoPE tables of the grid (built once, outside forward)."""
-    from pipeline.executor import Conditioning
-    from pipeline.rope import build_rope_tables
+    from pipeline import executor
 
-    generator = torch.Generator().manual_seed(workload.seed + 1)
-    texts = {name: random_text(workload, generator=generator) for name in ("positive", "negative")}
-    rope = build_rope_tables(workload.config, workload.grid, device=workload.device)
-    return Conditioning(texts=texts, rope=rope)
+    return executor.random_conditioning(
+        workload.config,
+        workload.grid,
+        generator=torch.Generator().manual_seed(workload.seed + 1),
+        text_tokens=workload.text_tokens,
+        device=workload.device,
+        dtype=workload.dtype,
+    )
 
 
 def random_latents(workload: Workload, *, seed_offset: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -172,12 +172,6 @@ def upsample_2x(video: torch.Tensor, grid: LatentGrid) -> torch.Tensor:
     return x.reshape(b, -1, c)
 
 
-def _stage_workload(workload: Workload, grid: LatentGrid) -> Workload:
-    from dataclasses import replace
-
-    return replace(workload, grid=grid)
-
-
 def run_stage(stage: int, options: RunOptions, executor, latents, workload: Workload, progress: Progress,
               loop_context: LoopContext | None = None):
     """Warm up the executor for this stage's shapes, then run the stage loop with syncs counted.
@@ -327,7 +321,7 @@ def _run(options: RunOptions, progress: Progress, loop_context: LoopContext | No
             grid = grid2
         progress(f"stage {stage}: {grid.num_video_tokens} video tokens, {grid.num_audio_tokens} audio tokens")
         latents, stage_summary = run_stage(
-            stage, options, executor, latents, _stage_workload(w, grid), progress, loop_context
+            stage, options, executor, latents, dataclasses.replace(w, grid=grid), progress, loop_context
         )
         summary.stages.append(stage_summary)
     if options.output:

@@ -23,9 +23,11 @@ import torch
 from torch import Tensor
 
 from pipeline.passes import TEXT_KEYS, PassSpec
+from pipeline.rope import build_rope_tables
 from profiling.ranges import region
 
 if TYPE_CHECKING:
+    from pipeline.config import LatentGrid, ModelConfig
     from pipeline.model import LTX2Transformer
     from pipeline.rope import RopeTables
 
@@ -44,6 +46,37 @@ class Conditioning:
 
     texts: Mapping[str, TextContext]
     rope: RopeTables
+
+
+def random_conditioning(
+    config: ModelConfig,
+    grid: LatentGrid,
+    *,
+    generator: torch.Generator,
+    text_tokens: int,
+    batch: int = 1,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Conditioning:
+    """Seeded random positive and negative text contexts plus the grid's RoPE tables (built once, outside forward).
+
+    There is no text encoder in this project: a context is random, with the widths the transformer sees after
+    the text connector. Drawn from `generator` (a CPU generator, so one seed gives the same inputs on every
+    device) in a fixed order - positive video, positive audio, negative video, negative audio - then moved to
+    `device` in `dtype`.
+    """
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    texts = {
+        key: TextContext(
+            randn(batch, text_tokens, config.video_context_dim),  # [B, Nt, Dv_ctx]
+            randn(batch, text_tokens, config.audio_context_dim),  # [B, Nt, Da_ctx]
+        )
+        for key in TEXT_KEYS
+    }
+    return Conditioning(texts=texts, rope=build_rope_tables(config, grid, device=device, batch_size=batch))
 
 
 class Velocity(NamedTuple):
@@ -163,5 +196,6 @@ __all__ = [
     "TextContext",
     "Velocity",
     "check_specs",
+    "random_conditioning",
     "validate_conditioning",
 ]

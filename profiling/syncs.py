@@ -241,12 +241,20 @@ class _SyncDebugOwner:
         if self.thread != threading.get_ident():
             yield
             return
-        previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode(0)
-        try:
+        with sync_debug_suspended():
             yield
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
+
+
+@contextmanager
+def sync_debug_suspended() -> Iterator[None]:
+    """PyTorch's CUDA sync debug mode off for a deliberate sync, whoever set it; the previous mode restored in
+    ``finally``. Prefer :func:`allow_host_sync`, which also marks the sync for the detectors and profilers."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 _SYNC_DEBUG = _SyncDebugOwner()

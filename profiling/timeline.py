@@ -14,7 +14,6 @@ from dataclasses import dataclass
 # Normalised vocabularies (each source maps its own enums onto these strings).
 SYNC_KINDS = ("unknown", "event_synchronize", "stream_wait_event", "stream_synchronize", "context_synchronize")
 COPY_DIRECTIONS = ("HtoD", "DtoH", "DtoD", "HtoH", "PtoP", "other")
-MEMORY_KINDS = ("pageable", "pinned", "device", "managed", "other")
 
 # CUDA API calls that block the calling host thread until the device catches up (names without the
 # version suffix, see `canonical_api_name`). Runtime and driver spellings both appear in nsys exports.
@@ -92,7 +91,7 @@ class MemcpyRecord:
     """A memory copy executed by the device."""
 
     direction: str
-    src_kind: str
+    src_kind: str  # "pageable" | "pinned" | "device" | "managed" | "other"
     dst_kind: str
     bytes: int
     start: int

@@ -13,9 +13,8 @@ from torch import Tensor
 
 from graphs.capture import PassGraph
 from pipeline.config import LatentGrid, ModelConfig
-from pipeline.executor import Conditioning, TextContext, Velocity
+from pipeline.executor import Conditioning, Velocity, random_conditioning
 from pipeline.model import build_model
-from pipeline.rope import build_rope_tables
 
 
 def tiny_model(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -25,18 +24,8 @@ def tiny_model(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: in
 def make_conditioning(config: ModelConfig, grid: LatentGrid, *, device, dtype=torch.float32, text_tokens: int = 8,
                       seed: int = 1, batch: int = 1) -> Conditioning:
     """Random positive/negative text contexts (seeded, made on the CPU then moved) and the grid's RoPE tables."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-
-    texts = {
-        name: TextContext(
-            randn(batch, text_tokens, config.video_context_dim), randn(batch, text_tokens, config.audio_context_dim)
-        )
-        for name in ("positive", "negative")
-    }
-    return Conditioning(texts=texts, rope=build_rope_tables(config, grid, device=device, batch_size=batch))
+    return random_conditioning(config, grid, generator=torch.Generator().manual_seed(seed), text_tokens=text_tokens,
+                               batch=batch, device=device, dtype=dtype)
 
 
 def make_latents(config: ModelConfig, grid: LatentGrid, *, device, seed: int = 2, batch: int = 1,

@@ -162,3 +162,12 @@ def test_parser_is_built_without_importing_the_model():
     before = set(sys.modules)
     build_parser()
     assert not any(m.startswith("pipeline.model") for m in set(sys.modules) - before)
+
+
+def test_flag_vocabularies_match_their_sources():
+    """The parser keeps torch-free copies of the executor and pass names; they must not drift from the originals."""
+    from graphs import cli
+    from graphs.run_executors import EXECUTOR_NAMES
+    from pipeline.passes import PASS_NAMES
+
+    assert cli.EXECUTORS == EXECUTOR_NAMES and cli.PASS_NAMES == PASS_NAMES

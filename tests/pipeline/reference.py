@@ -7,7 +7,6 @@ sigma = timestep, use_cross_timestep=True) with a pass's options translated to d
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -16,18 +15,6 @@ from torch import Tensor
 
 from pipeline.config import LatentGrid, ModelConfig
 from pipeline.weights import diffusers_config
-
-
-@contextlib.contextmanager
-def single_intra_op_thread():
-    """Run tiny-model CPU work on one intra-op thread (restored after): on a loaded 2-core machine OpenMP
-    contention makes millisecond ops take ~100x longer with more threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pipeline import res2s
 from pipeline.config import LatentGrid, ModelConfig
 from pipeline.denoise import denoise_stage1, denoise_stage2
-from pipeline.executor import Conditioning, EagerExecutor, TextContext, Velocity
+from pipeline.executor import Conditioning, EagerExecutor, Velocity, random_conditioning
 from pipeline.guidance import GuidanceConfig, GuidanceParams
 from pipeline.model import build_model
 from pipeline.noise import NoiseSeeds, SdeNoise, derive_seed, generator, initial_latents
-from pipeline.rope import build_rope_tables
 from pipeline.sigmas import distilled_stage2_sigmas, ltx2_sigmas
 from profiling.ranges import range_listener
 from profiling.syncs import HostSyncError, detect_host_syncs
@@ -38,28 +37,12 @@ class CountingExecutor:
         return self.inner.run(video, audio, sigma, specs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads cost more than they save (and thrash on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     config = ModelConfig.preset("tiny")
     model = build_model(config, device="cpu", dtype=torch.float32, seed=0)
     g = torch.Generator().manual_seed(0)
-    texts = {
-        key: TextContext(torch.randn(1, 4, config.video_context_dim, generator=g),
-                         torch.randn(1, 4, config.audio_context_dim, generator=g))
-        for key in ("positive", "negative")
-    }
-    conditioning = Conditioning(texts=texts, rope=build_rope_tables(config, GRID, device="cpu"))
+    conditioning = random_conditioning(config, GRID, generator=g, text_tokens=4)
     video, audio = initial_latents((1, GRID.num_video_tokens, 128), (1, GRID.audio_tokens, 128), seed=0, device="cpu")
     return model, conditioning, video, audio
 
@@ -365,12 +348,7 @@ def test_gpu_loops_never_sync_and_time_steps_with_events():
     config = ModelConfig.preset("tiny")
     model = build_model(config, device=device, dtype=torch.bfloat16, seed=0)
     g = torch.Generator().manual_seed(0)
-    texts = {
-        key: TextContext(torch.randn(1, 4, config.video_context_dim, generator=g).to(device, torch.bfloat16),
-                         torch.randn(1, 4, config.audio_context_dim, generator=g).to(device, torch.bfloat16))
-        for key in ("positive", "negative")
-    }
-    conditioning = Conditioning(texts=texts, rope=build_rope_tables(config, GRID, device=device))
+    conditioning = random_conditioning(config, GRID, generator=g, text_tokens=4, device=device, dtype=torch.bfloat16)
     video, audio = initial_latents((1, GRID.num_video_tokens, 128), (1, GRID.audio_tokens, 128), seed=0, device=device)
     executor = EagerExecutor(model)
     torch.cuda.synchronize()

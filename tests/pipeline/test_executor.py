@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from pipeline.config import LatentGrid, ModelConfig
-from pipeline.executor import Conditioning, EagerExecutor, PassExecutor, TextContext, Velocity
+from pipeline.executor import Conditioning, EagerExecutor, PassExecutor, TextContext, Velocity, random_conditioning
 from pipeline.model import build_model
 from pipeline.passes import PassSpec
-from pipeline.rope import build_rope_tables
 from profiling.ranges import range_listener
 from profiling.syncs import detect_host_syncs
 
@@ -20,28 +19,12 @@ SPECS = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads cost more than they save (and thrash on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     config = ModelConfig.preset("tiny")
     model = build_model(config, device="cpu", dtype=torch.float32, seed=0)
     g = torch.Generator().manual_seed(0)
-    texts = {
-        key: TextContext(torch.randn(1, 4, config.video_context_dim, generator=g),
-                         torch.randn(1, 4, config.audio_context_dim, generator=g))
-        for key in ("positive", "negative")
-    }
-    conditioning = Conditioning(texts=texts, rope=build_rope_tables(config, GRID, device="cpu"))
+    conditioning = random_conditioning(config, GRID, generator=g, text_tokens=4)
     video = torch.randn(1, GRID.num_video_tokens, config.in_channels, generator=g)
     audio = torch.randn(1, GRID.audio_tokens, config.audio_in_channels, generator=g)
     return model, conditioning, video, audio

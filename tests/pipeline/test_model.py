@@ -12,15 +12,9 @@ import pipeline.rope
 from pipeline.config import PRESET_NAMES, LatentGrid, ModelConfig
 from pipeline.model import build_model
 from pipeline.rope import build_rope_tables
-from tests.pipeline.reference import random_inputs, relative_error, single_intra_op_thread
+from tests.pipeline.reference import random_inputs, relative_error
 
 GRID = LatentGrid(frames=3, height=2, width=3, audio_tokens=7)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with single_intra_op_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

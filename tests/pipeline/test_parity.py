@@ -17,17 +17,10 @@ from tests.pipeline.reference import (
     random_inputs,
     reference_forward,
     relative_error,
-    single_intra_op_thread,
 )
 
 TOL = 1e-5
 GRID = LatentGrid(frames=3, height=2, width=3, audio_tokens=7, fps=25.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with single_intra_op_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,9 @@ from pipeline.weights import (
     save_diffusers_transformer,
     save_official_checkpoint,
 )
-from tests.pipeline.reference import random_inputs, reference_forward, relative_error, single_intra_op_thread
+from tests.pipeline.reference import random_inputs, reference_forward, relative_error
 
 TINY = ModelConfig.preset("tiny")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with single_intra_op_thread():
-        yield
 
 
 def _their_shapes(model, key_map):
