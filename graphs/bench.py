@@ -144,12 +144,35 @@ def bench(args, progress: Progress) -> BenchReport:
     return report
 
 
+def attention_plan(args, model, workload: Workload, tokens, report: BenchReport, progress: Progress):
+    """The `prepare(grid)` hook that sets our model's SDPA backend per shape (None: leave "auto")."""
+    choice = getattr(args, "attention", "auto")
+    if choice == "auto":
+        return None
+    if choice != "measure":
+        report.notes.append(f"attention: SDPA backend pinned to {choice} for our rows")
+        return lambda grid: setattr(model, "attention_backend", choice)
+    if workload.device.type != "cuda":
+        raise CommandError("--attention measure times SDPA kernels and needs a GPU", hint="use --attention auto on CPU")
+    from graphs.bench_attention import measure_self_attention
+
+    best = {}
+    for t in tokens:
+        measured = measure_self_attention(workload.config, t, device=workload.device, dtype=workload.dtype)
+        progress(f"attention backends, video self-attention at {measured.describe()}")
+        report.notes.append(f"attention (SDPA alone, video self-attention) at {measured.describe()}")
+        best[t] = measured.best
+    return lambda grid: setattr(model, "attention_backend", best[grid.num_video_tokens])
+
+
 def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress) -> None:
     from graphs import diffusers_adapter as peer_lib
 
     model = build_model(workload, progress)
     shapes = {t: _shape_inputs(workload, t, args.audio_tokens) for t in tokens}
-    run_cells("ours", model, executors, shapes, plan, report, progress)
+    prepare = attention_plan(args, model, workload, shapes, report, progress)
+    run_cells("ours", model, executors, shapes, plan, report, progress, prepare=prepare)
+    model.attention_backend = "auto"  # the peer copy is built from our weights, not our settings
     if peers:
         peer = _build_peer(model, workload, report, progress)
         del model

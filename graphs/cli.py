@@ -315,6 +315,13 @@ def build_parser() -> OneLineParser:
         help="diffusers rows (auto: eager,graphs,compile,compile+graphs on a GPU; eager on CPU). graphs = our "
         "GraphExecutor driving diffusers' model; compile = diffusers' compile_repeated_blocks",
     )
+    bench.add_argument(
+        "--attention",
+        default="auto",
+        choices=("auto", "measure", "cudnn", "flash", "efficient", "math"),
+        help="SDPA backend of our rows: auto (PyTorch picks), one backend pinned, or 'measure': time SDPA alone on "
+        "each shape's video self-attention per backend and pin the fastest there (GPU; the timings are printed)",
+    )
     bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per pass (default 5)")
     bench.add_argument("--warmup", type=positive_int, default=2, help="untimed calls before timing (default 2)")
     add_output_flags(bench)

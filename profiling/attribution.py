@@ -8,9 +8,9 @@ Rules (the same for CUPTI and nsys input):
   that time on any thread is used instead.
 * A region's counts include its nested regions ("loop" counts every sync of every "step").
 * A host sync is a CUPTI synchronisation record other than stream-wait-event (that one waits on the GPU,
-  not the host) and other than those of polling calls (`cudaEventQuery`/`cudaStreamQuery` return at once); or a blocking API call without such a record; or a device->host copy into pageable
-  memory that is not already followed by a sync on its thread (pageable copies block the host even when
-  ``non_blocking=True``).
+  not the host) and other than those of polling calls (`cudaEventQuery`/`cudaStreamQuery` return at once);
+  or a blocking API call without such a record; or a device->host copy into pageable memory that is not
+  already followed by a sync on its thread (pageable copies block the host even when ``non_blocking=True``).
 * GPU busy % of a region is the union of kernel execution intervals clipped to the region's wall time,
   over that wall time (whoever launched the kernels).
 """
