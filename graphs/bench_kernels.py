@@ -27,6 +27,40 @@ from profiling.syncs import allow_host_sync
 MEASURED_RANGE = "measured"
 
 
+KERNEL_CLASSES = ("gemm", "attention", "other")
+# Inductor names its pointwise/reduction kernels after every op they fuse ("triton_poi_fused__scaled_dot_
+# product_cudnn_attention_mul_..." only lays out SDPA's inputs): those are "other" whatever they mention.
+_FUSED_ELEMENTWISE = ("triton_poi", "triton_per", "triton_red")
+_GEMM_MARKS = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "triton_mm", "addmm", "_mm_")
+_ATTENTION_MARKS = ("flash", "fmha", "sdpa", "attention", "attn")
+
+
+def kernel_class(name: str) -> str:
+    """"gemm", "attention" or "other" (elementwise, norms, copies...), from a kernel's name.
+
+    Why: the pass's floor is its GEMMs and attention at their best rates; everything else is overhead to fuse
+    away, so the benchmark splits kernel time into these three (profiling/PERF_LOG.md uses the split).
+    """
+    lowered = name.lower()
+    if lowered.startswith(_FUSED_ELEMENTWISE):
+        return "other"
+    if any(mark in lowered for mark in _ATTENTION_MARKS):
+        return "attention"
+    if any(mark in lowered for mark in _GEMM_MARKS):
+        return "gemm"
+    return "other"
+
+
+def kernel_ms_by_class(kernels, start_ns: int, end_ns: int) -> dict[str, float]:
+    """Kernel execution time (ms) per class, each kernel clipped to the window [start_ns, end_ns]."""
+    totals = dict.fromkeys(KERNEL_CLASSES, 0.0)
+    for k in kernels:
+        overlap = min(k.end, end_ns) - max(k.start, start_ns)
+        if overlap > 0:
+            totals[kernel_class(k.name)] += overlap / 1e6
+    return totals
+
+
 @dataclass
 class KernelActivity:
     """What `kernel_activity` saw; fields stay None when the source cannot measure them."""
@@ -35,6 +69,7 @@ class KernelActivity:
     kernels: int | None = None
     busy_pct: float | None = None
     wall_ms: float | None = None
+    ms_by_class: dict[str, float] | None = None  # kernel time per `kernel_class` (CUPTI only)
 
     def per_call(self, calls: int) -> float | None:
         return None if self.kernels is None else self.kernels / calls
@@ -120,6 +155,9 @@ def _cupti_activity(device: torch.device) -> Iterator[KernelActivity]:
     row = next((r for r in prof.report(require_control=False).ranges if r.name == MEASURED_RANGE), None)
     if row is not None:
         result.kernels, result.busy_pct, result.wall_ms = row.kernels, row.gpu_busy_pct, row.wall_ns / 1e6
+    window = next((r for r in prof.timeline.ranges if r.name == MEASURED_RANGE), None)
+    if window is not None:
+        result.ms_by_class = kernel_ms_by_class(prof.timeline.kernels, window.start, window.end)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ Column meanings (units in the headers):
 - pass ms: median over `--repeats` timed calls (CUDA events on a GPU), spread = (max - min) / median;
 - kernels: kernels launched per pass (CUPTI or torch.profiler; on CPU the aten ops dispatched, see
   `graphs.bench_kernels`); GPU busy: kernel time / wall time over a few back-to-back passes;
+- kernel time by class (CUPTI only): GEMM / attention / other (elementwise, norms, copies) ms per pass, from
+  the kernels' names (`graphs.bench_kernels.kernel_class`); "other" is what fusion can still remove;
 - TFLOP/s: the analytic FLOPs of the pass (`graphs.bench_flops`) / median time; MFU: that over the bf16 matmul
   peak measured in the same run (`profiling.timing.matmul_peak_tflops`);
 - step ms: median device time of real res2s steps (2 evaluations of the guidance preset's passes, the guidance
@@ -35,6 +37,7 @@ class PassRow:
     busy_pct: float | None = None
     tflops: float | None = None
     mfu_pct: float | None = None
+    kernel_ms: dict[str, float] | None = None  # kernel time per pass by class (gemm, attention, other)
     error: str | None = None
 
 
@@ -143,6 +146,23 @@ def step_table(report: BenchReport) -> str:
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
+def kernel_class_table(report: BenchReport) -> str | None:
+    """Where each pass's kernel time goes (GEMM / attention / the rest), when the rows measured it."""
+    from tabulate import tabulate
+
+    rows = [r for r in report.passes if r.kernel_ms]
+    if not rows:
+        return None
+    headers = ["impl", "executor", "tokens", "pass", "pass ms", "GEMM ms", "attention ms", "other ms", "other %"]
+    body = []
+    for r in rows:
+        total = sum(r.kernel_ms.values())
+        body.append([r.impl, r.executor, r.video_tokens, r.pass_name, _ms(r.timing), f"{r.kernel_ms['gemm']:.1f}",
+                     f"{r.kernel_ms['attention']:.1f}", f"{r.kernel_ms['other']:.1f}",
+                     f"{100 * r.kernel_ms['other'] / total:.1f}%" if total else "-"])
+    return tabulate(body, headers=headers, tablefmt="github")
+
+
 def format_report(report: BenchReport) -> str:
     head = (
         f"{report.card} | torch {report.torch_version} | diffusers {report.diffusers_version or 'not installed'} | "
@@ -151,6 +171,9 @@ def format_report(report: BenchReport) -> str:
         f"guidance '{report.guidance}'"
     )
     parts = [head, "", "per pass:", pass_table(report), "", "per step:", step_table(report)]
+    classes = kernel_class_table(report)
+    if classes:
+        parts += ["", "kernel time per pass by class (CUPTI):", classes]
     if report.notes:
         parts += ["", *[f"note: {n}" for n in report.notes]]
     return "\n".join(parts)
