@@ -50,6 +50,7 @@ class StepRow:
     step: TimingStats | None = None
     syncs_per_step: float | None = None
     sync_detector: str = ""
+    sync_findings: list[str] = field(default_factory=list)  # what each counted sync was (first few), for the JSON
     warmup_s: float | None = None
     captures: int | None = None
     compiles: int | None = None
@@ -171,6 +172,10 @@ def format_report(report: BenchReport) -> str:
         f"guidance '{report.guidance}'"
     )
     parts = [head, "", "per pass:", pass_table(report), "", "per step:", step_table(report)]
+    for r in report.steps:
+        if r.sync_findings:
+            parts += ["", f"host syncs seen in {r.impl} {r.executor} @ {r.video_tokens} tokens:",
+                      *[f"  {finding}" for finding in r.sync_findings]]
     classes = kernel_class_table(report)
     if classes:
         parts += ["", "kernel time per pass by class (CUPTI):", classes]

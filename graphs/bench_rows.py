@@ -162,4 +162,5 @@ def _measure_steps(executor, executor_name: str, row: StepRow, inputs: CellInput
     timed = step_ms[1:] if len(step_ms) > 1 else step_ms  # the first step pays one-time costs
     row.step = TimingStats.from_samples(timed)
     row.sync_detector = syncs.detector
+    row.sync_findings = list(syncs.findings[:5])
     row.syncs_per_step = None if syncs.count is None else syncs.count / counted_steps

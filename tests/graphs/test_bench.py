@@ -96,3 +96,16 @@ def test_bench_without_diffusers_installed_skips_the_peer(capsys, monkeypatch):
     code = main(["bench", "--device", "cpu", "--executors", "none", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "nothing to measure" in err[0]
+
+
+def test_report_lists_the_syncs_a_step_row_saw():
+    from graphs.bench_report import BenchReport, StepRow, format_report
+
+    report = BenchReport(device="cuda:0", card="card", torch_version="t", diffusers_version=None, date="d",
+                         preset="ltx2.3", dtype="bfloat16", text_tokens=1024, peak_tflops=790.0, guidance="hq",
+                         repeats=3)
+    finding = "pipeline/noise.py:56: called a synchronizing CUDA operation"
+    report.steps.append(StepRow("ours", "eager", 1536, ("cond",), syncs_per_step=1 / 3, sync_findings=[finding]))
+    text = format_report(report)
+    assert "host syncs seen in ours eager @ 1536 tokens:" in text and "pipeline/noise.py:56" in text
+    assert report.to_json()["steps"][0]["sync_findings"] == [finding]
