@@ -16,7 +16,7 @@ from pipeline.guidance import GuidanceConfig, GuidanceParams
 from pipeline.model import build_model
 from pipeline.noise import NoiseSeeds, SdeNoise, derive_seed, generator, initial_latents
 from pipeline.sigmas import distilled_stage2_sigmas, ltx2_sigmas
-from profiling.ranges import range_listener
+from profiling.ranges import recorded_regions
 from profiling.syncs import HostSyncError, detect_host_syncs
 
 GRID = LatentGrid(frames=2, height=2, width=3, audio_tokens=5)
@@ -258,19 +258,8 @@ def test_detectors_catch_an_item_in_the_sampler(tiny, monkeypatch):
 def test_regions(tiny):
     model, conditioning, video, audio = tiny
 
-    class Names:
-        def __init__(self):
-            self.pushed = []
-
-        def range_push(self, name):
-            self.pushed.append(name)
-
-        def range_pop(self, name):
-            pass
-
-    with range_listener(Names()) as names:
+    with recorded_regions() as pushed:
         run_both(model, conditioning, video, audio, steps=2)
-    pushed = names.pushed
     assert pushed[:6] == ["stage1", "loop", "step 0", "eval 0.0", "pass cond", "pass neg"]
     assert pushed.count("stage1") == pushed.count("stage2") == 1 and pushed.count("loop") == 2
     assert "eval 1.0" in pushed and pushed.count("eval 1.1") == 1  # stage 2's step 1; stage 1's is terminal

@@ -7,7 +7,7 @@ from pipeline.config import LatentGrid, ModelConfig
 from pipeline.executor import Conditioning, EagerExecutor, PassExecutor, TextContext, Velocity, random_conditioning
 from pipeline.model import build_model
 from pipeline.passes import PassSpec
-from profiling.ranges import range_listener
+from profiling.ranges import recorded_regions
 from profiling.syncs import detect_host_syncs
 
 GRID = LatentGrid(frames=2, height=2, width=3, audio_tokens=5)
@@ -73,19 +73,9 @@ def test_no_host_sync_and_pass_regions(tiny):
     executor = EagerExecutor(model)
     executor.set_conditioning(conditioning)
 
-    class Names:
-        def __init__(self):
-            self.pushed = []
-
-        def range_push(self, name):
-            self.pushed.append(name)
-
-        def range_pop(self, name):
-            pass
-
-    with range_listener(Names()) as names, torch.no_grad(), detect_host_syncs(mode="raise"):
+    with recorded_regions() as pushed, torch.no_grad(), detect_host_syncs(mode="raise"):
         executor.run(video, audio, 0.3, SPECS)
-    assert [n for n in names.pushed if n.startswith("pass ")] == [f"pass {s.name}" for s in SPECS]
+    assert [n for n in pushed if n.startswith("pass ")] == [f"pass {s.name}" for s in SPECS]
 
 
 def test_errors(tiny):

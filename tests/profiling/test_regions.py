@@ -100,3 +100,15 @@ def test_cheap_when_nothing_listens():
 
     seconds = min(timeit.repeat(enter_exit, number=2000, repeat=3)) / 2000
     assert seconds < 20e-6, f"region enter+exit took {seconds * 1e6:.1f} us"
+
+
+def test_recorded_regions_lists_names_in_order():
+    from profiling.ranges import recorded_regions
+
+    with recorded_regions() as names:
+        with region("loop"):
+            with region("step 0"):
+                pass
+    with region("after"):
+        pass
+    assert names == ["loop", "step 0"]
