@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.attention import CrossAttention, SelfAttention
 from pipeline.config import ModelConfig
+from pipeline.fused import linear_gelu_tanh
 from pipeline.rope import RopeTables
 
 ATTENTION_BACKENDS = {
@@ -67,13 +68,15 @@ class AdaLNSingle(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """fc2(gelu_tanh(fc1(x))); on CUDA the GELU runs in fc1's cuBLASLt epilogue (`pipeline.fused`)."""
+
     def __init__(self, dim: int, mult: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, mult * dim)
         self.fc2 = nn.Linear(mult * dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(linear_gelu_tanh(x, self.fc1))
 
 
 class Modulation(NamedTuple):

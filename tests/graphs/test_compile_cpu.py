@@ -119,6 +119,19 @@ def test_bad_compiled_blocks_arguments(tiny):
         CompiledBlocks(model, "default", max_variants=0)
 
 
+def test_inductor_padding_and_cudagraphs_are_off_while_compiling(tiny):
+    """Padded GEMM outputs cost a bias copy per projection (graphs/compile.py docstring); restored afterwards."""
+    import torch._inductor.config as inductor_config
+
+    model, _ = tiny
+    before = (inductor_config.comprehensive_padding, inductor_config.triton.cudagraphs)
+    blocks = CompiledBlocks(model, "default")
+    with blocks.compiling():
+        assert inductor_config.comprehensive_padding is False
+        assert inductor_config.triton.cudagraphs is False
+    assert (inductor_config.comprehensive_padding, inductor_config.triton.cudagraphs) == before
+
+
 def test_compiled_executor_runs_passes_with_compiled_blocks(tiny, fresh_dynamo):
     model, grid = tiny
     conditioning = make_conditioning(model.config, grid, device="cpu")
