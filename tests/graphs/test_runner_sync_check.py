@@ -28,5 +28,9 @@ def test_sync_debug_warnings_are_counted():
     with count_host_syncs(torch.device("cuda")) as result:  # on a CPU machine cuda_sync_debug is a no-op
         warnings.warn("called a synchronizing CUDA operation", UserWarning)
         warnings.warn("something unrelated", UserWarning)
+        # torch's one-time notice when the mode is first set in a process: not a sync (it once made the first
+        # benchmark cell of every run report 1 host sync)
+        warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
+                      "synchronizing operations", UserWarning)
     assert result.detector == "cuda-sync-debug" and result.count == 1
     assert "synchronizing" in result.findings[0]
