@@ -4,7 +4,9 @@ Why regional: compiling the blocks (not the whole model) compiles ONE block stru
 on the block's forward code and, inlining built-in nn modules, takes each block's parameters as inputs, so
 the code compiled for block 0 serves all 48 blocks. Each distinct combination of skip flags a block sees
 (self-attention skipped or not, a2v/v2a on or off) and each input shape adds one variant: a handful in all,
-not one per pass per block.
+not one per pass per block. A block class may split itself into several regions (`compile_regions`: method
+names): LTX-2.3's block does, so that its forward can put the audio regions on a side CUDA stream
+(pipeline/streams.py) between compiled calls; each region is then compiled and shared as above.
 
 Why bounded: when a function recompiles too often dynamo's default is to fall back to eager silently. Here
 that limit is an error (`fail_on_recompile_limit_hit`), compiles are counted (`compiles`), and outside
@@ -89,10 +91,11 @@ def _is_recompile_error(error: BaseException) -> bool:
 
 
 class CompiledBlocks:
-    """Compiled forwards for the repeated blocks of one model, installed only inside a context.
+    """Compiled regions (forwards, or the methods in `compile_regions`) of the repeated blocks of one model,
+    installed only inside a context.
 
-    - `compiling()`: new variants may compile (warm-up), at most `max_variants` per block structure; reaching
-      the limit is a `CaptureError`, never a silent eager fallback.
+    - `compiling()`: new variants may compile (warm-up), at most `max_variants` per region; reaching the limit
+      is a `CaptureError`, never a silent eager fallback.
     - `frozen()`: any recompile is a `CaptureError` (capture, and anything after warm-up).
     `compiles` counts the graphs dynamo compiled inside `compiling()`.
     """
@@ -117,29 +120,42 @@ class CompiledBlocks:
         options: dict = {"backend": backend, "fullgraph": fullgraph, "dynamic": False}
         if backend == "inductor":
             options["mode"] = mode
-        # ONE compiled wrapper of the block class's forward, bound to each block: dynamo caches per code object
-        # and guards on the backend object, so a single wrapper lets every block share the compiled variants.
-        self._forward = type(self.blocks[0]).forward
-        self._compiled = torch.compile(self._forward, **options)
-        self._bound = [functools.partial(self._compiled, block) for block in self.blocks]
+        # The regions: the methods the block class names in `compile_regions` (a forward that switches CUDA
+        # streams between them stays eager Python), else its whole forward. ONE compiled wrapper per region,
+        # bound to each block: dynamo caches per code object and guards on the backend object, so a single
+        # wrapper lets every block share the compiled variants.
+        cls = type(self.blocks[0])
+        self.regions: tuple[str, ...] = tuple(getattr(cls, "compile_regions", None) or ("forward",))
+        self._functions = {name: getattr(cls, name) for name in self.regions}
+        compiled = {name: torch.compile(fn, **options) for name, fn in self._functions.items()}
+        self._bound = [{name: functools.partial(fn, block) for name, fn in compiled.items()} for block in self.blocks]
+        self._new_variants = dict.fromkeys(self.regions, 0)  # variants this instance compiled, per region
         self.compiles = 0
 
-    def cached_variants(self) -> int:
-        """Compiled variants dynamo holds for the block forward (all instances in this process)."""
+    def cached_variants(self) -> dict[str, int]:
+        """Compiled variants dynamo holds per region (all instances in this process)."""
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-        return len(_debug_get_cache_entry_list(self._forward.__code__))
+        return {name: len(_debug_get_cache_entry_list(fn.__code__)) for name, fn in self._functions.items()}
 
     @contextlib.contextmanager
     def _installed(self) -> Iterator[None]:
+        """Compiled forwards go in `_compiled_call_impl`; other regions shadow the class's methods."""
         previous = [block._compiled_call_impl for block in self.blocks]
-        for block, compiled in zip(self.blocks, self._bound):
-            block._compiled_call_impl = compiled
+        for block, bound in zip(self.blocks, self._bound):
+            for name, fn in bound.items():
+                if name == "forward":
+                    block._compiled_call_impl = fn
+                else:
+                    setattr(block, name, fn)
         try:
             yield
         finally:
             for block, old in zip(self.blocks, previous):
                 block._compiled_call_impl = old
+                for name in self.regions:
+                    if name != "forward":
+                        delattr(block, name)
 
     @contextlib.contextmanager
     def _inductor_settings(self) -> Iterator[None]:
@@ -157,10 +173,10 @@ class CompiledBlocks:
         """Blocks run compiled; new variants compile, bounded by `max_variants`."""
         import torch._dynamo
 
-        before = _unique_graphs()
-        # The limit counts every cache entry of the forward's code, other instances' too: allow this instance's
-        # remaining budget on top of what is cached now.
-        limit = max(1, self.cached_variants() + self.max_variants - self.compiles)
+        before, cached = _unique_graphs(), self.cached_variants()
+        # The limit counts every cache entry of a region's code, other instances' too: allow this instance's
+        # remaining budget (per region) on top of what is cached now.
+        limit = max(1, min(cached[r] + self.max_variants - self._new_variants[r] for r in self.regions))
         try:
             with (
                 torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True),
@@ -181,6 +197,8 @@ class CompiledBlocks:
             raise
         finally:
             self.compiles += _unique_graphs() - before
+            for name, count in self.cached_variants().items():
+                self._new_variants[name] += count - cached[name]
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:

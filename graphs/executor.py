@@ -396,7 +396,7 @@ class GraphExecutor:
         self._capture_seconds += graph.seconds
         self._pool_bytes = self._pool.reserved_bytes()
         if self._progress is not None:
-            compiled = f" incl. compile, {self._blocks.compiles} variant(s) so far" if self._blocks is not None else ""
+            compiled = f" incl. compile, {self._blocks.compiles} compiled graph(s) so far" if self._blocks is not None else ""
             self._progress(
                 f"captured {key.short()} in {graph.seconds:.2f} s (warm-up {graph.warmup_seconds:.2f} s{compiled}, "
                 f"capture {graph.capture_seconds:.2f} s); {len(self._graphs)} graph(s), "

@@ -24,6 +24,7 @@ from pipeline.attention import CrossAttention, SelfAttention
 from pipeline.config import ModelConfig
 from pipeline.fused import linear_gelu_tanh
 from pipeline.rope import RopeTables
+from pipeline.streams import SEQUENTIAL, OverlapStreams, SequentialStreams
 
 ATTENTION_BACKENDS = {
     "auto": None,
@@ -79,6 +80,16 @@ class FeedForward(nn.Module):
         return self.fc2(linear_gelu_tanh(x, self.fc1))
 
 
+# Row slices of the 9-row AdaLN tables (shift, scale, gate each): self-attention, FFN, text cross-attention query.
+SELF_ATTN, FFN, TEXT_ATTN = slice(0, 3), slice(3, 6), slice(6, 9)
+
+
+def ada_rows(table: Tensor, mod: Tensor, rows: slice) -> tuple[Tensor, ...]:
+    """(shift, scale, gate) of one sublayer: the block's table rows plus the forward's modulation rows, each
+    [B, T, D]. Only those rows are added (with per-token sigma, T is the video token count)."""
+    return (table[rows] + mod[:, :, rows]).unbind(2)
+
+
 class Modulation(NamedTuple):
     """Per-forward AdaLN outputs shared by every block (all [B, T, rows, dim]; T = 1 per sample, or Nv for the
     per-token video timestep)."""
@@ -116,32 +127,57 @@ class AudioVideoBlock(nn.Module):
         self.video_av_table = nn.Parameter(torch.empty(5, vd))  # 4 scale/shift rows + the A2V gate row
         self.audio_av_table = nn.Parameter(torch.empty(5, ad))  # 4 scale/shift rows + the V2A gate row
 
+    # Compiled one by one under regional torch.compile (graphs/compile.py): the stream switches between them
+    # stay in Python, in `forward`.
+    compile_regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
+
     def forward(self, v: Tensor, a: Tensor, v_ctx: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, *,
-                skip_video_self_attn: bool, skip_audio_self_attn: bool, a2v: bool, v2a: bool) -> tuple[Tensor, Tensor]:
-        # v [B, Nv, Dv], a [B, Na, Da]; contexts [B, Nt, Dv / Da]
-        eps = self.eps
-        v_shift, v_scale, v_gate, v_ff_shift, v_ff_scale, v_ff_gate, v_q_shift, v_q_scale, v_q_gate = (
-            self.video_table + mod.video).unbind(2)  # 9 x [B, T, Dv]
-        a_shift, a_scale, a_gate, a_ff_shift, a_ff_scale, a_ff_gate, a_q_shift, a_q_scale, a_q_gate = (
-            self.audio_table + mod.audio).unbind(2)  # 9 x [B, 1, Da]
+                skip_video_self_attn: bool, skip_audio_self_attn: bool, a2v: bool, v2a: bool,
+                streams: SequentialStreams = SEQUENTIAL) -> tuple[Tensor, Tensor]:
+        """v [B, Nv, Dv], a [B, Na, Da]; contexts [B, Nt, Dv / Da]. Audio-only work runs under `streams.side()`
+        (pipeline/streams.py), which the caller forked before the first block and joins after the last."""
+        with streams.side():
+            a = self.audio_attention(a, a_ctx, mod, rope, skip_audio_self_attn)
+        v = self.video_attention(v, v_ctx, mod, rope, skip_video_self_attn)
+        exchange = a2v or v2a
+        if exchange:
+            streams.join()  # the exchange reads both chains
+        v, a = self.exchange_and_video_ffn(v, a, mod, rope, a2v, v2a)
+        if exchange:
+            streams.fork(a)  # the audio FFN (side stream) reads the exchange's audio output
+        with streams.side():
+            a = self.audio_ffn(a, mod)
+        return v, a
 
-        # 1. self-attention (STG: value pass-through, then gate and residual as usual)
-        h = modulate(rms(v, eps), v_scale, v_shift)
-        h = self.video_self.value_passthrough(h) if skip_video_self_attn else self.video_self(h, rope.video)
-        v = v + h * v_gate
-        h = modulate(rms(a, eps), a_scale, a_shift)
-        h = self.audio_self.value_passthrough(h) if skip_audio_self_attn else self.audio_self(h, rope.audio)
-        a = a + h * a_gate
-
-        # 2. text cross-attention: query modulated + gated, context shifted/scaled by the prompt AdaLN
+    def video_attention(self, v: Tensor, v_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool) -> Tensor:
+        """Self-attention (STG: value pass-through) and text cross-attention of the video stream."""
+        shift, scale, gate = ada_rows(self.video_table, mod.video, SELF_ATTN)  # [B, T, Dv] each
+        q_shift, q_scale, q_gate = ada_rows(self.video_table, mod.video, TEXT_ATTN)
+        h = modulate(rms(v, self.eps), scale, shift)
+        h = self.video_self.value_passthrough(h) if skip else self.video_self(h, rope.video)
+        v = v + h * gate
         ctx_shift, ctx_scale = (self.video_prompt_table + mod.video_prompt).unbind(2)  # [B, 1, Dv] each
-        h = self.video_text(modulate(rms(v, eps), v_q_scale, v_q_shift), modulate(v_ctx, ctx_scale, ctx_shift))
-        v = v + h * v_q_gate
-        ctx_shift, ctx_scale = (self.audio_prompt_table + mod.audio_prompt).unbind(2)  # [B, 1, Da] each
-        h = self.audio_text(modulate(rms(a, eps), a_q_scale, a_q_shift), modulate(a_ctx, ctx_scale, ctx_shift))
-        a = a + h * a_q_gate
+        h = self.video_text(modulate(rms(v, self.eps), q_scale, q_shift), modulate(v_ctx, ctx_scale, ctx_shift))
+        return v + h * q_gate
 
-        # 3. audio <-> video cross-attention; both read the same pre-update snapshot rms(v), rms(a)
+    def audio_attention(self, a: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool) -> Tensor:
+        """Self-attention (STG: value pass-through) and text cross-attention of the audio stream."""
+        shift, scale, gate = ada_rows(self.audio_table, mod.audio, SELF_ATTN)  # [B, 1, Da] each
+        q_shift, q_scale, q_gate = ada_rows(self.audio_table, mod.audio, TEXT_ATTN)
+        h = modulate(rms(a, self.eps), scale, shift)
+        h = self.audio_self.value_passthrough(h) if skip else self.audio_self(h, rope.audio)
+        a = a + h * gate
+        ctx_shift, ctx_scale = (self.audio_prompt_table + mod.audio_prompt).unbind(2)  # [B, 1, Da] each
+        h = self.audio_text(modulate(rms(a, self.eps), q_scale, q_shift), modulate(a_ctx, ctx_scale, ctx_shift))
+        return a + h * q_gate
+
+    def exchange_and_video_ffn(self, v: Tensor, a: Tensor, mod: Modulation, rope: RopeTables, a2v: bool,
+                               v2a: bool) -> tuple[Tensor, Tensor]:
+        """A2V/V2A cross-attention (both read the same pre-update snapshot rms(v), rms(a)), then the video FFN.
+
+        The video FFN shares this region so the exchange's residual add fuses with the FFN's norm under compile.
+        """
+        eps = self.eps
         if a2v or v2a:
             nv, na = rms(v, eps), rms(a, eps)
             v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift = (self.video_av_table[:4] + mod.video_av).unbind(2)
@@ -156,11 +192,13 @@ class AudioVideoBlock(nn.Module):
                 h = self.v2a(modulate(na, a_v2a_scale, a_v2a_shift), modulate(nv, v_v2a_scale, v_v2a_shift),
                              rope.audio_cross, rope.video_cross)
                 a = a + gate * h
-
-        # 4. feed-forward
-        v = v + self.video_ff(modulate(rms(v, eps), v_ff_scale, v_ff_shift)) * v_ff_gate
-        a = a + self.audio_ff(modulate(rms(a, eps), a_ff_scale, a_ff_shift)) * a_ff_gate
+        ff_shift, ff_scale, ff_gate = ada_rows(self.video_table, mod.video, FFN)
+        v = v + self.video_ff(modulate(rms(v, eps), ff_scale, ff_shift)) * ff_gate
         return v, a
+
+    def audio_ffn(self, a: Tensor, mod: Modulation) -> Tensor:
+        ff_shift, ff_scale, ff_gate = ada_rows(self.audio_table, mod.audio, FFN)
+        return a + self.audio_ff(modulate(rms(a, self.eps), ff_scale, ff_shift)) * ff_gate
 
 
 class LTX2Transformer(nn.Module):
@@ -172,6 +210,8 @@ class LTX2Transformer(nn.Module):
         vd, ad = c.video_dim, c.audio_dim
         self.weights_version = 0  # bumped by every weight load; graph keys include it
         self._attention_backend = "auto"
+        self._overlap_audio = True
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.video_in = nn.Linear(c.in_channels, vd)
         self.audio_in = nn.Linear(c.audio_in_channels, ad)
         self.video_time = AdaLNSingle(vd, 9)
@@ -198,6 +238,31 @@ class LTX2Transformer(nn.Module):
         if value not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {sorted(ATTENTION_BACKENDS)}, got {value!r}")
         self._attention_backend = value
+
+    @property
+    def overlap_audio(self) -> bool:
+        """Run the audio chain on a side CUDA stream next to the video chain (pipeline/streams.py). CUDA only;
+        results are identical either way (same kernels, same order within each chain)."""
+        return self._overlap_audio
+
+    @overlap_audio.setter
+    def overlap_audio(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"overlap_audio must be a bool, got {value!r}")
+        self._overlap_audio = value
+
+    @property
+    def graph_key_extra(self) -> tuple:
+        """Host-side settings a graph capture bakes in besides the attention backend (graphs/keys.py)."""
+        return (("overlap_audio", self._overlap_audio),)
+
+    def _streams(self) -> SequentialStreams:
+        device = self.device
+        if device.type != "cuda" or not self._overlap_audio:
+            return SEQUENTIAL
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device=device)
+        return OverlapStreams(self._side_streams[device])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -252,11 +317,14 @@ class LTX2Transformer(nn.Module):
         mod, video_emb, audio_emb = self.modulation(sigma)
         v = self.video_in(video)  # [B, Nv, Dv]
         a = self.audio_in(audio)  # [B, Na, Da]
+        streams = self._streams()
+        streams.fork(a)  # the audio chain starts on the side stream once its inputs and the AdaLN outputs exist
         with self._sdpa_context():
             for i, block in enumerate(self.blocks):
                 v, a = block(v, a, video_context, audio_context, mod, rope, skip_video_self_attn=i in skip_v,
                              skip_audio_self_attn=i in skip_a, a2v=not disable_a2v_cross_attn,
-                             v2a=not disable_v2a_cross_attn)
+                             v2a=not disable_v2a_cross_attn, streams=streams)
+        streams.join()
         shift, scale = (self.video_out_table + video_emb.unsqueeze(2)).unbind(2)  # [B, T, Dv] each
         v = self.video_out(modulate(F.layer_norm(v, (v.shape[-1],), eps=eps), scale, shift))  # [B, Nv, 128]
         shift, scale = (self.audio_out_table + audio_emb.unsqueeze(2)).unbind(2)  # [B, 1, Da] each

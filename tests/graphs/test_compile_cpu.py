@@ -78,14 +78,18 @@ def test_one_structure_serves_every_block_and_variants_are_counted(tiny, fresh_d
     blocks = CompiledBlocks(model, "default", backend="eager")
     with blocks.compiling():
         compiled_cond = _forward(model, grid, COND)
-    assert blocks.compiles == 1  # both blocks share one compiled graph
-    assert blocks.cached_variants() == 1
+    regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
+    assert blocks.regions == regions
+    assert blocks.compiles == 4  # one graph per region, shared by both blocks
+    assert blocks.cached_variants() == dict.fromkeys(regions, 1)
     torch.testing.assert_close(compiled_cond, eager_cond)
     with blocks.compiling():
-        _forward(model, grid, MODALITY)  # a2v/v2a off: one more variant
+        _forward(model, grid, MODALITY)  # a2v/v2a off: one more variant of the exchange region only
         _forward(model, grid, COND)  # cached
-    assert blocks.compiles == 2
-    assert all(b._compiled_call_impl is None for b in model.blocks)  # eager outside the contexts
+    assert blocks.compiles == 5
+    assert blocks.cached_variants()["exchange_and_video_ffn"] == 2
+    for b in model.blocks:  # eager outside the contexts
+        assert b._compiled_call_impl is None and not set(regions) & set(vars(b))
 
 
 def test_frozen_runs_cached_variants_and_refuses_recompiles(tiny, fresh_dynamo):
@@ -146,6 +150,6 @@ def test_compiled_executor_runs_passes_with_compiled_blocks(tiny, fresh_dynamo):
         theirs = eager.run(video, audio, 0.5, (COND, MODALITY))
     for name in ("cond", "modality"):
         torch.testing.assert_close(ours[name].video, theirs[name].video)
-    assert executor.blocks.compiles == 2
+    assert executor.blocks.compiles == 5  # 4 regions for cond, the exchange region again for modality
     with pytest.raises(ValueError, match="needs a compile mode"):
         CompiledExecutor(model, False)

@@ -104,10 +104,11 @@ def test_explain_miss_names_compile_mode_and_model_fields():
     model.attention_backend = "math"
     message = explain_miss(_key(COND, model, conditioning, video, audio), cached)
     assert "attention_backend: 'math' (cached: 'auto')" in message
-    model.graph_key_extra = ("grid", 2, 4, 6)
+    model.attention_backend = "auto"
+    model.overlap_audio = False  # part of the model's graph_key_extra
     message = explain_miss(_key(COND, model, conditioning, video, audio), cached)
-    assert "graph_key_extra: ('grid', 2, 4, 6) (cached: None)" in message
-    del model.graph_key_extra
+    assert "graph_key_extra: (('overlap_audio', False),) (cached: (('overlap_audio', True),))" in message
+    model.overlap_audio = True
     other = tiny_model(seed=0)
     message = explain_miss(_key(COND, other, conditioning, video, audio), cached)
     assert "model:" in message and "param_storage" in message

@@ -177,6 +177,23 @@ def test_attention_backend(tiny):
         tiny.attention_backend = "fast"
 
 
+def test_overlap_audio_setting(tiny):
+    """On by default, part of the graph key, validated; on CPU there is one stream, so it changes nothing."""
+    assert tiny.overlap_audio is True and tiny.graph_key_extra == (("overlap_audio", True),)
+    rope = build_rope_tables(tiny.config, GRID, device="cpu")
+    x = random_inputs(tiny.config, GRID, seed=5)
+    ref = run(tiny, x, rope)
+    try:
+        tiny.overlap_audio = False
+        assert tiny.graph_key_extra == (("overlap_audio", False),)
+        for a, b in zip(run(tiny, x, rope), ref):
+            assert torch.equal(a, b)
+    finally:
+        tiny.overlap_audio = True
+    with pytest.raises(ValueError, match="overlap_audio must be a bool, got 1"):
+        tiny.overlap_audio = 1
+
+
 # ---- capture readiness (CPU) ------------------------------------------------------------------------------------
 
 class _OpRecorder(TorchDispatchMode):
@@ -311,6 +328,26 @@ def test_attention_backends_agree_on_gpu(backend):
         pytest.skip(f"{backend} backend unavailable here: {str(e)[:300]}")
     for a, b in zip(out, ref):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
+
+
+@pytest.mark.cuda
+def test_audio_side_stream_changes_no_bit():
+    """The audio chain on a side stream gives bitwise the single-stream result (same kernels, same order per
+    chain), for every pass shape: exchange on, STG skips, exchange off."""
+    config = ModelConfig.preset("small")
+    grid = LatentGrid.from_tokens(1536)
+    model = build_model(config, device="cuda", dtype=torch.bfloat16)
+    x = random_inputs(config, grid, text_tokens=128, dtype=torch.bfloat16, device="cuda")
+    rope = build_rope_tables(config, grid, device="cuda")
+    for options in ({}, dict(skip_video_self_attn_blocks=(1,), skip_audio_self_attn_blocks=(1,)),
+                    dict(disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)):
+        model.overlap_audio = False
+        ref = run(model, x, rope, **options)
+        model.overlap_audio = True
+        out = run(model, x, rope, **options)
+        for a, b in zip(out, ref):
+            assert torch.equal(a, b), options
+    assert len(model._side_streams) == 1
 
 
 @pytest.mark.cuda
