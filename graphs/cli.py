@@ -148,6 +148,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:N"
     )
     group.add_argument("--seed", type=int, default=0, help="seed for random weights, text contexts and noise")
+    group.add_argument(
+        "--no-audio-stream",
+        action="store_true",
+        help="run the audio chain on the video chain's CUDA stream (default: on a side stream next to it, so its "
+        "small kernels overlap the video work; the results are bitwise the same)",
+    )
 
 
 def add_shape_flags(parser: argparse.ArgumentParser, *, many_tokens: bool) -> None:

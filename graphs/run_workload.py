@@ -87,6 +87,7 @@ class Workload:
     text_tokens: int
     seed: int
     weights: str | None = None
+    overlap_audio: bool = True  # the audio chain on a side CUDA stream (pipeline/streams.py)
 
     def describe(self) -> str:
         g = self.grid
@@ -117,6 +118,7 @@ def resolve_workload(args, *, grid: LatentGrid | None = None) -> Workload:
         text_tokens=args.text_tokens or text_tokens,
         seed=args.seed,
         weights=args.weights,
+        overlap_audio=not getattr(args, "no_audio_stream", False),
     )
 
 
@@ -167,6 +169,7 @@ def build_model(workload: Workload, progress: Progress) -> torch.nn.Module:
     else:
         model = model_lib.build_model(workload.config, device=workload.device, dtype=workload.dtype, seed=workload.seed)
     model.eval().requires_grad_(False)
+    model.overlap_audio = workload.overlap_audio
     progress("model ready")
     return model
 

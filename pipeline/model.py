@@ -5,7 +5,9 @@ select which code runs, RoPE tables come in precomputed, sigma is a device tenso
 happen in `validate_inputs` (shapes, dtypes, devices, option ranges: metadata only) before any device work.
 
 Speed-minded layout: AdaLN MLPs run once per sample (sigma [B]), not per token; one fused projection per
-attention input; `F.rms_norm`; SDPA on [B, H, N, D] under a selectable backend (`attention_backend`).
+attention input; `F.rms_norm`; SDPA on [B, H, N, D] under a selectable backend (`attention_backend`); fc1's GELU
+in the GEMM epilogue (`pipeline.fused`); on CUDA the audio chain on a side stream (`overlap_audio`,
+`pipeline.streams`), for which each block is split into four methods that regional compile compiles one by one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pipeline.attention import CrossAttention, SelfAttention
 from pipeline.config import ModelConfig
 from pipeline.fused import linear_gelu_tanh
 from pipeline.rope import RopeTables
-from pipeline.streams import SEQUENTIAL, OverlapStreams, SequentialStreams
+from pipeline.streams import SEQUENTIAL, OverlapStreams, SequentialStreams, SideStreamCache
 
 ATTENTION_BACKENDS = {
     "auto": None,
@@ -211,7 +213,7 @@ class LTX2Transformer(nn.Module):
         self.weights_version = 0  # bumped by every weight load; graph keys include it
         self._attention_backend = "auto"
         self._overlap_audio = True
-        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._side_streams = SideStreamCache()
         self.video_in = nn.Linear(c.in_channels, vd)
         self.audio_in = nn.Linear(c.audio_in_channels, ad)
         self.video_time = AdaLNSingle(vd, 9)
@@ -260,9 +262,7 @@ class LTX2Transformer(nn.Module):
         device = self.device
         if device.type != "cuda" or not self._overlap_audio:
             return SEQUENTIAL
-        if device not in self._side_streams:
-            self._side_streams[device] = torch.cuda.Stream(device=device)
-        return OverlapStreams(self._side_streams[device])
+        return OverlapStreams(self._side_streams.for_device(device))
 
     @property
     def dtype(self) -> torch.dtype:

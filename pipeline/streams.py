@@ -61,3 +61,23 @@ class OverlapStreams(SequentialStreams):
     def side(self) -> Iterator[None]:
         with torch.cuda.stream(self.side_stream):
             yield
+
+
+class SideStreamCache(dict):
+    """device -> the side stream a model uses there, made on first use (`for_device`).
+
+    CUDA streams cannot be copied or pickled: a deep copy (or unpickled copy) of a model starts with an empty
+    cache and makes its own side stream when it first runs.
+    """
+
+    def for_device(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self:
+            self[device] = torch.cuda.Stream(device=device)
+        return self[device]
+
+    def __deepcopy__(self, memo: dict) -> SideStreamCache:
+        return type(self)()
+
+    def __reduce__(self):
+        return (type(self), ())
+

@@ -107,6 +107,16 @@ def test_defaults_resolve_to_the_cpu_configuration():
     assert (w.preset, w.dtype, str(w.device), options.executor) == ("tiny", torch.float32, "cpu", "eager")
     assert options.steps is None and options.stages == (1,) and options.sync_check
     assert w.grid.num_video_tokens == 48 and w.text_tokens == 16
+    assert w.overlap_audio is True
+
+
+def test_no_audio_stream_flag_reaches_the_model():
+    from graphs.run_workload import build_model, resolve_workload
+
+    for argv, expected in ((["run", "--device", "cpu"], True), (["run", "--device", "cpu", "--no-audio-stream"], False)):
+        workload = resolve_workload(build_parser().parse_args(argv))
+        assert workload.overlap_audio is expected
+        assert build_model(workload, progress=lambda line: None).overlap_audio is expected
 
 
 def test_default_run_on_cpu(capsys, tmp_path):
