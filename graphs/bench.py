@@ -141,6 +141,9 @@ def bench(args, progress: Progress) -> BenchReport:
     with cpu_threads(workload):
         _bench_rows(args, workload, executors, peers, plan, tokens, report, progress)
     report.notes.append("kernels: " + _kernel_note(report))
+    report.notes.append("audio chain: " + ("on a side CUDA stream (overlapping kernels: the per-class kernel times "
+                                          "can add up to more than the pass)" if workload.overlap_audio
+                                          and workload.device.type == "cuda" else "on the video chain's stream"))
     return report
 
 

@@ -52,7 +52,10 @@ def kernel_class(name: str) -> str:
 
 
 def kernel_ms_by_class(kernels, start_ns: int, end_ns: int) -> dict[str, float]:
-    """Kernel execution time (ms) per class, each kernel clipped to the window [start_ns, end_ns]."""
+    """Kernel execution time (ms) per class, each kernel clipped to the window [start_ns, end_ns].
+
+    Summed kernel by kernel: where kernels overlap (the audio chain on its side stream), the classes can add up
+    to more than the window's wall time."""
     totals = dict.fromkeys(KERNEL_CLASSES, 0.0)
     for k in kernels:
         overlap = min(k.end, end_ns) - max(k.start, start_ns)

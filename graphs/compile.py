@@ -15,13 +15,13 @@ inside a graph capture would also sync the host and abort it).
 
 Inductor's own CUDA graphs stay off (modes "reduce-overhead" and "max-autotune" are refused, and inductor's
 cudagraphs option is patched off while compiling): the per-pass graphs capture the compiled kernels.
+`dynamic=False`: each shape gets static kernels, which is what a static graph wants anyway.
 
 Inductor's comprehensive padding is off too. It pads the row stride of buffers whose width is not a multiple of
 128 bytes; the fused projections are such widths ([q | k | v | gate logits] = 3 * 4096 + 32 columns), so their
 GEMM outputs became non-contiguous, and `addmm` into a non-contiguous `out` cannot use the cuBLASLt bias
 epilogue: it copies the broadcast bias over the whole output and runs the GEMM with beta = 1 instead. Measured
 on an H200 at 8160 video tokens: 6 such copies per block, 14.3 ms per pass (profiling/PERF_LOG.md).
-`dynamic=False`: each shape gets static kernels, which is what a static graph wants anyway.
 
 The compiled callables are installed on the blocks only inside `compiling()` / `frozen()`, so the same model
 driven by another executor outside them runs plain eager code. Compiler settings are restored in `finally`.
@@ -39,6 +39,7 @@ from torch import nn
 from graphs.errors import CaptureError
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+_MISSING = object()
 
 
 def compile_mode_name(compile: bool | str | None) -> str:
@@ -140,22 +141,27 @@ class CompiledBlocks:
 
     @contextlib.contextmanager
     def _installed(self) -> Iterator[None]:
-        """Compiled forwards go in `_compiled_call_impl`; other regions shadow the class's methods."""
-        previous = [block._compiled_call_impl for block in self.blocks]
-        for block, bound in zip(self.blocks, self._bound):
-            for name, fn in bound.items():
-                if name == "forward":
-                    block._compiled_call_impl = fn
-                else:
-                    setattr(block, name, fn)
+        """Compiled forwards go in `_compiled_call_impl`; other regions shadow the class's methods on each block.
+        Whatever was there before is put back on exit (so the contexts nest)."""
+        methods = [name for name in self.regions if name != "forward"]
+        saved = [(block._compiled_call_impl, {n: block.__dict__.get(n, _MISSING) for n in methods})
+                 for block in self.blocks]
         try:
+            for block, bound in zip(self.blocks, self._bound):
+                for name, fn in bound.items():
+                    if name == "forward":
+                        block._compiled_call_impl = fn
+                    else:
+                        block.__dict__[name] = fn
             yield
         finally:
-            for block, old in zip(self.blocks, previous):
-                block._compiled_call_impl = old
-                for name in self.regions:
-                    if name != "forward":
-                        delattr(block, name)
+            for block, (impl, shadowed) in zip(self.blocks, saved):
+                block._compiled_call_impl = impl
+                for name, old in shadowed.items():
+                    if old is _MISSING:
+                        block.__dict__.pop(name, None)
+                    else:
+                        block.__dict__[name] = old
 
     @contextlib.contextmanager
     def _inductor_settings(self) -> Iterator[None]:
@@ -174,9 +180,9 @@ class CompiledBlocks:
         import torch._dynamo
 
         before, cached = _unique_graphs(), self.cached_variants()
-        # The limit counts every cache entry of a region's code, other instances' too: allow this instance's
-        # remaining budget (per region) on top of what is cached now.
-        limit = max(1, min(cached[r] + self.max_variants - self._new_variants[r] for r in self.regions))
+        # Dynamo's limit is one number checked against the cache entries of every region's code (other
+        # instances' entries too): allow the largest remaining budget, then hold each region to its own.
+        limit = max(1, max(cached[r] + self.max_variants - self._new_variants[r] for r in self.regions))
         try:
             with (
                 torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True),
@@ -188,17 +194,25 @@ class CompiledBlocks:
             raise
         except Exception as e:
             if type(e).__name__ == "FailOnRecompileLimitHit" or "recompile_limit" in str(e):
-                raise CaptureError(
-                    f"torch.compile needed more than {self.max_variants} variants of the {len(self.blocks)} "
-                    f"{type(self.blocks[0]).__name__} blocks (one per skip-flag combination and shape is expected): "
-                    "a guard probably specialises on something that differs per block or per call. Run with "
-                    'TORCH_LOGS="recompiles" to see the failing guard, or raise max_variants.'
-                ) from e
+                now = self.cached_variants()
+                raise self._too_many_variants({r: now[r] for r in self.regions if now[r] >= limit}) from e
             raise
         finally:
             self.compiles += _unique_graphs() - before
             for name, count in self.cached_variants().items():
                 self._new_variants[name] += count - cached[name]
+        over = {r: n for r, n in self._new_variants.items() if n > self.max_variants}
+        if over:
+            raise self._too_many_variants(over)
+
+    def _too_many_variants(self, counts: dict[str, int]) -> CaptureError:
+        regions = ", ".join(f"{name} ({count})" for name, count in counts.items())
+        return CaptureError(
+            f"torch.compile needed more than {self.max_variants} variants of the {len(self.blocks)} "
+            f"{type(self.blocks[0]).__name__} blocks (variants per region: {regions}; one per skip-flag "
+            "combination and shape is expected): a guard probably specialises on something that differs per block "
+            'or per call. Run with TORCH_LOGS="recompiles" to see the failing guard, or raise max_variants.'
+        )
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:

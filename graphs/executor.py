@@ -61,7 +61,7 @@ class GraphStats:
     replays: int
     misses: int  # run() lookups that found no graph
     eager_passes: int  # passes run eagerly (policy "eager" or a CPU model)
-    compiles: int  # torch.compile variants compiled during warm-ups
+    compiles: int  # graphs torch.compile compiled during warm-ups (one per region and variant)
     pool_bytes: int  # device memory held by the shared graph pool
     static_bytes: int  # device memory of the static input buffers
 
@@ -95,7 +95,7 @@ class GraphExecutor:
         compile: False, True/"default" or "max-autotune-no-cudagraphs": regional torch.compile of the blocks
             before capture (`graphs.compile`).
         warmup_iters: eager (or compiled) calls on the capture stream before each capture.
-        max_compile_variants: bound on compiled block variants; more is a `CaptureError`.
+        max_compile_variants: bound on compiled variants per block region; more is a `CaptureError`.
         progress: receives one line per capture (default: stderr); None for silence.
     """
 
@@ -396,7 +396,8 @@ class GraphExecutor:
         self._capture_seconds += graph.seconds
         self._pool_bytes = self._pool.reserved_bytes()
         if self._progress is not None:
-            compiled = f" incl. compile, {self._blocks.compiles} compiled graph(s) so far" if self._blocks is not None else ""
+            compiles = None if self._blocks is None else self._blocks.compiles
+            compiled = "" if compiles is None else f" incl. compile, {compiles} compiled graph(s) so far"
             self._progress(
                 f"captured {key.short()} in {graph.seconds:.2f} s (warm-up {graph.warmup_seconds:.2f} s{compiled}, "
                 f"capture {graph.capture_seconds:.2f} s); {len(self._graphs)} graph(s), "

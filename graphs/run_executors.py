@@ -31,7 +31,7 @@ class WarmupStats:
 
     seconds: float = 0.0  # wall time of the whole warm-up (compile + capture + first runs)
     captures: int | None = None  # graphs captured (graph executors)
-    compiles: int | None = None  # torch.compile variants compiled
+    compiles: int | None = None  # graphs torch.compile compiled (one per region and variant)
     pool_bytes: int | None = None  # device memory held by the shared graph pool
 
 

@@ -96,6 +96,7 @@ class Workload:
             f"{self.preset} ({self.config.num_layers} layers) {dtype} on {self.device}, "
             f"{g.num_video_tokens} video tokens ({g.frames}x{g.height}x{g.width} latents), "
             f"{g.num_audio_tokens} audio, {self.text_tokens} text"
+            + ("" if self.overlap_audio else ", audio on the video stream")
         )
 
 

@@ -25,8 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pipeline.attention import CrossAttention, SelfAttention
 from pipeline.config import ModelConfig
 from pipeline.fused import linear_gelu_tanh
-from pipeline.rope import RopeTables
-from pipeline.streams import SEQUENTIAL, OverlapStreams, SequentialStreams, SideStreamCache
+from pipeline.rope import CosSin, RopeTables
+from pipeline.streams import SEQUENTIAL, AudioStreams, OverlapStreams, SideStreamCache
 
 ATTENTION_BACKENDS = {
     "auto": None,
@@ -106,6 +106,27 @@ class Modulation(NamedTuple):
     audio_av_gate: Tensor  # 1 row: V2A gate
 
 
+def self_and_text_attention(x: Tensor, ctx: Tensor, self_attn: SelfAttention, text_attn: CrossAttention,
+                            table: Tensor, mod: Tensor, prompt_table: Tensor, prompt_mod: Tensor, rope: CosSin,
+                            skip: bool, eps: float) -> Tensor:
+    """One stream's self-attention (STG `skip`: value pass-through) and text cross-attention, each modulated,
+    gated and added to the residual. x [B, N, D], ctx [B, Nt, D]; table/mod: the 9-row AdaLN of the stream."""
+    shift, scale, gate = ada_rows(table, mod, SELF_ATTN)  # [B, T, D] each
+    q_shift, q_scale, q_gate = ada_rows(table, mod, TEXT_ATTN)
+    h = modulate(rms(x, eps), scale, shift)
+    h = self_attn.value_passthrough(h) if skip else self_attn(h, rope)
+    x = x + h * gate
+    ctx_shift, ctx_scale = (prompt_table + prompt_mod).unbind(2)  # [B, 1, D] each
+    h = text_attn(modulate(rms(x, eps), q_scale, q_shift), modulate(ctx, ctx_scale, ctx_shift))
+    return x + h * q_gate
+
+
+def gated_ffn(x: Tensor, ff: FeedForward, table: Tensor, mod: Tensor, eps: float) -> Tensor:
+    """x + FFN(modulated rms(x)) * gate, with the FFN rows of the stream's 9-row AdaLN."""
+    shift, scale, gate = ada_rows(table, mod, FFN)
+    return x + ff(modulate(rms(x, eps), scale, shift)) * gate
+
+
 class AudioVideoBlock(nn.Module):
     """One LTX-2.3 block: self-attn, text cross-attn, A2V/V2A cross-attn, FFN, for both streams."""
 
@@ -130,14 +151,21 @@ class AudioVideoBlock(nn.Module):
         self.audio_av_table = nn.Parameter(torch.empty(5, ad))  # 4 scale/shift rows + the V2A gate row
 
     # Compiled one by one under regional torch.compile (graphs/compile.py): the stream switches between them
-    # stay in Python, in `forward`.
+    # stay in Python, in `forward`. The split is the same with one stream (CPU, overlap off); it costs one
+    # region boundary per block on the video chain (the text cross-attention's residual add is no longer fused
+    # with the exchange's norm).
     compile_regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
 
     def forward(self, v: Tensor, a: Tensor, v_ctx: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, *,
                 skip_video_self_attn: bool, skip_audio_self_attn: bool, a2v: bool, v2a: bool,
-                streams: SequentialStreams = SEQUENTIAL) -> tuple[Tensor, Tensor]:
+                streams: AudioStreams = SEQUENTIAL) -> tuple[Tensor, Tensor]:
         """v [B, Nv, Dv], a [B, Na, Da]; contexts [B, Nt, Dv / Da]. Audio-only work runs under `streams.side()`
-        (pipeline/streams.py), which the caller forked before the first block and joins after the last."""
+        (pipeline/streams.py), which the caller forked before the first block and joins after the last.
+
+        Per block: audio attention (side) next to video attention (main); join; exchange + video FFN (main); fork;
+        audio FFN (side). The fork comes after the whole exchange region, video FFN included, so the audio FFN
+        overlaps the next block's video attention.
+        """
         with streams.side():
             a = self.audio_attention(a, a_ctx, mod, rope, skip_audio_self_attn)
         v = self.video_attention(v, v_ctx, mod, rope, skip_video_self_attn)
@@ -152,26 +180,12 @@ class AudioVideoBlock(nn.Module):
         return v, a
 
     def video_attention(self, v: Tensor, v_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool) -> Tensor:
-        """Self-attention (STG: value pass-through) and text cross-attention of the video stream."""
-        shift, scale, gate = ada_rows(self.video_table, mod.video, SELF_ATTN)  # [B, T, Dv] each
-        q_shift, q_scale, q_gate = ada_rows(self.video_table, mod.video, TEXT_ATTN)
-        h = modulate(rms(v, self.eps), scale, shift)
-        h = self.video_self.value_passthrough(h) if skip else self.video_self(h, rope.video)
-        v = v + h * gate
-        ctx_shift, ctx_scale = (self.video_prompt_table + mod.video_prompt).unbind(2)  # [B, 1, Dv] each
-        h = self.video_text(modulate(rms(v, self.eps), q_scale, q_shift), modulate(v_ctx, ctx_scale, ctx_shift))
-        return v + h * q_gate
+        return self_and_text_attention(v, v_ctx, self.video_self, self.video_text, self.video_table, mod.video,
+                                       self.video_prompt_table, mod.video_prompt, rope.video, skip, self.eps)
 
     def audio_attention(self, a: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool) -> Tensor:
-        """Self-attention (STG: value pass-through) and text cross-attention of the audio stream."""
-        shift, scale, gate = ada_rows(self.audio_table, mod.audio, SELF_ATTN)  # [B, 1, Da] each
-        q_shift, q_scale, q_gate = ada_rows(self.audio_table, mod.audio, TEXT_ATTN)
-        h = modulate(rms(a, self.eps), scale, shift)
-        h = self.audio_self.value_passthrough(h) if skip else self.audio_self(h, rope.audio)
-        a = a + h * gate
-        ctx_shift, ctx_scale = (self.audio_prompt_table + mod.audio_prompt).unbind(2)  # [B, 1, Da] each
-        h = self.audio_text(modulate(rms(a, self.eps), q_scale, q_shift), modulate(a_ctx, ctx_scale, ctx_shift))
-        return a + h * q_gate
+        return self_and_text_attention(a, a_ctx, self.audio_self, self.audio_text, self.audio_table, mod.audio,
+                                       self.audio_prompt_table, mod.audio_prompt, rope.audio, skip, self.eps)
 
     def exchange_and_video_ffn(self, v: Tensor, a: Tensor, mod: Modulation, rope: RopeTables, a2v: bool,
                                v2a: bool) -> tuple[Tensor, Tensor]:
@@ -194,13 +208,10 @@ class AudioVideoBlock(nn.Module):
                 h = self.v2a(modulate(na, a_v2a_scale, a_v2a_shift), modulate(nv, v_v2a_scale, v_v2a_shift),
                              rope.audio_cross, rope.video_cross)
                 a = a + gate * h
-        ff_shift, ff_scale, ff_gate = ada_rows(self.video_table, mod.video, FFN)
-        v = v + self.video_ff(modulate(rms(v, eps), ff_scale, ff_shift)) * ff_gate
-        return v, a
+        return gated_ffn(v, self.video_ff, self.video_table, mod.video, eps), a
 
     def audio_ffn(self, a: Tensor, mod: Modulation) -> Tensor:
-        ff_shift, ff_scale, ff_gate = ada_rows(self.audio_table, mod.audio, FFN)
-        return a + self.audio_ff(modulate(rms(a, self.eps), ff_scale, ff_shift)) * ff_gate
+        return gated_ffn(a, self.audio_ff, self.audio_table, mod.audio, self.eps)
 
 
 class LTX2Transformer(nn.Module):
@@ -244,7 +255,8 @@ class LTX2Transformer(nn.Module):
     @property
     def overlap_audio(self) -> bool:
         """Run the audio chain on a side CUDA stream next to the video chain (pipeline/streams.py). CUDA only;
-        results are identical either way (same kernels, same order within each chain)."""
+        results are identical either way (same kernels, same order within each chain). Off, the blocks keep
+        their four compile regions (`AudioVideoBlock.compile_regions`)."""
         return self._overlap_audio
 
     @overlap_audio.setter
@@ -258,7 +270,7 @@ class LTX2Transformer(nn.Module):
         """Host-side settings a graph capture bakes in besides the attention backend (graphs/keys.py)."""
         return (("overlap_audio", self._overlap_audio),)
 
-    def _streams(self) -> SequentialStreams:
+    def _streams(self) -> AudioStreams:
         device = self.device
         if device.type != "cuda" or not self._overlap_audio:
             return SEQUENTIAL
@@ -319,12 +331,14 @@ class LTX2Transformer(nn.Module):
         a = self.audio_in(audio)  # [B, Na, Da]
         streams = self._streams()
         streams.fork(a)  # the audio chain starts on the side stream once its inputs and the AdaLN outputs exist
-        with self._sdpa_context():
-            for i, block in enumerate(self.blocks):
-                v, a = block(v, a, video_context, audio_context, mod, rope, skip_video_self_attn=i in skip_v,
-                             skip_audio_self_attn=i in skip_a, a2v=not disable_a2v_cross_attn,
-                             v2a=not disable_v2a_cross_attn, streams=streams)
-        streams.join()
+        try:
+            with self._sdpa_context():
+                for i, block in enumerate(self.blocks):
+                    v, a = block(v, a, video_context, audio_context, mod, rope, skip_video_self_attn=i in skip_v,
+                                 skip_audio_self_attn=i in skip_a, a2v=not disable_a2v_cross_attn,
+                                 v2a=not disable_v2a_cross_attn, streams=streams)
+        finally:
+            streams.join()  # also on an error, so no side-stream work is left unjoined (or a capture unjoined)
         shift, scale = (self.video_out_table + video_emb.unsqueeze(2)).unbind(2)  # [B, T, Dv] each
         v = self.video_out(modulate(F.layer_norm(v, (v.shape[-1],), eps=eps), scale, shift))  # [B, Nv, 128]
         shift, scale = (self.audio_out_table + audio_emb.unsqueeze(2)).unbind(2)  # [B, 1, Da] each

@@ -113,7 +113,8 @@ def test_defaults_resolve_to_the_cpu_configuration():
 def test_no_audio_stream_flag_reaches_the_model():
     from graphs.run_workload import build_model, resolve_workload
 
-    for argv, expected in ((["run", "--device", "cpu"], True), (["run", "--device", "cpu", "--no-audio-stream"], False)):
+    cpu = ["run", "--device", "cpu"]
+    for argv, expected in ((cpu, True), ([*cpu, "--no-audio-stream"], False)):
         workload = resolve_workload(build_parser().parse_args(argv))
         assert workload.overlap_audio is expected
         assert build_model(workload, progress=lambda line: None).overlap_audio is expected

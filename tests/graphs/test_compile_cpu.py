@@ -13,6 +13,7 @@ from graphs.compile import CompiledBlocks, CompiledExecutor, compile_mode_name, 
 from graphs.errors import CaptureError
 from pipeline.config import LatentGrid
 from pipeline.executor import EagerExecutor, PassExecutor
+from pipeline.model import AudioVideoBlock
 from pipeline.passes import PassSpec
 from tests.graphs.helpers import make_conditioning, make_latents, tiny_model
 
@@ -78,8 +79,8 @@ def test_one_structure_serves_every_block_and_variants_are_counted(tiny, fresh_d
     blocks = CompiledBlocks(model, "default", backend="eager")
     with blocks.compiling():
         compiled_cond = _forward(model, grid, COND)
-    regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
-    assert blocks.regions == regions
+    regions = AudioVideoBlock.compile_regions
+    assert blocks.regions == regions == ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
     assert blocks.compiles == 4  # one graph per region, shared by both blocks
     assert blocks.cached_variants() == dict.fromkeys(regions, 1)
     torch.testing.assert_close(compiled_cond, eager_cond)
@@ -113,6 +114,36 @@ def test_variant_limit_is_an_error_not_an_eager_fallback(tiny, fresh_dynamo):
     with pytest.raises(CaptureError, match="more than 1 variants of the 2 AudioVideoBlock blocks"):
         with blocks.compiling():
             _forward(model, grid, MODALITY)
+
+
+def test_each_instance_gets_its_own_variant_budget_per_region(tiny, fresh_dynamo):
+    """Regions hold different numbers of cached variants (the exchange region one per a2v/v2a setting, the FFN
+    regions one); a second instance at a new shape still gets `max_variants` new ones in every region."""
+    model, grid = tiny
+    first = CompiledBlocks(model, "default", backend="eager", max_variants=2)
+    with first.compiling():
+        _forward(model, grid, COND)
+        _forward(model, grid, MODALITY)
+    other = tiny_model(seed=1)
+    second = CompiledBlocks(other, "default", backend="eager", max_variants=2)
+    with second.compiling():
+        _forward(other, grid, COND, tokens=12)
+        _forward(other, grid, MODALITY, tokens=12)
+    assert second.cached_variants()["exchange_and_video_ffn"] == 4
+
+
+def test_regions_are_removed_when_an_error_escapes(tiny, fresh_dynamo):
+    model, grid = tiny
+    blocks = CompiledBlocks(model, "default", backend="eager")
+    with blocks.compiling():
+        _forward(model, grid, COND)
+        with pytest.raises(CaptureError):  # nested: the inner exit keeps the outer context's regions
+            with blocks.frozen():
+                assert all("video_attention" in vars(b) for b in model.blocks)
+                _forward(model, grid, COND, tokens=12)
+        assert all("video_attention" in vars(b) for b in model.blocks)
+    for b in model.blocks:
+        assert b._compiled_call_impl is None and not set(AudioVideoBlock.compile_regions) & set(vars(b))
 
 
 def test_bad_compiled_blocks_arguments(tiny):
