@@ -333,14 +333,15 @@ def test_attention_backends_agree_on_gpu(backend):
 @pytest.mark.cuda
 def test_audio_side_stream_changes_no_bit():
     """The audio chain on a side stream gives bitwise the single-stream result (same kernels, same order per
-    chain), for every pass shape: exchange on, STG skips, exchange off."""
+    chain), for every pass shape: exchange on, STG skips, exchange off, one direction of it off."""
     config = ModelConfig.preset("small")
     grid = LatentGrid.from_tokens(1536)
     model = build_model(config, device="cuda", dtype=torch.bfloat16)
     x = random_inputs(config, grid, text_tokens=128, dtype=torch.bfloat16, device="cuda")
     rope = build_rope_tables(config, grid, device="cuda")
     for options in ({}, dict(skip_video_self_attn_blocks=(1,), skip_audio_self_attn_blocks=(1,)),
-                    dict(disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)):
+                    dict(disable_a2v_cross_attn=True, disable_v2a_cross_attn=True),
+                    dict(disable_a2v_cross_attn=True), dict(disable_v2a_cross_attn=True)):
         model.overlap_audio = False
         ref = run(model, x, rope, **options)
         model.overlap_audio = True
