@@ -1,16 +1,20 @@
-"""pipeline.streams on CPU: the sequential stand-in does nothing, and the side-stream cache never travels with a
-copy of a model (CUDA streams cannot be copied or pickled). The two-stream path is checked bitwise on a GPU in
-tests/pipeline/test_model.py::test_audio_side_stream_changes_no_bit."""
+"""pipeline.streams on CPU: the sequential stand-in does nothing, the side-stream cache never travels with a
+copy of a model (CUDA streams cannot be copied or pickled), and the model's fork/join/side orchestration keeps
+the memory rules for every pass shape (a recording stand-in for the streams). The two-stream path itself is
+checked bitwise on a GPU in tests/pipeline/test_model.py::test_audio_side_stream_changes_no_bit."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 
+import pytest
 import torch
 
-from pipeline.streams import SEQUENTIAL, SideStreamCache
-from tests.graphs.helpers import tiny_model
+from pipeline.config import LatentGrid
+from pipeline.streams import SEQUENTIAL, AudioStreams, SideStreamCache
+from tests.graphs.helpers import make_conditioning, make_latents, tiny_model
 
 
 def test_sequential_streams_are_no_ops():
@@ -35,3 +39,68 @@ def test_model_deepcopy_keeps_settings_not_streams():
     clone = copy.deepcopy(model)
     assert clone.overlap_audio is False and clone._side_streams == {}
     assert len(model._side_streams) == 1
+
+
+class RecordingStreams(AudioStreams):
+    """Logs the orchestration and enforces memory rule 2 (side-stream work only between fork and join)."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.forked = False
+
+    def fork(self, *handed_over: torch.Tensor) -> None:
+        self.log.append(f"fork({len(handed_over)})")
+        self.forked = True
+
+    def join(self) -> None:
+        self.log.append("join")
+        self.forked = False
+
+    @contextlib.contextmanager
+    def side(self):
+        assert self.forked, "side-stream work outside fork/join"
+        self.log.append("side")
+        yield
+
+
+def _recorded_model():
+    model, recorder = tiny_model(), RecordingStreams()
+    model._streams = lambda: recorder
+    return model, recorder
+
+
+def _forward(model, **options):
+    grid = LatentGrid.from_tokens(8, audio_tokens=4)
+    conditioning = make_conditioning(model.config, grid, device="cpu")
+    video, audio = make_latents(model.config, grid, device="cpu")
+    text = conditioning.texts["positive"]
+    with torch.no_grad():
+        model(video, audio, text.video, text.audio, torch.full((1,), 0.5), conditioning.rope, **options)
+
+
+@pytest.mark.parametrize("options, per_block", [
+    ({}, ["side", "join", "fork(1)", "side"]),
+    (dict(disable_a2v_cross_attn=True), ["side", "join", "fork(1)", "side"]),
+    (dict(disable_v2a_cross_attn=True), ["side", "join", "fork(1)", "side"]),
+    (dict(disable_a2v_cross_attn=True, disable_v2a_cross_attn=True), ["side", "side"]),
+])
+def test_block_orchestration_keeps_the_memory_rules(options, per_block):
+    """Per block: audio attention on the side stream, a join before the exchange and a fork (handing over the
+    exchange's audio output) after it, the audio FFN on the side stream; one fork before the blocks (handing over
+    the audio input) and one join after them. Without an exchange the audio chain never leaves the side stream."""
+    model, recorder = _recorded_model()
+    _forward(model, **options)
+    assert recorder.log == ["fork(1)", *per_block * model.config.num_layers, "join"]
+    assert not recorder.forked
+
+
+def test_an_error_inside_the_blocks_still_joins():
+    model, recorder = _recorded_model()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken region")
+
+    model.blocks[1].video_attention = broken
+    with pytest.raises(RuntimeError, match="broken region"):
+        _forward(model)
+    assert recorder.log[-1] == "join" and not recorder.forked
