@@ -106,11 +106,25 @@ class Modulation(NamedTuple):
     audio_av_gate: Tensor  # 1 row: V2A gate
 
 
+class GatedResidual(NamedTuple):
+    """`x + update * gate`, not yet added: a region returns it so the add happens in the next region, fused by
+    inductor with the norm that reads the sum (a sum written by one region and read back by the next would cost
+    one more pass over [B, N, D] and one more kernel per block)."""
+
+    x: Tensor
+    update: Tensor
+    gate: Tensor
+
+    def resolve(self) -> Tensor:
+        return self.x + self.update * self.gate
+
+
 def self_and_text_attention(x: Tensor, ctx: Tensor, self_attn: SelfAttention, text_attn: CrossAttention,
                             table: Tensor, mod: Tensor, prompt_table: Tensor, prompt_mod: Tensor, rope: CosSin,
-                            skip: bool, eps: float) -> Tensor:
-    """One stream's self-attention (STG `skip`: value pass-through) and text cross-attention, each modulated,
-    gated and added to the residual. x [B, N, D], ctx [B, Nt, D]; table/mod: the 9-row AdaLN of the stream."""
+                            skip: bool, eps: float) -> GatedResidual:
+    """One stream's self-attention (STG `skip`: value pass-through) and text cross-attention, each modulated and
+    gated; the text cross-attention's residual add is left to the caller. x [B, N, D], ctx [B, Nt, D];
+    table/mod: the 9-row AdaLN of the stream."""
     shift, scale, gate = ada_rows(table, mod, SELF_ATTN)  # [B, T, D] each
     q_shift, q_scale, q_gate = ada_rows(table, mod, TEXT_ATTN)
     h = modulate(rms(x, eps), scale, shift)
@@ -118,7 +132,7 @@ def self_and_text_attention(x: Tensor, ctx: Tensor, self_attn: SelfAttention, te
     x = x + h * gate
     ctx_shift, ctx_scale = (prompt_table + prompt_mod).unbind(2)  # [B, 1, D] each
     h = text_attn(modulate(rms(x, eps), q_scale, q_shift), modulate(ctx, ctx_scale, ctx_shift))
-    return x + h * q_gate
+    return GatedResidual(x, h, q_gate)
 
 
 def gated_ffn(x: Tensor, ff: FeedForward, table: Tensor, mod: Tensor, eps: float) -> Tensor:
@@ -151,9 +165,9 @@ class AudioVideoBlock(nn.Module):
         self.audio_av_table = nn.Parameter(torch.empty(5, ad))  # 4 scale/shift rows + the V2A gate row
 
     # Compiled one by one under regional torch.compile (graphs/compile.py): the stream switches between them
-    # stay in Python, in `forward`. The split is the same with one stream (CPU, overlap off); it costs one
-    # region boundary per block on the video chain (the text cross-attention's residual add is no longer fused
-    # with the exchange's norm).
+    # stay in Python, in `forward`. The split is the same with one stream (CPU, overlap off). On the video chain
+    # the boundary costs no extra pass: `video_attention` hands its last residual add to the next region
+    # (`GatedResidual`), where it fuses with the norm that reads the sum.
     compile_regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
 
     def forward(self, v: Tensor, a: Tensor, v_ctx: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, *,
@@ -168,32 +182,36 @@ class AudioVideoBlock(nn.Module):
         """
         with streams.side():
             a = self.audio_attention(a, a_ctx, mod, rope, skip_audio_self_attn)
-        v = self.video_attention(v, v_ctx, mod, rope, skip_video_self_attn)
+        v_pending = self.video_attention(v, v_ctx, mod, rope, skip_video_self_attn)
         exchange = a2v or v2a
         if exchange:
             streams.join()  # the exchange reads both chains
-        v, a = self.exchange_and_video_ffn(v, a, mod, rope, a2v, v2a)
+        v, a = self.exchange_and_video_ffn(v_pending, a, mod, rope, a2v, v2a)
         if exchange:
             streams.fork(a)  # the audio FFN (side stream) reads the exchange's audio output
         with streams.side():
             a = self.audio_ffn(a, mod)
         return v, a
 
-    def video_attention(self, v: Tensor, v_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool) -> Tensor:
+    def video_attention(self, v: Tensor, v_ctx: Tensor, mod: Modulation, rope: RopeTables,
+                        skip: bool) -> GatedResidual:
         return self_and_text_attention(v, v_ctx, self.video_self, self.video_text, self.video_table, mod.video,
                                        self.video_prompt_table, mod.video_prompt, rope.video, skip, self.eps)
 
     def audio_attention(self, a: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool) -> Tensor:
         return self_and_text_attention(a, a_ctx, self.audio_self, self.audio_text, self.audio_table, mod.audio,
-                                       self.audio_prompt_table, mod.audio_prompt, rope.audio, skip, self.eps)
+                                       self.audio_prompt_table, mod.audio_prompt, rope.audio, skip,
+                                       self.eps).resolve()
 
-    def exchange_and_video_ffn(self, v: Tensor, a: Tensor, mod: Modulation, rope: RopeTables, a2v: bool,
-                               v2a: bool) -> tuple[Tensor, Tensor]:
+    def exchange_and_video_ffn(self, v_pending: GatedResidual, a: Tensor, mod: Modulation, rope: RopeTables,
+                               a2v: bool, v2a: bool) -> tuple[Tensor, Tensor]:
         """A2V/V2A cross-attention (both read the same pre-update snapshot rms(v), rms(a)), then the video FFN.
 
-        The video FFN shares this region so the exchange's residual add fuses with the FFN's norm under compile.
+        The video's pending text cross-attention residual is added first, and the video FFN shares this region,
+        so under compile each residual add fuses with the norm after it.
         """
         eps = self.eps
+        v = v_pending.resolve()
         if a2v or v2a:
             nv, na = rms(v, eps), rms(a, eps)
             v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift = (self.video_av_table[:4] + mod.video_av).unbind(2)
