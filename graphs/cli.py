@@ -1,7 +1,8 @@
-"""The `ltx2-graphs` command: `run`, `bench` and `profile`, with one set of flags shared where they mean the same.
+"""The `ltx2-graphs` command: `run`, `bench`, `coldstart` and `profile`, with one set of flags shared where they
+mean the same.
 
 This module only parses arguments and turns failures into one line; the work lives in `graphs.runner`
-(run), `graphs.bench` (bench) and `graphs.cli_profile` (profile). Every value called "auto" is resolved
+(run), `graphs.bench` (bench), `graphs.coldstart` (coldstart) and `graphs.cli_profile` (profile). Every value called "auto" is resolved
 once the device is known (`graphs.run_workload`): on a machine without a GPU the defaults are the tiny preset,
 fp32, eager passes and the dispatch-level sync detector, so `ltx2-graphs run` finishes in seconds; with a GPU
 they are the `ltx2.3` preset in bf16 with one CUDA graph per guidance pass.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 
@@ -257,7 +259,7 @@ def build_parser() -> OneLineParser:
         description="Sync-free, per-pass CUDA-graph execution of the LTX-2.3 audio-video denoising loop. "
         + NO_TEXT_ENCODER,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,bench,profile}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,bench,coldstart,profile}")
 
     run = sub.add_parser(
         "run",
@@ -333,6 +335,32 @@ def build_parser() -> OneLineParser:
     add_output_flags(bench)
     bench.set_defaults(handler=_bench)
 
+    coldstart = sub.add_parser(
+        "coldstart",
+        help="time build + compile + capture of every guidance pass for one shape (fresh or warm compile caches)",
+        description="Time what a start costs before the first step: build the model, then compile and capture "
+        "every pass of the guidance preset for one shape. --cache fresh (default) compiles against empty "
+        "temporary compile caches, as on a new machine; --cache warm uses the caches as they are. Prints where the "
+        "compile time went (dynamo's counters). " + NO_TEXT_ENCODER,
+    )
+    add_model_flags(coldstart)
+    add_shape_flags(coldstart, many_tokens=False)
+    coldstart.add_argument("--guidance", default="hq", choices=("hq", "dev"), help="passes to capture (default hq)")
+    coldstart.add_argument(
+        "--executor",
+        default="auto",
+        choices=("auto", *EXECUTORS),
+        help="what to warm up (auto: compile+graphs on a GPU, compile on CPU)",
+    )
+    coldstart.add_argument(
+        "--cache",
+        default="fresh",
+        choices=("fresh", "warm"),
+        help="fresh: empty temporary inductor/Triton caches (removed afterwards); warm: the caches as they are",
+    )
+    add_output_flags(coldstart)
+    coldstart.set_defaults(handler=_coldstart)
+
     profile = sub.add_parser(
         "profile",
         help="profile a few steps for host syncs (CUPTI), or analyse an nsys export",
@@ -370,6 +398,14 @@ def _bench(args: argparse.Namespace, progress: Progress) -> int:
     from graphs import bench
 
     return bench.main(args, progress)
+
+
+def _coldstart(args: argparse.Namespace, progress: Progress) -> int:
+    started = time.perf_counter()
+    from graphs import coldstart  # imports torch: reported apart from the cold start itself
+
+    args.import_seconds = time.perf_counter() - started
+    return coldstart.main(args, progress)
 
 
 def _profile(args: argparse.Namespace, progress: Progress) -> int:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from graphs.cli import build_parser, main
 
-SUBCOMMANDS = ("run", "bench", "profile")
+SUBCOMMANDS = ("run", "bench", "coldstart", "profile")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

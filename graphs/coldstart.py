@@ -1,0 +1,190 @@
+"""`ltx2-graphs coldstart`: seconds from nothing to every guidance pass ready to replay, for one shape.
+
+What is timed (the cold-start definition of the performance goals): build the model, then compile and capture
+every pass of the guidance preset (`GraphExecutor.warmup`), ending with one synchronisation. Interpreter
+start-up and `import torch` are not included (they are printed apart: seconds on a cold disk).
+
+`--cache fresh` (default) points inductor's and Triton's on-disk caches at an empty temporary directory for the
+duration, and clears dynamo's and inductor's in-process caches first: the time a new machine pays. `--cache
+warm` keeps the caches as they are: the time every later start pays (run it once with `warm` first to fill
+them). Where the compile time went comes from dynamo's own counters (`torch._dynamo.utils.compile_times`),
+the difference over this measurement: tracing Python (dynamo), the backend (AOT autograd + inductor lowering and
+code generation), and inside that, building and loading the generated kernels (Triton on a GPU, C++ on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from graphs.cli_console import CommandError, Progress, emit_json
+from graphs.run_executors import make_executor, warm_up
+from graphs.run_workload import (
+    Workload,
+    build_model,
+    check_executor,
+    cpu_threads,
+    random_conditioning,
+    random_latents,
+    resolve_workload,
+)
+
+CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+# (label, dynamo counter). Nested: "backend" is part of "compile total", "kernel builds" part of "backend".
+# The counter names are dynamo's; one a torch version does not have is reported as missing, not as zero.
+PHASES = (
+    ("compile total (dynamo)", "_compile.compile_inner"),
+    ("tracing Python (dynamo)", "bytecode_tracing"),
+    ("backend (AOT autograd + inductor)", "OutputGraph.call_user_compiler"),
+    ("building/loading kernels", "PyCodeCache.load_by_key_path"),
+    ("waiting for parallel kernel builds", "async_compile.wait"),
+)
+
+
+@dataclass
+class ColdStart:
+    """One cold-start measurement (seconds)."""
+
+    workload: str
+    executor: str
+    passes: tuple[str, ...]
+    cache: str  # "fresh" or "warm"
+    build_s: float
+    warmup_s: float  # compile + capture of every pass (+ the first replay of each)
+    captures: int | None
+    compiles: int | None
+    phases: dict[str, float | None] = field(default_factory=dict)  # label -> seconds (None: counter missing)
+
+    @property
+    def total_s(self) -> float:
+        return self.build_s + self.warmup_s
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "total_s": self.total_s}
+
+
+@contextlib.contextmanager
+def fresh_compile_caches() -> Iterator[str]:
+    """Empty on-disk compile caches (a temporary directory, removed afterwards) and cleared in-process ones.
+
+    Inductor reads TORCHINDUCTOR_CACHE_DIR on every lookup; Triton reads TRITON_CACHE_DIR when it compiles.
+    The previous values are restored afterwards, and the in-process caches cleared again, so nothing compiled
+    against the temporary directory is reused from memory after it is gone.
+    """
+    saved = {name: os.environ.get(name) for name in CACHE_ENV}
+    with tempfile.TemporaryDirectory(prefix="ltx2-coldstart-") as tmp:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton")
+        _clear_in_process_caches()
+        try:
+            yield tmp
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            _clear_in_process_caches()
+
+
+def _clear_in_process_caches() -> None:
+    torch._dynamo.reset()
+    with contextlib.suppress(ImportError, AttributeError):
+        from torch._inductor.utils import clear_caches
+
+        clear_caches()
+
+
+def compile_counters() -> dict[str, float]:
+    """dynamo's cumulative compile-time counters of this process (seconds per counter name)."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    return {name: float(value) for name, value in zip(names, values)}
+
+
+def phase_seconds(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """The PHASES over one measurement: counter differences; None where this torch has no such counter."""
+    return {label: (after[key] - before.get(key, 0.0) if key in after else None) for label, key in PHASES}
+
+
+def pass_specs(guidance_name: str, num_layers: int):
+    """The passes of a guidance preset; STG blocks past the model's depth become its last block (small presets)."""
+    from pipeline.guidance import GuidanceConfig
+    from pipeline.passes import pass_specs_for
+
+    guidance = GuidanceConfig.preset(guidance_name)
+    if guidance.stg_blocks and max(guidance.stg_blocks) >= num_layers:
+        guidance = replace(guidance, stg_blocks=(num_layers - 1,))
+    return pass_specs_for(guidance)
+
+
+def measure(workload: Workload, executor_name: str, guidance: str, cache: str, progress: Progress) -> ColdStart:
+    """Build + compile + capture every pass once, under fresh or warm compile caches."""
+    caches = fresh_compile_caches() if cache == "fresh" else contextlib.nullcontext()
+    with caches, cpu_threads(workload):
+        before = compile_counters()
+        started = time.perf_counter()
+        model = build_model(workload, progress)
+        if workload.device.type == "cuda":
+            torch.cuda.synchronize(workload.device)
+        built = time.perf_counter()
+        specs = pass_specs(guidance, workload.config.num_layers)
+        video, audio = random_latents(workload)
+        executor = make_executor(executor_name, model, progress=progress)
+        stats = warm_up(executor, executor_name, specs, random_conditioning(workload), video, audio, progress=progress)
+        phases = phase_seconds(before, compile_counters())
+    return ColdStart(
+        workload=workload.describe(), executor=executor_name, passes=tuple(s.name for s in specs), cache=cache,
+        build_s=built - started, warmup_s=stats.seconds, captures=stats.captures, compiles=stats.compiles,
+        phases=phases,
+    )
+
+
+def format_cold_start(result: ColdStart, import_s: float | None) -> str:
+    lines = [
+        f"cold start ({result.cache} compile caches): {result.workload}",
+        f"  executor {result.executor}, passes {','.join(result.passes)}",
+        f"  build model            {result.build_s:7.1f} s",
+        f"  compile + capture      {result.warmup_s:7.1f} s" + _counts(result),
+        f"  total                  {result.total_s:7.1f} s",
+    ]
+    if import_s is not None:
+        lines.append(f"  (not included: importing torch and this package, {import_s:.1f} s)")
+    if any(v is not None and v > 0 for v in result.phases.values()):
+        lines.append("  where the compile time went (dynamo's counters; nested, not additive):")
+        lines += [f"    {label:36s} " + ("missing in this torch" if s is None else f"{s:6.1f} s")
+                  for label, s in result.phases.items()]
+    return "\n".join(lines)
+
+
+def _counts(result: ColdStart) -> str:
+    counts = [f"{n} {what}" for n, what in ((result.compiles, "compile(s)"), (result.captures, "capture(s)"))
+              if n is not None]
+    return f"  ({', '.join(counts)})" if counts else ""
+
+
+def main(args, progress: Progress) -> int:
+    """Entry for `ltx2-graphs coldstart` (called by graphs.cli)."""
+    workload = resolve_workload(args)
+    executor = args.executor
+    if executor == "auto":
+        executor = "compile+graphs" if workload.device.type == "cuda" else "compile"
+    check_executor(executor, workload.device)
+    if executor == "eager" and args.cache == "fresh":
+        progress("executor eager compiles nothing: the compile caches do not matter")
+    result = measure(workload, executor, args.guidance, args.cache, progress)
+    import_s = getattr(args, "import_seconds", None)
+    if args.json != "-":
+        print(format_cold_start(result, import_s))
+    if args.json:
+        emit_json(result.to_json(), args.json)
+    if result.executor in ("graphs", "compile+graphs") and not result.captures:
+        raise CommandError("no pass graph was captured", hint="rerun with --debug")
+    return 0

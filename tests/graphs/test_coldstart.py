@@ -1,0 +1,87 @@
+"""`ltx2-graphs coldstart`: the fresh-cache switch, the phase accounting and the command end to end.
+
+On CPU the command runs with the eager executor (an inductor compile of even the tiny preset takes ~45 s of C++
+builds on two cores with empty caches); the compiled cold start runs in the GPU test at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from graphs.cli import main
+from graphs.coldstart import CACHE_ENV, PHASES, fresh_compile_caches, pass_specs, phase_seconds
+
+
+def test_fresh_caches_point_at_an_empty_directory_and_restore_the_environment(monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/inductor")
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    with fresh_compile_caches() as tmp:
+        for name in CACHE_ENV:
+            assert os.environ[name].startswith(tmp)
+        assert [files for _, _, files in os.walk(tmp) if files] == []  # nothing cached yet
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        assert cache_dir().startswith(tmp)  # inductor reads the variable on every lookup
+    assert not os.path.exists(tmp)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/inductor"
+    assert "TRITON_CACHE_DIR" not in os.environ
+
+
+def test_fresh_caches_restore_the_environment_on_error(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with pytest.raises(RuntimeError, match="boom"), fresh_compile_caches():
+        raise RuntimeError("boom")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_phase_seconds_are_differences_and_missing_counters_say_so():
+    first_key, second_key = PHASES[0][1], PHASES[1][1]
+    before = {first_key: 1.0}
+    after = {first_key: 4.5, second_key: 2.0}
+    phases = phase_seconds(before, after)
+    assert phases[PHASES[0][0]] == pytest.approx(3.5)
+    assert phases[PHASES[1][0]] == pytest.approx(2.0)  # absent before = 0
+    assert all(phases[label] is None for label, _ in PHASES[2:])  # not counted by this "torch"
+
+
+def test_dev_guidance_on_a_shallow_preset_uses_its_last_block():
+    specs = {s.name: s for s in pass_specs("dev", num_layers=2)}
+    assert set(specs) == {"cond", "neg", "perturbed", "modality"}
+    assert specs["perturbed"].skip_video_self_attn_blocks == (1,)
+    assert [s.name for s in pass_specs("hq", num_layers=48)] == ["cond", "neg", "modality"]
+
+
+def test_coldstart_command_on_cpu(capsys, tmp_path):
+    out_file = tmp_path / "cold.json"
+    code = main(["coldstart", "--executor", "eager", "--json", str(out_file), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "cold start (fresh compile caches)" in out and "build model" in out and "total" in out
+    data = json.loads(out_file.read_text())
+    assert data["passes"] == ["cond", "neg", "modality"] and data["executor"] == "eager"
+    assert data["total_s"] == pytest.approx(data["build_s"] + data["warmup_s"])
+
+
+def test_coldstart_refuses_graphs_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only error")
+    code = main(["coldstart", "--executor", "compile+graphs", "--quiet"])
+    assert code == 3
+    assert "needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_compiled_cold_start_on_the_gpu(capsys, tmp_path):
+    """Fresh caches: everything compiles (counted), every hq pass is captured, and the phases are accounted."""
+    out_file = tmp_path / "cold.json"
+    code = main(["coldstart", "--preset", "small", "--tokens", "256", "--json", str(out_file), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(out_file.read_text())
+    assert data["executor"] == "compile+graphs" and data["cache"] == "fresh"
+    assert data["captures"] == 3 and data["compiles"] >= 4  # four block regions, more with pass variants
+    compile_total = data["phases"][PHASES[0][0]]
+    assert compile_total is not None and 0 < compile_total <= data["warmup_s"]
