@@ -106,33 +106,35 @@ class Modulation(NamedTuple):
     audio_av_gate: Tensor  # 1 row: V2A gate
 
 
-class GatedResidual(NamedTuple):
-    """`x + update * gate`, not yet added: a region returns it so the add happens in the next region, fused by
-    inductor with the norm that reads the sum (a sum written by one region and read back by the next would cost
-    one more pass over [B, N, D] and one more kernel per block)."""
+class PendingTextResidual(NamedTuple):
+    """A stream's residual after self-attention (`x`) and its text cross-attention output (`text_out`), not yet
+    gated and added. The video region returns it so the add happens in the next region, fused by inductor with
+    the norm that reads the sum: a sum written by one region and read back by the next would cost one more pass
+    over [B, N, D] per block. The gate is not carried: the consumer recomputes it from the block's AdaLN table
+    and the modulation (a broadcast add that fuses for free), so the producing region writes no extra tensor."""
 
     x: Tensor
-    update: Tensor
-    gate: Tensor
+    text_out: Tensor
 
-    def resolve(self) -> Tensor:
-        return self.x + self.update * self.gate
+    def add(self, table: Tensor, mod: Tensor) -> Tensor:
+        """x + text_out * gate, with the text cross-attention's gate row of the stream's 9-row AdaLN."""
+        return self.x + self.text_out * ada_rows(table, mod, TEXT_ATTN)[2]
 
 
 def self_and_text_attention(x: Tensor, ctx: Tensor, self_attn: SelfAttention, text_attn: CrossAttention,
                             table: Tensor, mod: Tensor, prompt_table: Tensor, prompt_mod: Tensor, rope: CosSin,
-                            skip: bool, eps: float) -> GatedResidual:
-    """One stream's self-attention (STG `skip`: value pass-through) and text cross-attention, each modulated and
-    gated; the text cross-attention's residual add is left to the caller. x [B, N, D], ctx [B, Nt, D];
-    table/mod: the 9-row AdaLN of the stream."""
+                            skip: bool, eps: float) -> PendingTextResidual:
+    """One stream's self-attention (STG `skip`: value pass-through) and text cross-attention, each modulated; the
+    self-attention is gated and added here, the text cross-attention by the caller (`PendingTextResidual.add`).
+    x [B, N, D], ctx [B, Nt, D]; table/mod: the 9-row AdaLN of the stream."""
     shift, scale, gate = ada_rows(table, mod, SELF_ATTN)  # [B, T, D] each
-    q_shift, q_scale, q_gate = ada_rows(table, mod, TEXT_ATTN)
+    q_shift, q_scale, _ = ada_rows(table, mod, TEXT_ATTN)
     h = modulate(rms(x, eps), scale, shift)
     h = self_attn.value_passthrough(h) if skip else self_attn(h, rope)
     x = x + h * gate
     ctx_shift, ctx_scale = (prompt_table + prompt_mod).unbind(2)  # [B, 1, D] each
     h = text_attn(modulate(rms(x, eps), q_scale, q_shift), modulate(ctx, ctx_scale, ctx_shift))
-    return GatedResidual(x, h, q_gate)
+    return PendingTextResidual(x, h)
 
 
 def gated_ffn(x: Tensor, ff: FeedForward, table: Tensor, mod: Tensor, eps: float) -> Tensor:
@@ -167,7 +169,7 @@ class AudioVideoBlock(nn.Module):
     # Compiled one by one under regional torch.compile (graphs/compile.py): the stream switches between them
     # stay in Python, in `forward`. The split is the same with one stream (CPU, overlap off). On the video chain
     # the boundary costs no extra pass: `video_attention` hands its last residual add to the next region
-    # (`GatedResidual`), where it fuses with the norm that reads the sum.
+    # (`PendingTextResidual`), where it fuses with the norm that reads the sum.
     compile_regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
 
     def forward(self, v: Tensor, a: Tensor, v_ctx: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, *,
@@ -194,16 +196,16 @@ class AudioVideoBlock(nn.Module):
         return v, a
 
     def video_attention(self, v: Tensor, v_ctx: Tensor, mod: Modulation, rope: RopeTables,
-                        skip: bool) -> GatedResidual:
+                        skip: bool) -> PendingTextResidual:
         return self_and_text_attention(v, v_ctx, self.video_self, self.video_text, self.video_table, mod.video,
                                        self.video_prompt_table, mod.video_prompt, rope.video, skip, self.eps)
 
     def audio_attention(self, a: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool) -> Tensor:
         return self_and_text_attention(a, a_ctx, self.audio_self, self.audio_text, self.audio_table, mod.audio,
                                        self.audio_prompt_table, mod.audio_prompt, rope.audio, skip,
-                                       self.eps).resolve()
+                                       self.eps).add(self.audio_table, mod.audio)
 
-    def exchange_and_video_ffn(self, v_pending: GatedResidual, a: Tensor, mod: Modulation, rope: RopeTables,
+    def exchange_and_video_ffn(self, v_pending: PendingTextResidual, a: Tensor, mod: Modulation, rope: RopeTables,
                                a2v: bool, v2a: bool) -> tuple[Tensor, Tensor]:
         """A2V/V2A cross-attention (both read the same pre-update snapshot rms(v), rms(a)), then the video FFN.
 
@@ -211,7 +213,7 @@ class AudioVideoBlock(nn.Module):
         so under compile each residual add fuses with the norm after it.
         """
         eps = self.eps
-        v = v_pending.resolve()
+        v = v_pending.add(self.video_table, mod.video)
         if a2v or v2a:
             nv, na = rms(v, eps), rms(a, eps)
             v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift = (self.video_av_table[:4] + mod.video_av).unbind(2)
