@@ -7,7 +7,10 @@ times SDPA alone on that shape for each backend PyTorch can run there and picks 
 `ltx2-graphs bench --attention measure` pins the winner on the model (`model.attention_backend`, part of every
 graph key) before each shape's rows and prints the timings, so the choice is shown, not asserted.
 
-The model's other attentions (text cross-attention, A2V/V2A) run under the same backend.
+The model's other attentions (text cross-attention, A2V/V2A, audio) run under the same backend. Timing those
+small calls alone misleads (an eager loop of them is launch-bound: cuDNN's 10.8 us A2V kernel times as ~80 us),
+and pinning flash for them inside the compiled graphs made every pass slower (+2 to +10 ms on an H200;
+profiling/PERF_LOG.md), so they are not measured or pinned separately.
 """
 
 from __future__ import annotations
