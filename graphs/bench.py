@@ -66,9 +66,7 @@ def plan_from_args(args, workload: Workload):
         "modality": PassSpec("modality", "positive", disable_a2v_cross_attn=True, disable_v2a_cross_attn=True),
     }
     timed = tuple(all_specs[name] for name in (args.passes or DEFAULT_PASSES))
-    guidance = GuidanceConfig.preset(args.guidance)
-    if guidance.stg_blocks and max(guidance.stg_blocks) >= workload.config.num_layers:
-        guidance = replace(guidance, stg_blocks=stg_blocks)
+    guidance, _ = GuidanceConfig.preset(args.guidance).fitted_to(workload.config.num_layers)
     tokens = args.tokens or (GPU_TOKENS if gpu else CPU_TOKENS)
     return executors, peers, timed, guidance, tokens
 

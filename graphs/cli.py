@@ -1,11 +1,11 @@
 """The `ltx2-graphs` command: `run`, `bench`, `coldstart` and `profile`, with one set of flags shared where they
 mean the same.
 
-This module only parses arguments and turns failures into one line; the work lives in `graphs.runner`
-(run), `graphs.bench` (bench), `graphs.coldstart` (coldstart) and `graphs.cli_profile` (profile). Every value called "auto" is resolved
-once the device is known (`graphs.run_workload`): on a machine without a GPU the defaults are the tiny preset,
-fp32, eager passes and the dispatch-level sync detector, so `ltx2-graphs run` finishes in seconds; with a GPU
-they are the `ltx2.3` preset in bf16 with one CUDA graph per guidance pass.
+This module only parses arguments and turns failures into one line; the work lives in `graphs.runner` (run),
+`graphs.bench` (bench), `graphs.coldstart` (coldstart) and `graphs.cli_profile` (profile). Every value called
+"auto" is resolved once the device is known (`graphs.run_workload`): on a machine without a GPU the defaults are
+the tiny preset, fp32, eager passes and the dispatch-level sync detector, so `ltx2-graphs run` finishes in
+seconds; with a GPU they are the `ltx2.3` preset in bf16 with one CUDA graph per guidance pass.
 """
 
 from __future__ import annotations

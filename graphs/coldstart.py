@@ -5,7 +5,9 @@ every pass of the guidance preset (`GraphExecutor.warmup`), ending with one sync
 start-up and `import torch` are not included (they are printed apart: seconds on a cold disk).
 
 `--cache fresh` (default) points inductor's and Triton's on-disk caches at an empty temporary directory for the
-duration, and clears dynamo's and inductor's in-process caches first: the time a new machine pays. `--cache
+duration, and clears dynamo's and inductor's in-process caches first: the time a new machine pays. Clearing
+them resets dynamo, so code compiled earlier in the same process compiles again on its next call: meant for a
+process (or test) that measures and then starts over, like this command. `--cache
 warm` keeps the caches as they are: the time every later start pays (run it once with `warm` first to fill
 them). Where the compile time went comes from dynamo's own counters (`torch._dynamo.utils.compile_times`),
 the difference over this measurement: tracing Python (dynamo), the backend (AOT autograd + inductor lowering and
@@ -19,7 +21,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -37,7 +39,8 @@ from graphs.run_workload import (
 
 CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 # (label, dynamo counter). Nested: "backend" is part of "compile total", "kernel builds" part of "backend".
-# The counter names are dynamo's; one a torch version does not have is reported as missing, not as zero.
+# The counter names are dynamo's; one that was not recorded in this run (the torch version has no such counter,
+# or nothing ran through it, e.g. no parallel builds) is reported as such, not as zero.
 PHASES = (
     ("compile total (dynamo)", "_compile.compile_inner"),
     ("tracing Python (dynamo)", "bytecode_tracing"),
@@ -59,7 +62,7 @@ class ColdStart:
     warmup_s: float  # compile + capture of every pass (+ the first replay of each)
     captures: int | None
     compiles: int | None
-    phases: dict[str, float | None] = field(default_factory=dict)  # label -> seconds (None: counter missing)
+    phases: dict[str, float | None] = field(default_factory=dict)  # label -> seconds (None: not recorded)
 
     @property
     def total_s(self) -> float:
@@ -73,16 +76,18 @@ class ColdStart:
 def fresh_compile_caches() -> Iterator[str]:
     """Empty on-disk compile caches (a temporary directory, removed afterwards) and cleared in-process ones.
 
-    Inductor reads TORCHINDUCTOR_CACHE_DIR on every lookup; Triton reads TRITON_CACHE_DIR when it compiles.
-    The previous values are restored afterwards, and the in-process caches cleared again, so nothing compiled
-    against the temporary directory is reused from memory after it is gone.
+    Why the in-process clear: dynamo keeps compiled code per function, and inductor remembers its cache paths
+    for the life of the process (`CacheBase.get_local_cache_path` is memoised), so a new environment variable
+    alone would not give an empty cache. Inductor's compile workers also keep the cache variables they were
+    handed; they are shut down on exit so later compiles in this process use the restored caches, not the
+    deleted directory. The previous variables are restored and the caches cleared again on exit, errors included.
     """
     saved = {name: os.environ.get(name) for name in CACHE_ENV}
-    with tempfile.TemporaryDirectory(prefix="ltx2-coldstart-") as tmp:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
-        os.environ["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton")
-        _clear_in_process_caches()
+    with tempfile.TemporaryDirectory(prefix="ltx2-coldstart-", ignore_cleanup_errors=True) as tmp:
         try:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tmp, "inductor")
+            os.environ["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton")
+            _clear_in_process_caches()
             yield tmp
         finally:
             for name, value in saved.items():
@@ -90,6 +95,7 @@ def fresh_compile_caches() -> Iterator[str]:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+            _shutdown_compile_workers()
             _clear_in_process_caches()
 
 
@@ -101,6 +107,13 @@ def _clear_in_process_caches() -> None:
         clear_caches()
 
 
+def _shutdown_compile_workers() -> None:
+    with contextlib.suppress(ImportError, AttributeError):
+        from torch._inductor.async_compile import shutdown_compile_workers
+
+        shutdown_compile_workers()
+
+
 def compile_counters() -> dict[str, float]:
     """dynamo's cumulative compile-time counters of this process (seconds per counter name)."""
     from torch._dynamo.utils import compile_times
@@ -110,23 +123,23 @@ def compile_counters() -> dict[str, float]:
 
 
 def phase_seconds(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
-    """The PHASES over one measurement: counter differences; None where this torch has no such counter."""
+    """The PHASES over one measurement: counter differences; None where the counter was not recorded."""
     return {label: (after[key] - before.get(key, 0.0) if key in after else None) for label, key in PHASES}
 
 
 def pass_specs(guidance_name: str, num_layers: int):
-    """The passes of a guidance preset; STG blocks past the model's depth become its last block (small presets)."""
+    """The passes of a guidance preset, its STG blocks fitted to the model's depth (`GuidanceConfig.fitted_to`)."""
     from pipeline.guidance import GuidanceConfig
     from pipeline.passes import pass_specs_for
 
-    guidance = GuidanceConfig.preset(guidance_name)
-    if guidance.stg_blocks and max(guidance.stg_blocks) >= num_layers:
-        guidance = replace(guidance, stg_blocks=(num_layers - 1,))
+    guidance, _ = GuidanceConfig.preset(guidance_name).fitted_to(num_layers)
     return pass_specs_for(guidance)
 
 
 def measure(workload: Workload, executor_name: str, guidance: str, cache: str, progress: Progress) -> ColdStart:
     """Build + compile + capture every pass once, under fresh or warm compile caches."""
+    if cache not in ("fresh", "warm"):
+        raise ValueError(f"cache must be 'fresh' or 'warm', got {cache!r}")
     caches = fresh_compile_caches() if cache == "fresh" else contextlib.nullcontext()
     with caches, cpu_threads(workload):
         before = compile_counters()
@@ -159,7 +172,7 @@ def format_cold_start(result: ColdStart, import_s: float | None) -> str:
         lines.append(f"  (not included: importing torch and this package, {import_s:.1f} s)")
     if any(v is not None and v > 0 for v in result.phases.values()):
         lines.append("  where the compile time went (dynamo's counters; nested, not additive):")
-        lines += [f"    {label:36s} " + ("missing in this torch" if s is None else f"{s:6.1f} s")
+        lines += [f"    {label:36s} " + ("not recorded in this run" if s is None else f"{s:6.1f} s")
                   for label, s in result.phases.items()]
     return "\n".join(lines)
 

@@ -134,11 +134,10 @@ def options_from_args(args) -> RunOptions:
     guidance = guidance_from_args(args)
     notes = []
     layers = workload.config.num_layers
-    if args.stg_blocks is None and guidance.stg_blocks and max(guidance.stg_blocks) >= layers:
-        # The dev preset names block 28 of the 48-layer model; smaller presets get their last block instead.
-        notes.append(f"STG block(s) {list(guidance.stg_blocks)} do not exist in the {workload.preset} preset "
-                     f"({layers} layers): using block {layers - 1} (set --stg-blocks to choose)")
-        guidance = dataclasses.replace(guidance, stg_blocks=(layers - 1,))
+    if args.stg_blocks is None:  # blocks named explicitly are checked below, never moved
+        guidance, note = guidance.fitted_to(layers)
+        if note:
+            notes.append(f"{workload.preset} preset: {note} (set --stg-blocks to choose)")
     try:
         guidance.validate(workload.config.num_layers)
     except ValueError as e:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
@@ -91,6 +91,15 @@ class GuidanceConfig:
         if name not in presets:
             raise ValueError(f"unknown guidance preset {name!r}; expected one of {sorted(presets)}")
         return presets[name]
+
+    def fitted_to(self, num_layers: int) -> tuple[GuidanceConfig, str | None]:
+        """(this config with STG blocks past the model's depth replaced by its last block, a note saying so or
+        None). Why: the dev preset names block 28 of the 48-layer model; the tiny and small presets have 2 and 4."""
+        if not self.stg_blocks or max(self.stg_blocks) < num_layers:
+            return self, None
+        note = (f"STG block(s) {list(self.stg_blocks)} do not exist in a model with {num_layers} layers: "
+                f"using block {num_layers - 1}")
+        return replace(self, stg_blocks=(num_layers - 1,)), note
 
     def validate(self, num_layers: int) -> None:
         """Check the STG blocks against the model depth (only when a perturbed pass will run)."""

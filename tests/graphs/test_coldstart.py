@@ -13,29 +13,62 @@ import pytest
 import torch
 
 from graphs.cli import main
-from graphs.coldstart import CACHE_ENV, PHASES, fresh_compile_caches, pass_specs, phase_seconds
+from graphs.coldstart import (
+    CACHE_ENV,
+    PHASES,
+    ColdStart,
+    format_cold_start,
+    fresh_compile_caches,
+    measure,
+    pass_specs,
+    phase_seconds,
+)
 
 
-def test_fresh_caches_point_at_an_empty_directory_and_restore_the_environment(monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/inductor")
+def _local_cache_path() -> str:
+    from torch._inductor.codecache import CacheBase
+
+    return str(CacheBase.get_local_cache_path())  # memoised for the process: why the caches must be cleared
+
+
+def test_fresh_caches_point_everything_at_an_empty_directory_and_restore_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    before = _local_cache_path()
+    assert before.startswith(str(tmp_path))
     with fresh_compile_caches() as tmp:
         for name in CACHE_ENV:
             assert os.environ[name].startswith(tmp)
         assert [files for _, _, files in os.walk(tmp) if files] == []  # nothing cached yet
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-        assert cache_dir().startswith(tmp)  # inductor reads the variable on every lookup
+        assert _local_cache_path().startswith(tmp)  # the memoised path moved too
     assert not os.path.exists(tmp)
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
     assert "TRITON_CACHE_DIR" not in os.environ
+    assert _local_cache_path() == before
+
+
+def test_a_compile_under_fresh_caches_writes_there_and_later_ones_do_not(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+    def f(x):
+        return torch.sin(x) * 2 + 1
+
+    x = torch.randn(8)
+    with fresh_compile_caches() as tmp:
+        torch.testing.assert_close(torch.compile(f)(x), f(x))
+        assert [files for _, _, files in os.walk(os.path.join(tmp, "inductor")) if files]  # compiled into tmp
+    torch.testing.assert_close(torch.compile(f)(x), f(x))  # compiles again (in-process caches cleared) ...
+    assert [files for _, _, files in os.walk(tmp_path / "inductor") if files]  # ... into the restored cache
+    assert not os.path.exists(tmp)
 
 
 def test_fresh_caches_restore_the_environment_on_error(monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/triton")
     with pytest.raises(RuntimeError, match="boom"), fresh_compile_caches():
         raise RuntimeError("boom")
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/triton"
 
 
 def test_phase_seconds_are_differences_and_missing_counters_say_so():
@@ -53,6 +86,29 @@ def test_dev_guidance_on_a_shallow_preset_uses_its_last_block():
     assert set(specs) == {"cond", "neg", "perturbed", "modality"}
     assert specs["perturbed"].skip_video_self_attn_blocks == (1,)
     assert [s.name for s in pass_specs("hq", num_layers=48)] == ["cond", "neg", "modality"]
+
+
+def test_report_lists_the_phases_and_says_which_were_not_recorded():
+    phases = {label: None for label, _ in PHASES}
+    phases[PHASES[0][0]] = 12.5
+    result = ColdStart(workload="w", executor="compile", passes=("cond",), cache="fresh", build_s=1.0,
+                       warmup_s=13.0, captures=None, compiles=4, phases=phases)
+    text = format_cold_start(result, import_s=2.0)
+    assert "total                     14.0 s" in text and "(4 compile(s))" in text and "2.0 s" in text
+    assert f"{PHASES[0][0]:36s}   12.5 s" in text
+    assert text.count("not recorded in this run") == len(PHASES) - 1
+
+
+def test_measure_rejects_an_unknown_cache_mode():
+    with pytest.raises(ValueError, match="cache must be 'fresh' or 'warm', got 'cold'"):
+        measure(None, "eager", "hq", "cold", progress=None)
+
+
+@pytest.mark.parametrize("cache", ["fresh", "warm"])
+def test_coldstart_command_with_each_cache_mode_on_cpu(capsys, cache):
+    code = main(["coldstart", "--executor", "eager", "--cache", cache, "--quiet"])
+    assert code == 0
+    assert f"cold start ({cache} compile caches)" in capsys.readouterr().out
 
 
 def test_coldstart_command_on_cpu(capsys, tmp_path):

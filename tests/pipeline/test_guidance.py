@@ -147,3 +147,14 @@ def test_full_rescale_restores_cond_std():
     ratio = pred.flatten(1).std(dim=1) / x0["cond"].flatten(1).std(dim=1)
     assert torch.allclose(ratio, torch.ones(2), atol=1e-5)
     assert math.isfinite(pred.abs().max().item())
+
+
+def test_fitted_to_moves_out_of_range_stg_blocks_to_the_last_block():
+    dev = GuidanceConfig.preset("dev")  # STG on block 28 of the 48-layer model
+    same, note = dev.fitted_to(48)
+    assert same is dev and note is None
+    fitted, note = dev.fitted_to(4)
+    assert fitted.stg_blocks == (3,) and fitted.video == dev.video and fitted.audio == dev.audio
+    assert "28" in note and "block 3" in note
+    hq = GuidanceConfig.preset("hq")  # no STG blocks: nothing to fit
+    assert hq.fitted_to(2) == (hq, None)
