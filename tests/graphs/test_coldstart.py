@@ -24,6 +24,9 @@ from graphs.coldstart import (
     phase_seconds,
 )
 
+# Clearing inductor's caches imports torch modules that still use torch.jit.script_method (torch's own notice).
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 
 def _local_cache_path() -> str:
     from torch._inductor.codecache import CacheBase
