@@ -6,7 +6,8 @@
 #
 # WHEEL_DIR (optional) holds wheels for packages the GPU machine lacks and cannot download (nvtx, cupti-python,
 # diffusers); they are installed offline into a private site directory first. STAGES (env) selects what runs:
-# any of "env tests bench" (default: all three).
+# any of "env tests coldstart bench" (default: "env tests bench"; coldstart adds ~1 min at 1536 tokens: fresh
+# caches once, then warm caches twice, the first run filling them).
 set -uo pipefail
 logdir=${1:?usage: tests/gpu_session.sh LOGDIR [WHEEL_DIR] [-- bench args]}
 shift
@@ -41,6 +42,14 @@ if [[ " $stages " == *" tests "* ]]; then
   python3 tests/run_gpu.py 2>&1 | tee "$logdir/gpu_tests.log"
   status=${PIPESTATUS[0]}
   cp tests/GPU_RESULTS.md "$logdir/" 2>/dev/null
+fi
+
+if [[ " $stages " == *" coldstart "* ]]; then
+  {
+    ltx2-graphs coldstart --tokens 1536 --quiet --json "$logdir/coldstart_fresh.json"
+    ltx2-graphs coldstart --tokens 1536 --cache warm --quiet >/dev/null
+    ltx2-graphs coldstart --tokens 1536 --cache warm --quiet --json "$logdir/coldstart_warm.json"
+  } 2>&1 | tee "$logdir/coldstart.log"
 fi
 
 if [[ " $stages " == *" bench "* ]]; then
