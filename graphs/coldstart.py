@@ -7,10 +7,11 @@ start-up and `import torch` are not included (they are printed apart: seconds on
 `--cache fresh` (default) points inductor's and Triton's on-disk caches at an empty temporary directory for the
 duration, and clears dynamo's and inductor's in-process caches first: the time a new machine pays. Clearing
 them resets dynamo, so code compiled earlier in the same process compiles again on its next call: meant for a
-process (or test) that measures and then starts over, like this command. `--cache
-warm` keeps the caches as they are: the time every later start pays (run it once with `warm` first to fill
-them). Where the compile time went comes from dynamo's own counters (`torch._dynamo.utils.compile_times`),
-the difference over this measurement: tracing Python (dynamo), the backend (AOT autograd + inductor lowering and
+process (or test) that measures and then starts over, like this command. `--cache warm` keeps the caches as
+they are: the time every later start pays (run it once with `warm` first to fill them).
+
+Where the compile time went comes from dynamo's own counters (`torch._dynamo.utils.compile_times`), the
+difference over this measurement: tracing Python (dynamo), the backend (AOT autograd + inductor lowering and
 code generation), and inside that, building and loading the generated kernels (Triton on a GPU, C++ on CPU).
 """
 
