@@ -126,6 +126,8 @@ def bench(args, progress: Progress) -> BenchReport:
     if not executors and not peers:
         raise CommandError("nothing to measure: --executors none and no peer rows",
                            hint="drop --no-peer, install diffusers, or name executors")
+    if getattr(args, "floor", False) and workload.device.type != "cuda":
+        raise CommandError("--floor times kernels in CUDA graphs and needs a GPU", hint="drop --floor on CPU")
     progress(f"measuring the {str(workload.dtype).removeprefix('torch.')} matmul peak on {workload.device}")
     peak = matmul_peak_tflops(workload.device, workload.dtype)
     report = BenchReport(
@@ -166,12 +168,27 @@ def attention_plan(args, model, workload: Workload, tokens, report: BenchReport,
     return lambda grid: setattr(model, "attention_backend", best[grid.num_video_tokens])
 
 
+def measure_floors(model, workload: Workload, shapes: dict[int, CellInputs], report: BenchReport,
+                   progress: Progress) -> None:
+    """`--floor`: each GEMM and SDPA call of a cond pass timed alone per shape (`graphs.bench_floor`)."""
+    from graphs.bench_floor import measure_floor
+
+    for tokens, inputs in shapes.items():
+        progress(f"kernel floor at {tokens} tokens: timing each GEMM and attention call of one block alone")
+        floor = measure_floor(model, tokens, inputs.grid.num_audio_tokens, workload.text_tokens)
+        progress(f"kernel floor at {floor.describe()}")
+        report.notes.append(f"floor (graphs.bench_floor) at {floor.describe()}")
+        report.floors.append(floor.to_json())
+
+
 def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress) -> None:
     from graphs import diffusers_adapter as peer_lib
 
     model = build_model(workload, progress)
     shapes = {t: _shape_inputs(workload, t, args.audio_tokens) for t in tokens}
     prepare = attention_plan(args, model, workload, shapes, report, progress)
+    if getattr(args, "floor", False):
+        measure_floors(model, workload, shapes, report, progress)
     run_cells("ours", model, executors, shapes, plan, report, progress, prepare=prepare)
     model.attention_backend = "auto"  # the peer copy is built from our weights, not our settings
     if peers:

@@ -74,6 +74,7 @@ class BenchReport:
     passes: list[PassRow] = field(default_factory=list)
     steps: list[StepRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    floors: list[dict] = field(default_factory=list)  # `--floor`: graphs.bench_floor.Floor.to_json() per shape
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)

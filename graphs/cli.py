@@ -330,6 +330,12 @@ def build_parser() -> OneLineParser:
         help="SDPA backend of our rows: auto (PyTorch picks), one backend pinned, or 'measure': time SDPA alone on "
         "each shape's video self-attention per backend and pin the fastest there (GPU; the timings are printed)",
     )
+    bench.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time each GEMM and attention call of one block alone (CUDA-graph replays, fastest SDPA backend "
+        "per call) and report their per-pass sums per shape: the floor no fusion can go below (GPU)",
+    )
     bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per pass (default 5)")
     bench.add_argument("--warmup", type=positive_int, default=2, help="untimed calls before timing (default 2)")
     add_output_flags(bench)

@@ -1,0 +1,177 @@
+"""The kernel floor of a cond pass: every GEMM and attention call of one block timed alone, times the depth.
+
+Why: a speed target is only meaningful next to what the big kernels cost by themselves. The pass's GEMMs and
+SDPA calls are taken from the model itself (block 0's `nn.Linear` shapes, with the token count each one sees;
+the attention shapes from the config), each is timed alone at its pass shape, and the sums are scaled by the
+number of blocks. Elementwise work (norms, modulation, gates, residuals, RoPE) and the patchify/output
+projections are left out: the floor is what no fusion can remove.
+
+How each kernel is timed: `calls` calls captured in one CUDA graph, replayed; per-call time = replay time /
+calls. Timed eagerly one by one, a small call measures its launch, not its kernel (cuDNN's A2V call at 1536
+tokens: ~80 us in an eager loop, 10.8 us as a graph kernel). Each attention call takes its fastest SDPA backend.
+On an H200 (profiling/PERF_LOG.md) the GEMMs alone run at ~680-710 TFLOP/s at these shapes, below the short
+square-matmul peak the benchmark reports: sustained clocks are lower than a burst's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import sdpa_kernel
+
+from graphs.bench_attention import CANDIDATES
+from graphs.bench_flops import gemm
+from pipeline.model import ATTENTION_BACKENDS
+from profiling.syncs import allow_host_sync
+from profiling.timing import time_cuda
+
+# Which tokens each Linear of an AudioVideoBlock sees (longest matching prefix of its module path).
+TOKENS_OF = {
+    "video_self": "video", "audio_self": "audio",
+    "video_text": "video", "video_text.kv": "text", "audio_text": "audio", "audio_text.kv": "text",
+    "a2v": "video", "a2v.kv": "audio",  # queries from video, keys/values from audio
+    "v2a": "audio", "v2a.kv": "video",
+    "video_ff": "video", "audio_ff": "audio",
+}
+
+
+@dataclass(frozen=True)
+class FloorKernel:
+    """One GEMM ([rows, k] x [k, n]) or SDPA call ([heads, q_len, kv_len, head_dim]) of one block."""
+
+    name: str
+    kind: str  # "gemm" | "attention"
+    shape: tuple[int, ...]
+
+    @property
+    def flops(self) -> int:
+        if self.kind == "gemm":
+            rows, k, n = self.shape
+            return gemm(rows, n, k)
+        heads, q_len, kv_len, head_dim = self.shape
+        return 2 * gemm(q_len, kv_len, heads * head_dim)  # QK^T and PV
+
+
+@dataclass(frozen=True)
+class Floor:
+    """Per-call times (ms) of one block's kernels, and the per-pass sums over `layers` blocks."""
+
+    video_tokens: int
+    layers: int
+    kernels: tuple[FloorKernel, ...]
+    ms: tuple[float, ...]  # per call, aligned with `kernels`
+    backends: tuple[str, ...]  # the SDPA backend that won each attention call ("" for GEMMs)
+
+    def pass_ms(self, kind: str) -> float:
+        return self.layers * sum(ms for k, ms in zip(self.kernels, self.ms) if k.kind == kind)
+
+    def pass_tflops(self, kind: str) -> float:
+        flops = self.layers * sum(k.flops for k in self.kernels if k.kind == kind)
+        return flops / (self.pass_ms(kind) * 1e-3) / 1e12
+
+    def describe(self) -> str:
+        gemm_ms, attention_ms = self.pass_ms("gemm"), self.pass_ms("attention")
+        return (f"{self.video_tokens} tokens, cond pass, each kernel alone: GEMMs {gemm_ms:.1f} ms "
+                f"({self.pass_tflops('gemm'):.0f} TFLOP/s), attention {attention_ms:.1f} ms "
+                f"({self.pass_tflops('attention'):.0f} TFLOP/s), sum {gemm_ms + attention_ms:.1f} ms")
+
+    def to_json(self) -> dict:
+        return {
+            "video_tokens": self.video_tokens, "layers": self.layers,
+            "gemm_ms": self.pass_ms("gemm"), "attention_ms": self.pass_ms("attention"),
+            "kernels": [{"name": k.name, "kind": k.kind, "shape": list(k.shape), "ms": ms, "backend": b}
+                        for k, ms, b in zip(self.kernels, self.ms, self.backends)],
+        }
+
+
+def _tokens_of(path: str) -> str:
+    matches = [prefix for prefix in TOKENS_OF if path == prefix or path.startswith(prefix + ".")]
+    if not matches:
+        raise ValueError(f"bench_floor: no token count known for the Linear {path!r}; add it to TOKENS_OF")
+    return TOKENS_OF[max(matches, key=len)]
+
+
+def block_kernels(model: nn.Module, video_tokens: int, audio_tokens: int, text_tokens: int) -> list[FloorKernel]:
+    """The GEMMs and SDPA calls of one block in a cond pass (every sublayer on, no STG skip)."""
+    tokens = {"video": video_tokens, "audio": audio_tokens, "text": text_tokens}
+    kernels = [
+        FloorKernel(path, "gemm", (tokens[_tokens_of(path)], module.in_features, module.out_features))
+        for path, module in model.blocks[0].named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    c = model.config
+    hv, dv, ha, da = c.video_heads, c.video_head_dim, c.audio_heads, c.audio_head_dim
+    n, m, t = video_tokens, audio_tokens, text_tokens
+    kernels += [
+        FloorKernel("video self-attention", "attention", (hv, n, n, dv)),
+        FloorKernel("video text cross-attention", "attention", (hv, n, t, dv)),
+        FloorKernel("audio self-attention", "attention", (ha, m, m, da)),
+        FloorKernel("audio text cross-attention", "attention", (ha, m, t, da)),
+        FloorKernel("a2v cross-attention", "attention", (ha, n, m, da)),
+        FloorKernel("v2a cross-attention", "attention", (ha, m, n, da)),
+    ]
+    return kernels
+
+
+def kernel_alone_ms(fn: Callable[[], object], *, calls: int = 20, repeats: int = 10) -> float:
+    """Per-call device time of `fn`'s kernels: `calls` calls in one CUDA graph, replayed (no launch cost)."""
+    with allow_host_sync("floor measurement: warm-up and capture"):
+        fn()  # library set-up (cuBLAS handle, cuDNN plan) outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    return time_cuda(graph.replay, warmup=2, repeats=repeats).median_ms / calls
+
+
+def _gemm_call(kernel: FloorKernel, device, dtype) -> Callable[[], object]:
+    rows, k, n = kernel.shape
+    x = torch.randn(rows, k, device=device, dtype=dtype)  # [rows, K]
+    weight = torch.randn(n, k, device=device, dtype=dtype) * k**-0.5  # [N, K]
+    bias = torch.randn(n, device=device, dtype=dtype)
+    return lambda: F.linear(x, weight, bias)
+
+
+def _attention_calls(kernel: FloorKernel, device, dtype) -> dict[str, Callable[[], object]]:
+    heads, q_len, kv_len, head_dim = kernel.shape
+    q = torch.randn(1, heads, q_len, head_dim, device=device, dtype=dtype)  # [B, H, Nq, D]
+    kv = torch.randn(1, heads, kv_len, head_dim, device=device, dtype=dtype)  # [B, H, Nk, D]
+
+    def call(backend):
+        def run():
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, kv, kv)
+        return run
+
+    return {name: call(ATTENTION_BACKENDS[name]) for name in CANDIDATES}
+
+
+def measure_floor(model: nn.Module, video_tokens: int, audio_tokens: int, text_tokens: int) -> Floor:
+    """Time every kernel of `block_kernels` alone on the model's GPU, in the model's dtype."""
+    device, dtype = model.device, model.dtype
+    if device.type != "cuda":
+        raise ValueError(f"the kernel floor times CUDA graphs and needs a GPU model, got device {device}")
+    kernels = block_kernels(model, video_tokens, audio_tokens, text_tokens)
+    times, backends = [], []
+    for kernel in kernels:
+        if kernel.kind == "gemm":
+            times.append(kernel_alone_ms(_gemm_call(kernel, device, dtype)))
+            backends.append("")
+            continue
+        timed = {}
+        for name, call in _attention_calls(kernel, device, dtype).items():
+            try:
+                timed[name] = kernel_alone_ms(call)
+            except RuntimeError:  # this backend cannot run this shape/dtype on this card
+                continue
+        if not timed:
+            raise RuntimeError(f"no SDPA backend could run the {kernel.name} at shape {kernel.shape}")
+        best = min(timed, key=timed.get)
+        times.append(timed[best])
+        backends.append(best)
+    return Floor(video_tokens, model.config.num_layers, tuple(kernels), tuple(times), tuple(backends))
