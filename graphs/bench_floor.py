@@ -8,7 +8,8 @@ projections are left out: the floor is what no fusion can remove.
 
 How each kernel is timed: `calls` calls captured in one CUDA graph, replayed; per-call time = replay time /
 calls. Timed eagerly one by one, a small call measures its launch, not its kernel (cuDNN's A2V call at 1536
-tokens: ~80 us in an eager loop, 10.8 us as a graph kernel). Each attention call takes its fastest SDPA backend.
+tokens: ~80 us in an eager loop, 10.8 us as a graph kernel). Each attention call takes its fastest SDPA backend,
+with separate K and V; weights small enough to stay in L2 are rotated over copies, so no call reads them hot.
 On an H200 (profiling/PERF_LOG.md) the GEMMs alone run at ~680-710 TFLOP/s at these shapes, below the short
 square-matmul peak the benchmark reports: sustained clocks are lower than a burst's.
 """
@@ -117,38 +118,55 @@ def block_kernels(model: nn.Module, video_tokens: int, audio_tokens: int, text_t
     return kernels
 
 
-def kernel_alone_ms(fn: Callable[[], object], *, calls: int = 20, repeats: int = 10) -> float:
-    """Per-call device time of `fn`'s kernels: `calls` calls in one CUDA graph, replayed (no launch cost)."""
-    with allow_host_sync("floor measurement: warm-up and capture"):
-        fn()  # library set-up (cuBLAS handle, cuDNN plan) outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-    return time_cuda(graph.replay, warmup=2, repeats=repeats).median_ms / calls
+def kernel_alone_ms(fn: Callable[[], object], device: torch.device, *, calls: int = 20, repeats: int = 10) -> float:
+    """Per-call device time of `fn`'s kernels: `calls` calls in one CUDA graph, replayed (no launch cost).
+
+    `fn` must already have run once eagerly (library set-up: cuBLAS handles, cuDNN plans). `fn(i)` is called with
+    the call's index, so a caller can rotate its operands (see `_gemm_call`). Capture runs on an explicit stream
+    of `device`, as every capture in this package does.
+    """
+    stream = torch.cuda.Stream(device=device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(device), allow_host_sync("floor measurement: capture"):
+        torch.cuda.synchronize(device)
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(calls):
+                fn(i)
+    return time_cuda(graph.replay, warmup=2, repeats=repeats, device=device).median_ms / calls
 
 
-def _gemm_call(kernel: FloorKernel, device, dtype) -> Callable[[], object]:
+def _gemm_call(kernel: FloorKernel, device: torch.device, dtype: torch.dtype) -> Callable[[int], object]:
+    """`F.linear` at the kernel's shape. A weight that fits in L2 (the audio stream's, at 126 rows) would be read
+    from cache by repeated calls, while the pass reads each block's weights cold: such weights get enough copies,
+    used in turn, to exceed twice the L2 size."""
     rows, k, n = kernel.shape
     x = torch.randn(rows, k, device=device, dtype=dtype)  # [rows, K]
-    weight = torch.randn(n, k, device=device, dtype=dtype) * k**-0.5  # [N, K]
-    bias = torch.randn(n, device=device, dtype=dtype)
-    return lambda: F.linear(x, weight, bias)
+    weight_bytes = n * k * x.element_size()
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    copies = max(1, -(-2 * l2_bytes // weight_bytes))  # ceil
+    weights = [torch.randn(n, k, device=device, dtype=dtype) * k**-0.5 for _ in range(copies)]  # [N, K] each
+    biases = [torch.randn(n, device=device, dtype=dtype) for _ in range(copies)]
+    return lambda i=0: F.linear(x, weights[i % copies], biases[i % copies])
 
 
-def _attention_calls(kernel: FloorKernel, device, dtype) -> dict[str, Callable[[], object]]:
+def _attention_call(kernel: FloorKernel, backend: str, device: torch.device,
+                    dtype: torch.dtype) -> Callable[[int], object]:
+    """SDPA at the kernel's shape under one backend, with separate K and V laid out as the model passes them
+    ([B, N, H*D] projections viewed as [B, H, N, D])."""
     heads, q_len, kv_len, head_dim = kernel.shape
-    q = torch.randn(1, heads, q_len, head_dim, device=device, dtype=dtype)  # [B, H, Nq, D]
-    kv = torch.randn(1, heads, kv_len, head_dim, device=device, dtype=dtype)  # [B, H, Nk, D]
 
-    def call(backend):
-        def run():
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, kv, kv)
-        return run
+    def heads_view(tokens: int):
+        return torch.randn(1, tokens, heads * head_dim, device=device, dtype=dtype).view(
+            1, tokens, heads, head_dim).transpose(1, 2)  # [B, H, N, D]
 
-    return {name: call(ATTENTION_BACKENDS[name]) for name in CANDIDATES}
+    q, k, v = heads_view(q_len), heads_view(kv_len), heads_view(kv_len)
+    sdp_backend = ATTENTION_BACKENDS[backend]
+
+    def run(i=0):
+        with sdpa_kernel([sdp_backend]):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run
 
 
 def measure_floor(model: nn.Module, video_tokens: int, audio_tokens: int, text_tokens: int) -> Floor:
@@ -160,17 +178,22 @@ def measure_floor(model: nn.Module, video_tokens: int, audio_tokens: int, text_t
     times, backends = [], []
     for kernel in kernels:
         if kernel.kind == "gemm":
-            times.append(kernel_alone_ms(_gemm_call(kernel, device, dtype)))
+            call = _gemm_call(kernel, device, dtype)
+            call()
+            times.append(kernel_alone_ms(call, device))
             backends.append("")
             continue
-        timed = {}
-        for name, call in _attention_calls(kernel, device, dtype).items():
+        timed, refused = {}, {}
+        for name in CANDIDATES:
+            call = _attention_call(kernel, name, device, dtype)
             try:
-                timed[name] = kernel_alone_ms(call)
-            except RuntimeError:  # this backend cannot run this shape/dtype on this card
+                call()  # eager first: a backend that cannot run this shape says so here, never inside a capture
+            except RuntimeError as e:
+                refused[name] = str(e).splitlines()[0][:80]
                 continue
+            timed[name] = kernel_alone_ms(call, device)
         if not timed:
-            raise RuntimeError(f"no SDPA backend could run the {kernel.name} at shape {kernel.shape}")
+            raise RuntimeError(f"no SDPA backend could run the {kernel.name} at shape {kernel.shape}: {refused}")
         best = min(timed, key=timed.get)
         times.append(timed[best])
         backends.append(best)
