@@ -137,13 +137,17 @@ def bench(args, progress: Progress) -> BenchReport:
         peak_tflops=peak, guidance=args.guidance, repeats=args.repeats,
     )
     plan = CellPlan(timed_specs=timed, guidance=guidance, repeats=args.repeats, warmup=args.warmup,
-                    step_count=STEP_COUNT, peak_tflops=peak)
+                    step_count=STEP_COUNT, peak_tflops=peak, share_text_kv=workload.share_text_kv)
     with cpu_threads(workload):
         _bench_rows(args, workload, executors, peers, plan, tokens, report, progress)
     report.notes.append("kernels: " + _kernel_note(report))
     report.notes.append("audio chain: " + ("on a side CUDA stream (overlapping kernels: the per-class kernel times "
                                           "can add up to more than the pass)" if workload.overlap_audio
                                           and workload.device.type == "cuda" else "on the video chain's stream"))
+    report.notes.append("text K/V (our graph rows): " + (
+        "the first pass reading a text computes its keys/values for the later passes of the evaluation (the cond "
+        "row includes the positive text's, the modality row reads them)" if workload.share_text_kv
+        else "projected by every pass (--no-shared-text-kv)"))
     return report
 
 

@@ -1,9 +1,11 @@
 """Measuring one benchmark cell: one executor of one implementation on one shape.
 
 A cell warms the executor up (compile/capture every pass it will run, timed as warm-up), then:
-1. per timed pass: `profiling.timing.time_cuda` over `executor.run(..., (spec,))` (the same call for every
-   executor, so eager, compiled and replayed passes are timed identically), then a few back-to-back calls
-   under `graphs.bench_kernels.kernel_activity` for kernels per pass and GPU busy;
+1. per timed pass: `profiling.timing.time_cuda` over `executor.run(..., (spec,))` for eager and compiled
+   executors; graph executors run every pass of the cell once, then `executor.replay_only(spec)` is timed, so a
+   pass that reads the text keys/values another pass holds (graphs/executor.py) is timed as it runs in a step,
+   and the pass holding them pays for them. Then a few back-to-back calls under
+   `graphs.bench_kernels.kernel_activity` for kernels per pass and GPU busy;
 2. per step: real res2s steps of the guidance preset through `pipeline.denoise.denoise_stage1` (sigmas taken
    from the start of the HQ schedule, all non-terminal: 2 evaluations per step), with host syncs counted.
 Any failure inside a cell becomes that cell's `error` (one line) so one broken row does not end the run.
@@ -49,6 +51,7 @@ class CellPlan:
     step_count: int  # res2s steps timed
     kernel_calls: int = 3  # back-to-back passes under the kernel profiler
     peak_tflops: float = 0.0
+    share_text_kv: bool = True  # graph executors (graphs/executor.py)
 
 
 def step_sigmas(video_tokens: int, count: int) -> list[float]:
@@ -78,7 +81,7 @@ def measure_cell(
     step_row = StepRow(impl, executor_name, tokens, tuple(s.name for s in step_specs))
     progress(f"{impl} {executor_name} @ {tokens} tokens: warm-up")
     try:
-        executor = make_executor(executor_name, model, progress=progress)
+        executor = make_executor(executor_name, model, progress=progress, share_text_kv=plan.share_text_kv)
         stats = warm_up(executor, executor_name, all_specs, inputs.conditioning, inputs.video, inputs.audio,
                         progress=progress)
     except Exception as e:  # the whole cell failed
@@ -91,7 +94,7 @@ def measure_cell(
     step_row.warmup_s, step_row.captures = stats.seconds, stats.captures
     step_row.compiles, step_row.pool_bytes = stats.compiles, stats.pool_bytes
     for spec, row in zip(plan.timed_specs, rows):
-        _measure_pass(executor, spec, row, inputs, plan)
+        _measure_pass(executor, spec, row, inputs, plan, all_specs)
         progress(f"{impl} {executor_name} @ {tokens} tokens: pass {spec.name} "
                  + (f"{row.timing.median_ms:.2f} ms" if row.timing else f"FAILED: {row.error}"))
     _measure_steps(executor, executor_name, step_row, inputs, plan)
@@ -110,14 +113,19 @@ def _union(first: Sequence, second: Sequence) -> tuple:
     return tuple(out)
 
 
-def _measure_pass(executor, spec, row: PassRow, inputs: CellInputs, plan: CellPlan) -> None:
+def _measure_pass(executor, spec, row: PassRow, inputs: CellInputs, plan: CellPlan, all_specs: tuple) -> None:
     device = inputs.video.device
+    graphed = hasattr(executor, "replay_only")
 
     def call():
+        if graphed:
+            return executor.replay_only(spec)
         return executor.run(inputs.video, inputs.audio, 0.5, (spec,))
 
     try:
         with torch.no_grad():
+            if graphed:  # load the inputs and the text K/V roles of the cell's evaluation
+                executor.run(inputs.video, inputs.audio, 0.5, all_specs)
             row.timing = time_cuda(call, warmup=plan.warmup, repeats=plan.repeats, device=device)
             with kernel_activity(device) as activity:
                 for _ in range(plan.kernel_calls):

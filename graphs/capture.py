@@ -10,6 +10,9 @@ Why each rule:
   capture places anything on them. A graph captured later may reuse the temporaries of one captured earlier;
   so within one evaluation graphs replay in capture order (`PassGraph.order`; the executor sorts by it), and
   then no replay can overwrite an output the guidance combine still needs.
+- A pass that produces its text's keys/values for the other passes of an evaluation (`PassOutputs.text_kv`,
+  see `graphs.executor`) holds them like its velocities; the passes captured after it read them at those
+  addresses, and replay after it.
 - Every `CUDAGraph` (a failed one too) stays referenced as long as the pool: a destroyed graph releases its
   share of the pool, and capturing into the pool afterwards trips an allocator assert.
 
@@ -24,12 +27,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from graphs.buffers import StaticInputs
 from graphs.errors import CaptureError
+from graphs import trees
 from graphs.keys import GraphKey
 from pipeline.executor import Velocity
 from profiling.ranges import region
@@ -42,12 +47,22 @@ CAPTURE_FIX = (
 )
 
 
+class PassOutputs(NamedTuple):
+    """What a captured pass function returns: its velocities and, when it produces them for the other passes of
+    its text, the per-block text keys/values (`pipeline.model.LTX2Transformer.text_kv`)."""
+
+    velocity: tuple[Tensor, Tensor]  # (video, audio)
+    text_kv: tuple | None = None
+
+
 @dataclasses.dataclass(eq=False)
 class PassGraph:
     """One captured pass: the graph, its held outputs and the static inputs it reads.
 
-    `outputs` are allocated in the pool and rewritten only by this graph's replays: they stay valid until this
-    graph replays again. `order` is the capture order within the pool (replay in increasing order).
+    `outputs` (and `text_kv`, held by a producing pass) are allocated in the pool and rewritten only by this
+    graph's replays: they stay valid until this graph replays again. `order` is the capture order within the
+    pool (replay in increasing order). `text_kv_source`: the key of the pass whose held `text_kv` this graph
+    reads (None when it projects its text itself).
     """
 
     key: GraphKey
@@ -57,6 +72,8 @@ class PassGraph:
     order: int
     warmup_seconds: float
     capture_seconds: float
+    text_kv: tuple | None = None
+    text_kv_source: GraphKey | None = None
 
     def replay(self) -> Velocity:
         """Launch the graph on the current stream (no host sync) and return the held outputs."""
@@ -88,7 +105,7 @@ class GraphPool:
     def capture(
         self,
         key: GraphKey,
-        fn: Callable[[], tuple[Tensor, Tensor]],
+        fn: Callable[[], PassOutputs],
         static: StaticInputs,
         *,
         order: int,
@@ -97,8 +114,8 @@ class GraphPool:
     ) -> PassGraph:
         """Warm up `warmup_fn` (default `fn`) on the capture stream, then capture `fn` into the pool.
 
-        `fn` must read only `static` and the model and return (video_velocity, audio_velocity). Raises
-        `CaptureError` (chained) when capture fails; the pool is unusable afterwards.
+        `fn` must read only `static`, the model and graphs captured earlier (held text keys/values), and return
+        `PassOutputs`. Raises `CaptureError` (chained) when capture fails; the pool is unusable afterwards.
         """
         if self.failed is not None:
             raise CaptureError(f"this executor's graph pool is unusable after a failed capture ({self.failed}); "
@@ -141,9 +158,13 @@ class GraphPool:
                 raise CaptureError(f"capturing pass {name!r} ({key.short()}) failed: {cause}. {CAPTURE_FIX}.") from e
             self._reserved_delta += torch.cuda.memory_reserved(self.device) - reserved
             done = time.perf_counter()
-        if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
-            raise CaptureError(f"pass {name!r} returned {type(out).__name__}, expected (video, audio) tensors")
-        return PassGraph(key, graph, Velocity(out[0], out[1]), static, order, warm - start, done - warm)
+        velocity = out.velocity if isinstance(out, PassOutputs) else None
+        if not (isinstance(velocity, (tuple, list)) and len(velocity) == 2
+                and all(isinstance(t, Tensor) for t in velocity)):
+            raise CaptureError(f"pass {name!r} returned {type(out).__name__}, expected PassOutputs((video, audio))")
+        if out.text_kv is not None and not all(isinstance(t, Tensor) for _, t in trees.leaves(out.text_kv)):
+            raise CaptureError(f"pass {name!r} returned text_kv with non-tensor leaves")
+        return PassGraph(key, graph, Velocity(*velocity), static, order, warm - start, done - warm, out.text_kv)
 
     def reserved_bytes(self) -> int:
         """Device memory the pool holds: its segments in the allocator snapshot (host-side walk, no sync)."""

@@ -156,6 +156,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="run the audio chain on the video chain's CUDA stream (default: on a side stream next to it, so its "
         "small kernels overlap the video work; the results are bitwise the same)",
     )
+    group.add_argument(
+        "--no-shared-text-kv",
+        action="store_true",
+        help="graph executors: every pass projects its own text keys/values (default: the passes of one "
+        "evaluation that read the same text share them, computed once by the first; the results are bitwise the "
+        "same without compile)",
+    )
 
 
 def add_shape_flags(parser: argparse.ArgumentParser, *, many_tokens: bool) -> None:

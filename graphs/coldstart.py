@@ -151,7 +151,7 @@ def measure(workload: Workload, executor_name: str, guidance: str, cache: str, p
         built = time.perf_counter()
         specs = pass_specs(guidance, workload.config.num_layers)
         video, audio = random_latents(workload)
-        executor = make_executor(executor_name, model, progress=progress)
+        executor = make_executor(executor_name, model, progress=progress, share_text_kv=workload.share_text_kv)
         stats = warm_up(executor, executor_name, specs, random_conditioning(workload), video, audio, progress=progress)
         phases = phase_seconds(before, compile_counters())
     return ColdStart(

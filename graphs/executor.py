@@ -5,7 +5,14 @@ float, and replays one graph per pass spec (in capture order, see `graphs.captur
 held outputs. Texts and RoPE tables are copied into their static buffers once per `set_conditioning`
 (lazily, at the first `run` of each input signature after it).
 
-Each pass is looked up by its `GraphKey` (pass options, input shapes, device, model, weights, compile mode).
+Text keys/values shared (`share_text_kv`, on by default for a model with `text_kv`): passes of one evaluation
+that read the same text at the same sigma (cond, perturbed, modality) need the same text cross-attention
+keys/values in every block. The first of them (in `PASS_NAMES` order) computes them once and holds them as an
+output of its graph; the others are captured reading those held tensors, and replay after it, in the same
+evaluation. A consumer never replays without its producer having replayed first in that evaluation (checked).
+
+Each pass is looked up by its `GraphKey` (pass options, text K/V role, input shapes, device, model, weights,
+compile mode).
 A key that is not cached is a miss, handled by the miss policy:
   "capture" (default): capture it now (captures during the first run are silent, later misses warn once);
   "strict": raise `GraphMissError` naming the fields that differ from the nearest cached key;
@@ -35,13 +42,13 @@ import torch
 from torch import Tensor, nn
 
 from graphs.buffers import StaticInputs, check_host_float
-from graphs.capture import GraphPool, PassGraph
+from graphs.capture import GraphPool, PassGraph, PassOutputs
 from graphs.compile import CompiledBlocks, compile_mode_name
 from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
 from graphs.keys import GraphKey, InputSignature, ModelIdentity, WeightsProbe, explain_miss
 from graphs.trees import same_device
 from pipeline.executor import Conditioning, EagerExecutor, Velocity, check_specs, validate_conditioning
-from pipeline.passes import PassSpec
+from pipeline.passes import PASS_NAMES, PassSpec
 from profiling.ranges import region
 
 MISS_POLICIES = ("capture", "strict", "eager")
@@ -79,6 +86,22 @@ def graphs_supported(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, str]:
+    """Each pass's text keys/values role (`graphs.keys.TEXT_KV_ROLES`), by pass name.
+
+    With `share`, a text read by two or more of the passes is projected once, by the first of its readers in
+    `PASS_NAMES` order (so the roles, and the graph keys, do not depend on the order the specs come in).
+    """
+    roles = dict.fromkeys((s.name for s in specs), "own")
+    if share:
+        for text in {s.text for s in specs}:
+            readers = sorted((s.name for s in specs if s.text == text), key=PASS_NAMES.index)
+            if len(readers) > 1:
+                roles[readers[0]] = "produce"
+                roles.update(dict.fromkeys(readers[1:], "consume"))
+    return roles
+
+
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     if param is None:
@@ -96,6 +119,8 @@ class GraphExecutor:
             before capture (`graphs.compile`).
         warmup_iters: eager (or compiled) calls on the capture stream before each capture.
         max_compile_variants: bound on compiled variants per block region; more is a `CaptureError`.
+        share_text_kv: passes of one text share its keys/values (module docstring); only for models with a
+            `text_kv` method (`pipeline.model.LTX2Transformer`), ignored otherwise.
         progress: receives one line per capture (default: stderr); None for silence.
     """
 
@@ -107,6 +132,7 @@ class GraphExecutor:
         compile: bool | str = False,
         warmup_iters: int = 2,
         max_compile_variants: int = 16,
+        share_text_kv: bool = True,
         progress: Callable[[str], None] | None = _stderr_line,
     ) -> None:
         if miss_policy not in MISS_POLICIES:
@@ -120,6 +146,9 @@ class GraphExecutor:
         self.compile_mode = compile_mode_name(compile)
         self.warmup_iters = warmup_iters
         self.max_compile_variants = max_compile_variants
+        if not isinstance(share_text_kv, bool):
+            raise ValueError(f"share_text_kv must be a bool, got {share_text_kv!r}")
+        self.share_text_kv = share_text_kv and callable(getattr(model, "text_kv", None))
         self.device = _model_device(model)
         self.graphs_enabled = graphs_supported(self.device)
         if not self.graphs_enabled and miss_policy != "eager":
@@ -140,6 +169,7 @@ class GraphExecutor:
         self._eager = EagerExecutor(model)  # runs the passes the policy sends to eager
         self._eager_generation = -1
         self._last_signature: InputSignature | None = None  # inputs of the last run/warmup, for replay_only
+        self._last_roles: dict[str, str] = {}  # text K/V roles of the last run/warmup's passes, for replay_only
         self._warned: set[str] = set()
         self._settled = False  # a run/warmup has completed: later misses are warned (the first run's are not)
         self._captures = 0
@@ -182,6 +212,7 @@ class GraphExecutor:
                     raise GraphMissError(f"{explain_miss(missing[0], self._graphs)} (miss_policy='strict': capture "
                                          "it ahead of time with warmup(...), or use miss_policy='capture')")
             outputs: dict[str, Velocity] = {}
+            producers: dict[str, PassGraph] = {}  # text -> the pass graph that replayed its keys/values
             for spec, key in keyed:
                 graph = self._graphs.get(key)
                 if graph is None:
@@ -194,8 +225,8 @@ class GraphExecutor:
                     if self._settled:
                         self._warn_once("capture", f"capturing a new graph (miss_policy='capture'): "
                                                    f"{explain_miss(key, self._graphs)}")
-                    graph = self._capture(spec, key, static)
-                outputs[spec.name] = self._replay(graph)
+                    graph = self._capture(spec, key, static, producers.get(spec.text))
+                outputs[spec.name] = self._replay_in_evaluation(graph, producers)
             self._settled = True
             return {spec.name: outputs[spec.name] for spec in specs}
 
@@ -226,12 +257,13 @@ class GraphExecutor:
                 return 0.0
             keyed, static = self._prepare(video_like, audio_like, sigma, specs, conditioning)
             seconds = 0.0
+            producers: dict[str, PassGraph] = {}
             for spec, key in keyed:
                 graph = self._graphs.get(key)
                 if graph is None:
-                    graph = self._capture(spec, key, static)
+                    graph = self._capture(spec, key, static, producers.get(spec.text))
                     seconds += graph.seconds
-                self._replay(graph)
+                self._replay_in_evaluation(graph, producers)
             self._settled = True
             return seconds
 
@@ -343,27 +375,31 @@ class GraphExecutor:
         weights = self._weights()  # once per evaluation, not per pass
         identity = ModelIdentity.of(self.model)
         signature = InputSignature.of(video, audio, conditioning, self._model_dtype())
-        keyed = [(s, GraphKey.make(s, signature, identity, weights, self.compile_mode)) for s in specs]
-        # Cached graphs first, in capture order; new keys after, in the given order. A graph captured later may
-        # reuse an earlier graph's temporaries, so replaying the earlier one after it could overwrite its held
-        # output while the guidance combine still needs it.
-        keyed.sort(key=lambda sk: self._graphs[sk[1]].order if sk[1] in self._graphs else math.inf)
+        roles = text_kv_roles(specs, self.share_text_kv)
+        keyed = [(s, GraphKey.make(s, signature, identity, weights, self.compile_mode, roles[s.name])) for s in specs]
+        # Cached graphs first, in capture order; new keys after, producers of text keys/values first, then in the
+        # given order. A graph captured later may reuse an earlier graph's temporaries, so replaying the earlier
+        # one after it could overwrite its held output while the guidance combine still needs it.
+        keyed.sort(key=lambda sk: (self._graphs[sk[1]].order if sk[1] in self._graphs else math.inf,
+                                   sk[1].text_kv != "produce"))
         static = self._static_inputs(signature, video, audio, conditioning)
         static.load(video, audio, sigma)
-        self._last_signature = signature
+        self._last_signature, self._last_roles = signature, roles
         return keyed, static
 
     def _pass_graph(self, spec: PassSpec) -> PassGraph:
         if self._last_signature is None:
             raise GraphMissError("no run() or warmup() yet: there are no inputs to replay a graph for")
         identity = ModelIdentity.of(self.model)
-        key = GraphKey.make(spec, self._last_signature, identity, self._weights(), self.compile_mode)
+        role = self._last_roles.get(spec.name, "own")
+        key = GraphKey.make(spec, self._last_signature, identity, self._weights(), self.compile_mode, role)
         graph = self._graphs.get(key)
         if graph is None:
             raise GraphMissError(explain_miss(key, self._graphs))
         return graph
 
-    def _capture(self, spec: PassSpec, key: GraphKey, static: StaticInputs) -> PassGraph:
+    def _capture(self, spec: PassSpec, key: GraphKey, static: StaticInputs, producer: PassGraph | None) -> PassGraph:
+        """Capture `spec`; a consumer of text keys/values reads those held by `producer` (replayed already)."""
         if self._pool is None:
             self._pool = GraphPool(self.device)
         if self.compile_mode != "off" and self._blocks is None:
@@ -371,9 +407,17 @@ class GraphExecutor:
         args = static.model_args(spec.text)
         kwargs = spec.model_kwargs()
         model, blocks = self.model, self._blocks
+        if key.text_kv == "consume":
+            if producer is None or producer.text_kv is None:
+                raise RuntimeError(f"internal: {key.short()} captured before the pass holding its text K/V")
+            kwargs["text_kv"] = producer.text_kv
 
-        def forward():
-            return model(*args, **kwargs)
+        def forward() -> PassOutputs:
+            if key.text_kv == "produce":
+                video_context, audio_context, sigma = args[2:5]
+                text_kv = model.text_kv(video_context, audio_context, sigma)
+                return PassOutputs(model(*args, **kwargs, text_kv=text_kv), text_kv)
+            return PassOutputs(model(*args, **kwargs))
 
         def warm():
             with blocks.compiling():
@@ -391,6 +435,8 @@ class GraphExecutor:
             warmup_iters=self.warmup_iters,
             warmup_fn=None if blocks is None else warm,
         )
+        if key.text_kv == "consume":
+            graph.text_kv_source = producer.key
         self._graphs[key] = graph
         self._captures += 1
         self._capture_seconds += graph.seconds
@@ -404,6 +450,18 @@ class GraphExecutor:
                 f"pool {self._pool_bytes / 2**20:.1f} MiB"
             )
         return graph
+
+    def _replay_in_evaluation(self, graph: PassGraph, producers: dict[str, PassGraph]) -> Velocity:
+        """Replay one graph of an evaluation; a consumer only after its producer replayed in this evaluation."""
+        key = graph.key
+        if key.text_kv == "produce":
+            producers[key.text] = graph
+        elif key.text_kv == "consume":
+            producer = producers.get(key.text)
+            if producer is None or producer.key != graph.text_kv_source:
+                raise RuntimeError(f"internal: {key.short()} would read text K/V its producer did not write in this "
+                                   "evaluation")
+        return self._replay(graph)
 
     def _replay(self, graph: PassGraph) -> Velocity:
         with region(f"replay {graph.key.pass_name}"):

@@ -5,7 +5,9 @@ A CUDA graph freezes what the forward did on the host while it was captured: the
 buffers, the compiled code chosen by torch.compile. A replay with any of those changed would silently
 compute the wrong thing, so each of them is a field here and a change is a cache miss, never a stale replay:
 
-- the pass: its name (each pass has its own held outputs), the text it reads, every forward keyword option;
+- the pass: its name (each pass has its own held outputs), the text it reads, every forward keyword option,
+  and its text keys/values role (`TEXT_KV_ROLES`: a graph that reads another pass's held keys/values baked in
+  their address);
 - the inputs: device, shape and dtype of the latents, of each text context and of every RoPE table leaf;
 - the model: identity (id, class, config, attention backend), weights state, compile mode.
 
@@ -186,6 +188,15 @@ def pass_options(spec: Any) -> tuple[tuple[str, Hashable], ...]:
     return tuple(sorted((name, _freeze(value)) for name, value in spec.model_kwargs().items()))
 
 
+# A pass's text keys/values role -> the phrase `GraphKey.short` adds: it projects its text itself ("own"), also
+# holds the keys/values for the later passes of its text ("produce"), or reads those held ones ("consume").
+TEXT_KV_ROLES = {
+    "own": "",
+    "produce": " [holds the {text} text K/V for the passes after it]",
+    "consume": " [reads the held {text} text K/V]",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class GraphKey:
     """One captured pass. Equal keys may share a graph; any differing field is a miss."""
@@ -197,17 +208,22 @@ class GraphKey:
     model: ModelIdentity
     weights: WeightsState
     compile_mode: str  # "off" | "default" | "max-autotune-no-cudagraphs"
+    text_kv: str = "own"  # one of TEXT_KV_ROLES
 
     @classmethod
     def make(
-        cls, spec: Any, inputs: InputSignature, model: ModelIdentity, weights: WeightsState, compile_mode: str
+        cls, spec: Any, inputs: InputSignature, model: ModelIdentity, weights: WeightsState, compile_mode: str,
+        text_kv: str = "own",
     ) -> GraphKey:
-        """Key of `spec` (a `pipeline.passes.PassSpec`) for these inputs, model, weights and compile mode."""
-        return cls(spec.name, spec.text, pass_options(spec), inputs, model, weights, compile_mode)
+        """Key of `spec` (a `pipeline.passes.PassSpec`) for these inputs, model, weights, compile mode and text
+        keys/values role."""
+        if text_kv not in TEXT_KV_ROLES:
+            raise ValueError(f"text_kv must be one of {tuple(TEXT_KV_ROLES)}, got {text_kv!r}")
+        return cls(spec.name, spec.text, pass_options(spec), inputs, model, weights, compile_mode, text_kv)
 
     def fields(self) -> dict[str, Hashable]:
         """Flat name -> value view, the unit `explain_miss` compares."""
-        out: dict[str, Hashable] = {"pass": self.pass_name, "text": self.text}
+        out: dict[str, Hashable] = {"pass": self.pass_name, "text": self.text, "text_kv": self.text_kv}
         out.update(dict(self.options))
         out.update(self.inputs.fields())
         out.update(
@@ -228,7 +244,8 @@ class GraphKey:
         """One phrase for progress lines: the pass, its active options and the latent shapes."""
         active = [f"{name}={value}" for name, value in self.options if value]
         opts = f" ({', '.join(active)})" if active else ""
-        return f"{self.pass_name}{opts} video {self.inputs.video} audio {self.inputs.audio}"
+        role = TEXT_KV_ROLES[self.text_kv].format(text=self.text)
+        return f"{self.pass_name}{opts}{role} video {self.inputs.video} audio {self.inputs.audio}"
 
     def __str__(self) -> str:
         return (

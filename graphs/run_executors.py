@@ -35,8 +35,9 @@ class WarmupStats:
     pool_bytes: int | None = None  # device memory held by the shared graph pool
 
 
-def make_executor(name: str, model: nn.Module, *, progress: Callable[[str], None] | None = None):
-    """The pass executor for `name` (one of EXECUTOR_NAMES) driving `model`."""
+def make_executor(name: str, model: nn.Module, *, progress: Callable[[str], None] | None = None,
+                  share_text_kv: bool = True):
+    """The pass executor for `name` (one of EXECUTOR_NAMES) driving `model`; `share_text_kv` for graph executors."""
     if name == "eager":
         from pipeline.executor import EagerExecutor
 
@@ -48,9 +49,8 @@ def make_executor(name: str, model: nn.Module, *, progress: Callable[[str], None
     if name in ("graphs", "compile+graphs"):
         from graphs.executor import GraphExecutor
 
-        return GraphExecutor(
-            model, miss_policy="capture", compile="default" if name == "compile+graphs" else False, progress=progress
-        )
+        return GraphExecutor(model, miss_policy="capture", compile="default" if name == "compile+graphs" else False,
+                             share_text_kv=share_text_kv, progress=progress)
     raise ValueError(f"executor must be one of {EXECUTOR_NAMES}, got {name!r}")
 
 

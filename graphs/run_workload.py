@@ -88,6 +88,7 @@ class Workload:
     seed: int
     weights: str | None = None
     overlap_audio: bool = True  # the audio chain on a side CUDA stream (pipeline/streams.py)
+    share_text_kv: bool = True  # graph executors: passes of one text share its keys/values (graphs/executor.py)
 
     def describe(self) -> str:
         g = self.grid
@@ -97,6 +98,7 @@ class Workload:
             f"{g.num_video_tokens} video tokens ({g.frames}x{g.height}x{g.width} latents), "
             f"{g.num_audio_tokens} audio, {self.text_tokens} text"
             + ("" if self.overlap_audio else ", audio on the video stream")
+            + ("" if self.share_text_kv else ", text K/V per pass")
         )
 
 
@@ -120,6 +122,7 @@ def resolve_workload(args, *, grid: LatentGrid | None = None) -> Workload:
         seed=args.seed,
         weights=args.weights,
         overlap_audio=not getattr(args, "no_audio_stream", False),
+        share_text_kv=not getattr(args, "no_shared_text_kv", False),
     )
 
 

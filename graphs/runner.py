@@ -300,7 +300,7 @@ def _run(options: RunOptions, progress: Progress, loop_context: LoopContext | No
         workload=w.describe(), preset=w.preset, device=str(w.device), dtype=str(w.dtype).removeprefix("torch."),
         executor=options.executor, guidance=options.guidance_name, seed=w.seed, build_s=build_s,
     )
-    executor = make_executor(options.executor, model, progress=progress)
+    executor = make_executor(options.executor, model, progress=progress, share_text_kv=w.share_text_kv)
     grid = w.grid
     c = w.config
     latents = initial_latents(

@@ -74,12 +74,25 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, q_rope: CosSin | None = None,
                 k_rope: CosSin | None = None) -> Tensor:
+        return self.attend_to(x, *self.context_kv(context, k_rope), q_rope)
+
+    def context_kv(self, context: Tensor, k_rope: CosSin | None = None) -> tuple[Tensor, Tensor]:
+        """Keys (RMS-normed, RoPE'd when `k_rope` is given) and values of `context` [B, Nk, C]: [B, Nk, I] each.
+
+        Separate from `attend_to` because the text context's keys/values do not depend on the queries: passes
+        that read the same text at the same sigma can share them (`LTX2Transformer.text_kv`)."""
+        i = self.inner
+        k, v = self.kv(context).split([i, i], dim=-1)  # [B, Nk, I] each
+        k = F.rms_norm(k, (i,), self.k_norm, self.eps)
+        if k_rope is not None:
+            k = apply_split_rope(k, k_rope)
+        return k, v
+
+    def attend_to(self, x: Tensor, k: Tensor, v: Tensor, q_rope: CosSin | None = None) -> Tensor:
+        """Gated attention of the queries of `x` [B, Nq, dim] over prepared keys/values (`context_kv`)."""
         i = self.inner
         q, g = self.q_gate(x).split([i, self.heads], dim=-1)  # [B, Nq, I], [B, Nq, H]
-        k, v = self.kv(context).split([i, i], dim=-1)  # [B, Nk, I] each
         q = F.rms_norm(q, (i,), self.q_norm, self.eps)
-        k = F.rms_norm(k, (i,), self.k_norm, self.eps)
         if q_rope is not None:  # static per module use (A2V/V2A always, text never), not data-dependent
             q = apply_split_rope(q, q_rope)
-            k = apply_split_rope(k, k_rope)
         return gated_output(self.out, attend(q, k, v, self.heads), g)

@@ -122,19 +122,37 @@ class PendingTextResidual(NamedTuple):
         return self.x + self.text_out * ada_rows(table, mod, TEXT_ATTN)[2]
 
 
-def self_and_text_attention(x: Tensor, ctx: Tensor, self_attn: SelfAttention, text_attn: CrossAttention,
-                            table: Tensor, mod: Tensor, prompt_table: Tensor, prompt_mod: Tensor, rope: CosSin,
-                            skip: bool, eps: float) -> PendingTextResidual:
+class BlockTextKV(NamedTuple):
+    """One block's text cross-attention keys (RMS-normed) and values, per stream: [B, Nt, I] each.
+
+    They depend only on the text context, the prompt AdaLN (sigma) and the weights, not on the latents, so the
+    passes of one evaluation that read the same text can share them (`LTX2Transformer.text_kv`)."""
+
+    video_k: Tensor
+    video_v: Tensor
+    audio_k: Tensor
+    audio_v: Tensor
+
+
+def prompt_kv(text_attn: CrossAttention, ctx: Tensor, prompt_table: Tensor, prompt_mod: Tensor) -> tuple[Tensor, Tensor]:
+    """Text keys/values of one stream: the context shifted/scaled by the prompt AdaLN (LTX-2.3), then projected.
+    ctx [B, Nt, C]; prompt_mod [B, 1, 2, C] (rows shift, scale)."""
+    ctx_shift, ctx_scale = (prompt_table + prompt_mod).unbind(2)  # [B, 1, C] each
+    return text_attn.context_kv(modulate(ctx, ctx_scale, ctx_shift))
+
+
+def self_and_text_attention(x: Tensor, text_kv: tuple[Tensor, Tensor], self_attn: SelfAttention,
+                            text_attn: CrossAttention, table: Tensor, mod: Tensor, rope: CosSin, skip: bool,
+                            eps: float) -> PendingTextResidual:
     """One stream's self-attention (STG `skip`: value pass-through) and text cross-attention, each modulated; the
     self-attention is gated and added here, the text cross-attention by the caller (`PendingTextResidual.add`).
-    x [B, N, D], ctx [B, Nt, D]; table/mod: the 9-row AdaLN of the stream."""
+    x [B, N, D]; text_kv: the stream's text keys/values (`prompt_kv`); table/mod: the 9-row AdaLN of the stream."""
     shift, scale, gate = ada_rows(table, mod, SELF_ATTN)  # [B, T, D] each
     q_shift, q_scale, _ = ada_rows(table, mod, TEXT_ATTN)
     h = modulate(rms(x, eps), scale, shift)
     h = self_attn.value_passthrough(h) if skip else self_attn(h, rope)
     x = x + h * gate
-    ctx_shift, ctx_scale = (prompt_table + prompt_mod).unbind(2)  # [B, 1, D] each
-    h = text_attn(modulate(rms(x, eps), q_scale, q_shift), modulate(ctx, ctx_scale, ctx_shift))
+    h = text_attn.attend_to(modulate(rms(x, eps), q_scale, q_shift), *text_kv)
     return PendingTextResidual(x, h)
 
 
@@ -171,21 +189,27 @@ class AudioVideoBlock(nn.Module):
     # stay in Python, in `forward`. The split is the same with one stream (CPU, overlap off). On the video chain
     # the boundary costs no extra pass: `video_attention` hands its last residual add to the next region
     # (`PendingTextResidual`), where it fuses with the norm that reads the sum.
-    compile_regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
+    # `text_kv` is a fifth region, called by `LTX2Transformer.text_kv` outside the block's forward.
+    compile_regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn", "text_kv")
 
     def forward(self, v: Tensor, a: Tensor, v_ctx: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, *,
                 skip_video_self_attn: bool, skip_audio_self_attn: bool, a2v: bool, v2a: bool,
-                streams: AudioStreams = SEQUENTIAL) -> tuple[Tensor, Tensor]:
+                streams: AudioStreams = SEQUENTIAL, text_kv: BlockTextKV | None = None) -> tuple[Tensor, Tensor]:
         """v [B, Nv, Dv], a [B, Na, Da]; contexts [B, Nt, Dv / Da]. Audio-only work runs under `streams.side()`
         (pipeline/streams.py), which the caller forked before the first block and joins after the last.
+        `text_kv`: this block's text keys/values computed ahead (`text_kv`); None computes them from the contexts.
 
         Per block: audio attention (side) next to video attention (main); join; exchange + video FFN (main); fork;
         audio FFN (side). The fork comes after the whole exchange region, video FFN included, so the audio FFN
         overlaps the next block's video attention.
         """
+        if text_kv is None:
+            video_kv = audio_kv = None
+        else:
+            video_kv, audio_kv = (text_kv.video_k, text_kv.video_v), (text_kv.audio_k, text_kv.audio_v)
         with streams.side():
-            a = self.audio_attention(a, a_ctx, mod, rope, skip_audio_self_attn)
-        v_pending = self.video_attention(v, v_ctx, mod, rope, skip_video_self_attn)
+            a = self.audio_attention(a, a_ctx, mod, rope, skip_audio_self_attn, audio_kv)
+        v_pending = self.video_attention(v, v_ctx, mod, rope, skip_video_self_attn, video_kv)
         exchange = a2v or v2a
         if exchange:
             streams.join()  # the exchange reads both chains
@@ -196,15 +220,24 @@ class AudioVideoBlock(nn.Module):
             a = self.audio_ffn(a, mod)
         return v, a
 
-    def video_attention(self, v: Tensor, v_ctx: Tensor, mod: Modulation, rope: RopeTables,
-                        skip: bool) -> PendingTextResidual:
-        return self_and_text_attention(v, v_ctx, self.video_self, self.video_text, self.video_table, mod.video,
-                                       self.video_prompt_table, mod.video_prompt, rope.video, skip, self.eps)
+    def text_kv(self, v_ctx: Tensor, a_ctx: Tensor, video_prompt: Tensor, audio_prompt: Tensor) -> BlockTextKV:
+        """This block's text keys/values for both streams (prompt AdaLN outputs `video_prompt`/`audio_prompt`)."""
+        return BlockTextKV(*prompt_kv(self.video_text, v_ctx, self.video_prompt_table, video_prompt),
+                           *prompt_kv(self.audio_text, a_ctx, self.audio_prompt_table, audio_prompt))
 
-    def audio_attention(self, a: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool) -> Tensor:
-        return self_and_text_attention(a, a_ctx, self.audio_self, self.audio_text, self.audio_table, mod.audio,
-                                       self.audio_prompt_table, mod.audio_prompt, rope.audio, skip,
-                                       self.eps).add(self.audio_table, mod.audio)
+    def video_attention(self, v: Tensor, v_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool,
+                        kv: tuple[Tensor, Tensor] | None = None) -> PendingTextResidual:
+        if kv is None:
+            kv = prompt_kv(self.video_text, v_ctx, self.video_prompt_table, mod.video_prompt)
+        return self_and_text_attention(v, kv, self.video_self, self.video_text, self.video_table, mod.video,
+                                       rope.video, skip, self.eps)
+
+    def audio_attention(self, a: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool,
+                        kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        if kv is None:
+            kv = prompt_kv(self.audio_text, a_ctx, self.audio_prompt_table, mod.audio_prompt)
+        return self_and_text_attention(a, kv, self.audio_self, self.audio_text, self.audio_table, mod.audio,
+                                       rope.audio, skip, self.eps).add(self.audio_table, mod.audio)
 
     def exchange_and_video_ffn(self, v_pending: PendingTextResidual, a: Tensor, mod: Modulation, rope: RopeTables,
                                a2v: bool, v2a: bool) -> tuple[Tensor, Tensor]:
@@ -313,13 +346,10 @@ class LTX2Transformer(nn.Module):
         per-sample timestep. With per-token sigma the per-sample value is its max over tokens (the noisy
         tokens' sigma when some are clean conditioning tokens), taken on the device.
         """
-        c = self.config
-        b = sigma.shape[0]
-        t_video = (sigma * c.timestep_scale).view(b, -1)  # [B, T]
-        t_sample = t_video if sigma.ndim == 1 else t_video.amax(dim=1, keepdim=True)  # [B, 1]
+        t_video, t_sample = self._timesteps(sigma)
         video, video_emb = self.video_time(t_video)
         audio, audio_emb = self.audio_time(t_sample)
-        t_gate = t_sample * c.cross_attn_gate_scale
+        t_gate = t_sample * self.config.cross_attn_gate_scale
         mod = Modulation(
             video=video, audio=audio,
             video_prompt=self.video_prompt(t_sample)[0], audio_prompt=self.audio_prompt(t_sample)[0],
@@ -328,6 +358,24 @@ class LTX2Transformer(nn.Module):
         )
         return mod, video_emb, audio_emb
 
+    def _timesteps(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(video timestep [B, T], per-sample timestep [B, 1]) for sigma [B] or [B, Nv] (see `modulation`)."""
+        b = sigma.shape[0]
+        t_video = (sigma * self.config.timestep_scale).view(b, -1)  # [B, T]
+        return t_video, t_video if sigma.ndim == 1 else t_video.amax(dim=1, keepdim=True)
+
+    def text_kv(self, video_context: Tensor, audio_context: Tensor, sigma: Tensor) -> tuple[BlockTextKV, ...]:
+        """Every block's text keys/values (`BlockTextKV`) for these contexts at this sigma, for `forward(text_kv=)`.
+
+        The cond, perturbed and modality passes of one evaluation read the same text at the same sigma, so one
+        call here serves all of them: in LTX-2.3 the prompt AdaLN makes the keys/values depend on sigma, so they
+        cannot be kept across steps, but within a step they save the modality and perturbed passes their text
+        key/value projections (profiling/PERF_LOG.md has the measured effect). Never synchronises the host.
+        """
+        _, t_sample = self._timesteps(sigma)
+        video_prompt, audio_prompt = self.video_prompt(t_sample)[0], self.audio_prompt(t_sample)[0]
+        return tuple(block.text_kv(video_context, audio_context, video_prompt, audio_prompt) for block in self.blocks)
+
     def _sdpa_context(self):
         backend = ATTENTION_BACKENDS[self._attention_backend]
         return contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
@@ -335,16 +383,20 @@ class LTX2Transformer(nn.Module):
     def forward(self, video: Tensor, audio: Tensor, video_context: Tensor, audio_context: Tensor, sigma: Tensor,
                 rope: RopeTables, *, skip_video_self_attn_blocks: Sequence[int] = (),
                 skip_audio_self_attn_blocks: Sequence[int] = (), disable_a2v_cross_attn: bool = False,
-                disable_v2a_cross_attn: bool = False) -> tuple[Tensor, Tensor]:
+                disable_v2a_cross_attn: bool = False,
+                text_kv: Sequence[BlockTextKV] | None = None) -> tuple[Tensor, Tensor]:
         """Velocity (video [B, Nv, 128], audio [B, Na, 128]) for one guidance pass. Never synchronises the host.
 
         sigma: float32 [B] (or [B, Nv] per video token). skip_*_self_attn_blocks: STG block indices (value
         pass-through there). disable_a2v/v2a_cross_attn: drop that sublayer and its residual in every block.
+        text_kv: `self.text_kv(video_context, audio_context, sigma)` computed ahead, to share between passes
+        (the caller keeps it matched to the contexts and sigma); None computes it inside each block.
         """
         validate_inputs(self, video, audio, video_context, audio_context, sigma, rope,
                         skip_video_self_attn_blocks=skip_video_self_attn_blocks,
                         skip_audio_self_attn_blocks=skip_audio_self_attn_blocks,
-                        disable_a2v_cross_attn=disable_a2v_cross_attn, disable_v2a_cross_attn=disable_v2a_cross_attn)
+                        disable_a2v_cross_attn=disable_a2v_cross_attn, disable_v2a_cross_attn=disable_v2a_cross_attn,
+                        text_kv=text_kv)
         skip_v, skip_a = frozenset(skip_video_self_attn_blocks), frozenset(skip_audio_self_attn_blocks)
         eps = 1e-6  # the output LayerNorm's eps is fixed in the reference
         mod, video_emb, audio_emb = self.modulation(sigma)
@@ -357,7 +409,8 @@ class LTX2Transformer(nn.Module):
                 for i, block in enumerate(self.blocks):
                     v, a = block(v, a, video_context, audio_context, mod, rope, skip_video_self_attn=i in skip_v,
                                  skip_audio_self_attn=i in skip_a, a2v=not disable_a2v_cross_attn,
-                                 v2a=not disable_v2a_cross_attn, streams=streams)
+                                 v2a=not disable_v2a_cross_attn, streams=streams,
+                                 text_kv=None if text_kv is None else text_kv[i])
         finally:
             streams.join()  # also on an error, so no side-stream work is left unjoined (or a capture unjoined)
         shift, scale = (self.video_out_table + video_emb.unsqueeze(2)).unbind(2)  # [B, T, Dv] each
@@ -392,7 +445,8 @@ def _check_blocks(name: str, blocks: object, num_layers: int) -> None:
 def validate_inputs(model: LTX2Transformer, video: Tensor, audio: Tensor, video_context: Tensor,
                     audio_context: Tensor, sigma: Tensor, rope: RopeTables, *,
                     skip_video_self_attn_blocks: Sequence[int] = (), skip_audio_self_attn_blocks: Sequence[int] = (),
-                    disable_a2v_cross_attn: bool = False, disable_v2a_cross_attn: bool = False) -> None:
+                    disable_a2v_cross_attn: bool = False, disable_v2a_cross_attn: bool = False,
+                    text_kv: Sequence[BlockTextKV] | None = None) -> None:
     """Raise ValueError (naming the argument, the value seen and the expected one) for any malformed input.
 
     Reads only tensor metadata (shape, dtype, device) and Python values: never synchronises.
@@ -425,6 +479,23 @@ def validate_inputs(model: LTX2Transformer, video: Tensor, audio: Tensor, video_
                        ("disable_v2a_cross_attn", disable_v2a_cross_attn)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {flag!r}")
+    if text_kv is not None:
+        _check_text_kv(model, text_kv, video_context.shape[:2])
+
+
+def _check_text_kv(model: LTX2Transformer, text_kv: object, batch_tokens: tuple[int, int]) -> None:
+    """`text_kv` must be one `BlockTextKV` per block with [B, Nt, heads * head_dim] keys and values."""
+    c = model.config
+    if not isinstance(text_kv, (tuple, list)) or len(text_kv) != c.num_layers:
+        got = f"{len(text_kv)} entries" if isinstance(text_kv, (tuple, list)) else type(text_kv).__name__
+        raise ValueError(f"text_kv must hold one BlockTextKV per block ({c.num_layers}, from model.text_kv), got {got}")
+    widths = {"video": c.video_heads * c.video_head_dim, "audio": c.audio_heads * c.audio_head_dim}
+    for i, kv in enumerate(text_kv):
+        if not isinstance(kv, BlockTextKV):
+            raise ValueError(f"text_kv[{i}] must be a BlockTextKV (from model.text_kv), got {type(kv).__name__}")
+        for field, t in kv._asdict().items():
+            _check_tensor(f"text_kv[{i}].{field}", t, (*batch_tokens, widths[field.split("_")[0]]), model.dtype,
+                          model.device)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from graphs import trees
 from graphs.capture import PassGraph
 from pipeline.config import LatentGrid, ModelConfig
 from pipeline.executor import Conditioning, Velocity, random_conditioning
@@ -37,17 +38,18 @@ def make_latents(config: ModelConfig, grid: LatentGrid, *, device, seed: int = 2
 
 
 class FakeGraph:
-    """Stands in for a captured CUDA graph: replay recomputes the pass into the held outputs."""
+    """Stands in for a captured CUDA graph: replay recomputes the pass into the held outputs (velocities and,
+    for a producing pass, the text keys/values)."""
 
-    def __init__(self, fn, outputs: Velocity, name: str, log: list[str]) -> None:
-        self.fn, self.outputs, self.name, self.log = fn, outputs, name, log
+    def __init__(self, fn, held: list[Tensor], name: str, log: list[str]) -> None:
+        self.fn, self.held, self.name, self.log = fn, held, name, log
 
     def replay(self) -> None:
         self.log.append(self.name)
         with torch.no_grad():
-            video, audio = self.fn()
-        self.outputs.video.copy_(video)
-        self.outputs.audio.copy_(audio)
+            fresh = trees.tensor_leaves(self.fn())
+        for dst, src in zip(self.held, fresh, strict=True):
+            dst.copy_(src)
 
 
 class FakePool:
@@ -62,10 +64,10 @@ class FakePool:
         with torch.no_grad():
             for _ in range(warmup_iters):
                 (warmup_fn or fn)()
-            video, audio = fn()
+            out = trees.map_tensors(fn(), torch.clone)
         self.captured.append(key.pass_name)
-        outputs = Velocity(video.clone(), audio.clone())
-        return PassGraph(key, FakeGraph(fn, outputs, key.pass_name, self.replayed), outputs, static, order, 0.0, 0.0)
+        graph = FakeGraph(fn, trees.tensor_leaves(out), key.pass_name, self.replayed)
+        return PassGraph(key, graph, Velocity(*out.velocity), static, order, 0.0, 0.0, out.text_kv)
 
     def reserved_bytes(self) -> int:
         return 0

@@ -120,6 +120,21 @@ def test_no_audio_stream_flag_reaches_the_model():
         assert build_model(workload, progress=lambda line: None).overlap_audio is expected
 
 
+def test_no_shared_text_kv_flag_reaches_the_graph_executor(monkeypatch):
+    import graphs.executor
+    from graphs.run_executors import make_executor
+    from graphs.run_workload import build_model, resolve_workload
+
+    monkeypatch.setattr(graphs.executor, "graphs_supported", lambda device: True)  # build it on CPU
+    cpu = ["run", "--device", "cpu"]
+    for argv, expected in ((cpu, True), ([*cpu, "--no-shared-text-kv"], False)):
+        workload = resolve_workload(build_parser().parse_args(argv))
+        assert workload.share_text_kv is expected
+        assert ("text K/V per pass" in workload.describe()) is not expected
+        model = build_model(workload, progress=lambda line: None)
+        assert make_executor("graphs", model, share_text_kv=workload.share_text_kv).share_text_kv is expected
+
+
 def test_default_run_on_cpu(capsys, tmp_path):
     """`ltx2-graphs run` with its defaults (4 of the 15 steps, to keep CI fast): 0 syncs, table, JSON, output."""
     out_file = tmp_path / "out" / "latents.safetensors"

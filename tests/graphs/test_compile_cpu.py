@@ -80,9 +80,10 @@ def test_one_structure_serves_every_block_and_variants_are_counted(tiny, fresh_d
     with blocks.compiling():
         compiled_cond = _forward(model, grid, COND)
     regions = AudioVideoBlock.compile_regions
-    assert blocks.regions == regions == ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
-    assert blocks.compiles == 4  # one graph per region, shared by both blocks
-    assert blocks.cached_variants() == dict.fromkeys(regions, 1)
+    assert blocks.regions == regions == ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn",
+                                         "text_kv")
+    assert blocks.compiles == 4  # one graph per region the forward calls, shared by both blocks
+    assert blocks.cached_variants() == {**dict.fromkeys(regions[:4], 1), "text_kv": 0}
     torch.testing.assert_close(compiled_cond, eager_cond)
     with blocks.compiling():
         _forward(model, grid, MODALITY)  # a2v/v2a off: one more variant of the exchange region only

@@ -12,7 +12,7 @@ import torch
 
 import graphs.executor
 from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
-from graphs.executor import GraphExecutor, GraphStats
+from graphs.executor import GraphExecutor, GraphStats, text_kv_roles
 from pipeline.config import LatentGrid
 from pipeline.executor import Conditioning, EagerExecutor, PassExecutor, TextContext
 from pipeline.passes import PassSpec
@@ -23,6 +23,7 @@ COND = PassSpec("cond", "positive")
 NEG = PassSpec("neg", "negative")
 MODALITY = PassSpec("modality", disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)
 HQ = (COND, NEG, MODALITY)
+PERTURBED = PassSpec("perturbed", skip_video_self_attn_blocks=(1,), skip_audio_self_attn_blocks=(1,))
 GRID = LatentGrid.from_tokens(24, audio_tokens=10)
 
 
@@ -231,6 +232,66 @@ def test_a_second_shape_gets_its_own_static_inputs_and_graphs(fake_graphs):
     assert executor.stats.captures == 4
 
 
+# --------------------------------------------------------------------------- text keys/values shared by passes
+
+
+def test_text_kv_roles_follow_pass_order_not_spec_order():
+    assert text_kv_roles((MODALITY, NEG, PERTURBED, COND), share=True) == {
+        "modality": "consume", "neg": "own", "perturbed": "consume", "cond": "produce"}
+    assert text_kv_roles((MODALITY, PERTURBED), share=True) == {"modality": "consume", "perturbed": "produce"}
+    assert text_kv_roles((COND, NEG), share=True) == {"cond": "own", "neg": "own"}  # one reader per text
+    assert set(text_kv_roles((COND, NEG, PERTURBED, MODALITY), share=False).values()) == {"own"}
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_passes_sharing_text_kv_equal_eager_at_every_sigma(fake_graphs, share):
+    """The producer (cond) replays first in every evaluation and the consumers read what it wrote for THIS
+    evaluation's sigma and texts: bitwise equal to eager passes that each project their text."""
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model, share_text_kv=share)
+    specs = (MODALITY, PERTURBED, NEG, COND)  # any order: cond still produces, and replays first
+    executor.set_conditioning(conditioning)
+    for sigma, seed in ((0.9, 2), (0.4, 3)):
+        video, audio = make_latents(model.config, GRID, device="cpu", seed=seed)
+        out = executor.run(video, audio, sigma, specs)
+        expected = _eager(model, conditioning, video, audio, sigma, specs)
+        for name in expected:
+            assert torch.equal(out[name].video, expected[name].video), (name, sigma)
+            assert torch.equal(out[name].audio, expected[name].audio), (name, sigma)
+    roles = {k.pass_name: k.text_kv for k in executor.keys()}
+    if share:
+        assert roles == {"cond": "produce", "modality": "consume", "perturbed": "consume", "neg": "own"}
+        assert executor._pool.captured[0] == "cond" and executor._pool.replayed[-4] == "cond"
+        assert "[holds the positive text K/V" in executor.progress_lines[0]
+        held = executor.pass_graph(COND).text_kv
+        assert len(held) == model.config.num_layers and executor.pass_graph(MODALITY).text_kv is None
+    else:
+        assert set(roles.values()) == {"own"}
+    other = make_conditioning(model.config, GRID, device="cpu", seed=42)  # new texts reach the consumers too
+    executor.set_conditioning(other)
+    out = executor.run(video, audio, 0.4, specs)
+    assert torch.equal(out["modality"].video, _eager(model, other, video, audio, 0.4, (MODALITY,))["modality"].video)
+
+
+def test_a_consumer_never_replays_without_its_producer(fake_graphs):
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.warmup(HQ, video, audio, conditioning=conditioning)
+    with pytest.raises(RuntimeError, match="would read text K/V its producer did not write"):
+        executor._replay_in_evaluation(executor.pass_graph(MODALITY), {})
+
+
+def test_models_without_text_kv_do_not_share(fake_graphs):
+    model, conditioning, video, audio = _setup(fresh=True)
+    model.text_kv = None  # e.g. the diffusers adapter: no text_kv method
+    executor = _executor(model)
+    assert not executor.share_text_kv
+    executor.warmup(HQ, video, audio, conditioning=conditioning)
+    assert {k.text_kv for k in executor.keys()} == {"own"}
+    with pytest.raises(ValueError, match="share_text_kv must be a bool"):
+        _executor(model, share_text_kv="yes")
+
+
 # --------------------------------------------------------------------------- miss policies
 
 
@@ -263,7 +324,9 @@ def test_eager_policy_runs_misses_eagerly_and_warns_once(fake_graphs):
         warnings.simplefilter("error")
         executor.run(video, audio, 0.7, HQ)
     stats = executor.stats
-    assert stats.captures == 1 and stats.eager_passes == 4 and stats.misses == 4
+    # HQ runs cond as the producer of the positive text K/V (modality reads them): another key than the
+    # warmed-up cond alone, so all three passes miss
+    assert stats.captures == 1 and stats.eager_passes == 6 and stats.misses == 6
     expected = _eager(model, conditioning, video, audio, 0.7, HQ)
     for name in expected:
         assert torch.equal(out[name].video, expected[name].video)
@@ -278,7 +341,7 @@ def test_capture_policy_warns_once_for_later_misses(fake_graphs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         executor.run(video, audio, 0.7, (COND, NEG, MODALITY))
-    assert executor.stats.captures == 3
+    assert executor.stats.captures == 4  # cond again: with modality it also holds the positive text K/V
 
 
 # --------------------------------------------------------------------------- weights: never a stale replay

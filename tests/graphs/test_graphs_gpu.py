@@ -4,6 +4,8 @@
 - with torch.compile the loop stays within bf16 tolerance of eager (no farther from eager bf16 than eager
   bf16 is from the same weights in fp32);
 - a pass's held output survives the replays of the other passes;
+- passes sharing their text keys/values (cond holds them, perturbed and modality read them) equal passes that
+  project their own, bitwise, at every sigma;
 - a changed skip block, shape or weights is a miss, never a stale replay;
 - the warmed-up loop makes no host sync (PyTorch's sync debug mode, the dispatch detector, CUPTI);
 - every pass graph shares one pool, whose size is reported.
@@ -106,6 +108,25 @@ def test_held_outputs_survive_the_other_replays(small):
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
                    for v in out.values() for t in (v.video, v.audio))
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), "held outputs overlap"
+
+
+def test_shared_text_kv_equals_own_projections_bitwise(small):
+    model, cond1, _, video, audio = small
+    stg = PassSpec("perturbed", skip_video_self_attn_blocks=(1,), skip_audio_self_attn_blocks=(2,))
+    specs = (*HQ, stg)
+    shared, own = GraphExecutor(model, progress=None), GraphExecutor(model, share_text_kv=False, progress=None)
+    for executor in (shared, own):
+        executor.warmup(specs, video, audio, conditioning=cond1)
+    assert {k.pass_name: k.text_kv for k in shared.keys()} == {
+        "cond": "produce", "neg": "own", "perturbed": "consume", "modality": "consume"}
+    for sigma in (0.9, 0.3):  # the prompt AdaLN makes the keys/values sigma-dependent
+        a, b = shared.run(video, audio, sigma, specs), own.run(video, audio, sigma, specs)
+        for name in a:
+            assert torch.equal(a[name].video, b[name].video) and torch.equal(a[name].audio, b[name].audio), name
+    held = [t for kv in shared.pass_graph(COND).text_kv for t in kv]
+    c = model.config
+    expected = c.num_layers * 2 * TEXT_TOKENS * (c.video_heads * c.video_head_dim + c.audio_heads * c.audio_head_dim)
+    assert sum(t.numel() for t in held) == expected
 
 
 def test_changed_skip_block_or_shape_is_a_miss(small):

@@ -246,6 +246,45 @@ def test_forward_builds_no_rope_tables(tiny, monkeypatch):
     run(tiny, x, rope)
 
 
+def test_shared_text_kv_changes_no_bit(tiny):
+    """forward(text_kv=model.text_kv(...)) is the same computation as projecting the contexts in each block, for
+    every pass kind and for per-token sigma (whose per-sample max feeds the prompt AdaLN)."""
+    rope = build_rope_tables(tiny.config, GRID, device="cpu")
+    x = random_inputs(tiny.config, GRID, batch=2, seed=8)
+    per_token = x.sigma[:, None].expand(2, GRID.num_video_tokens).contiguous() * torch.linspace(0.5, 1, 18)
+    for sigma in (x.sigma, per_token):
+        y = type(x)(x.video, x.audio, x.video_context, x.audio_context, sigma)
+        with torch.no_grad():
+            text_kv = tiny.text_kv(x.video_context, x.audio_context, sigma)
+        assert len(text_kv) == tiny.config.num_layers
+        for options in ({}, dict(skip_video_self_attn_blocks=(1,), skip_audio_self_attn_blocks=(0,)),
+                        dict(disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)):
+            own, shared = run(tiny, y, rope, **options), run(tiny, y, rope, text_kv=text_kv, **options)
+            assert torch.equal(own[0], shared[0]) and torch.equal(own[1], shared[1])
+    # keys/values of another sigma are another computation: the prompt AdaLN reads sigma
+    with torch.no_grad():
+        other = tiny.text_kv(x.video_context, x.audio_context, x.sigma * 0.5)
+    assert not torch.equal(run(tiny, x, rope)[0], run(tiny, x, rope, text_kv=other)[0])
+
+
+@pytest.mark.parametrize("case", ["entries", "BlockTextKV", "video_k", "audio_v"])
+def test_invalid_text_kv_raises_naming_the_field(tiny, case):
+    rope = build_rope_tables(tiny.config, GRID, device="cpu")
+    x = random_inputs(tiny.config, GRID, seed=9)
+    with torch.no_grad():
+        text_kv = list(tiny.text_kv(x.video_context, x.audio_context, x.sigma))
+    if case == "entries":
+        text_kv = text_kv[:1]
+    elif case == "BlockTextKV":
+        text_kv[1] = tuple(text_kv[1])
+    elif case == "video_k":
+        text_kv[0] = text_kv[0]._replace(video_k=text_kv[0].video_k[:, :3])
+    else:
+        text_kv[1] = text_kv[1]._replace(audio_v=text_kv[1].audio_v.double())
+    with pytest.raises(ValueError, match=case):
+        run(tiny, x, rope, text_kv=text_kv)
+
+
 # ---- validation -------------------------------------------------------------------------------------------------
 
 def _bad_inputs(config):
