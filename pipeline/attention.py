@@ -76,13 +76,20 @@ class CrossAttention(nn.Module):
                 k_rope: CosSin | None = None) -> Tensor:
         return self.attend_to(x, *self.context_kv(context, k_rope), q_rope)
 
-    def context_kv(self, context: Tensor, k_rope: CosSin | None = None) -> tuple[Tensor, Tensor]:
+    def context_kv(self, context: Tensor, k_rope: CosSin | None = None, *,
+                   packed: bool = False) -> tuple[Tensor, Tensor]:
         """Keys (RMS-normed, RoPE'd when `k_rope` is given) and values of `context` [B, Nk, C]: [B, Nk, I] each.
 
         Separate from `attend_to` because the text context's keys/values do not depend on the queries: passes
-        that read the same text at the same sigma can share them (`LTX2Transformer.text_kv`)."""
+        that read the same text at the same sigma can share them (`LTX2Transformer.text_kv`). `packed`: the
+        normed keys overwrite the raw ones in the [k | v] projection output, so k and v are views of one
+        [B, Nk, 2I] buffer; the raw keys would otherwise stay alive with the values as long as they are held."""
         i = self.inner
-        k, v = self.kv(context).split([i, i], dim=-1)  # [B, Nk, I] each
+        kv = self.kv(context)  # [B, Nk, 2I] rows [k | v]
+        k, v = kv.split([i, i], dim=-1)  # views, [B, Nk, I] each
+        if packed and k_rope is None:
+            k.copy_(F.rms_norm(k, (i,), self.k_norm, self.eps))
+            return k, v
         k = F.rms_norm(k, (i,), self.k_norm, self.eps)
         if k_rope is not None:
             k = apply_split_rope(k, k_rope)

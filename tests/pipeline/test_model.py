@@ -257,6 +257,11 @@ def test_shared_text_kv_changes_no_bit(tiny):
         with torch.no_grad():
             text_kv = tiny.text_kv(x.video_context, x.audio_context, sigma)
         assert len(text_kv) == tiny.config.num_layers
+        for kv in text_kv:  # held keys/values keep one [B, Nt, 2I] buffer per stream alive, no raw keys
+            for k, v in ((kv.video_k, kv.video_v), (kv.audio_k, kv.audio_v)):
+                storage = k.untyped_storage()
+                assert storage.data_ptr() == v.untyped_storage().data_ptr()
+                assert storage.nbytes() == (k.numel() + v.numel()) * k.element_size()
         for options in ({}, dict(skip_video_self_attn_blocks=(1,), skip_audio_self_attn_blocks=(0,)),
                         dict(disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)):
             own, shared = run(tiny, y, rope, **options), run(tiny, y, rope, text_kv=text_kv, **options)
