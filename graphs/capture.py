@@ -32,9 +32,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from graphs import trees
 from graphs.buffers import StaticInputs
 from graphs.errors import CaptureError
-from graphs import trees
 from graphs.keys import GraphKey
 from pipeline.executor import Velocity
 from profiling.ranges import region

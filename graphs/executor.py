@@ -87,10 +87,11 @@ def graphs_supported(device: torch.device) -> bool:
 
 
 def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, str]:
-    """Each pass's text keys/values role (`graphs.keys.TEXT_KV_ROLES`), by pass name.
+    """Each pass's text keys/values role (`graphs.keys.text_kv_role_phrase`), by pass name.
 
     With `share`, a text read by two or more of the passes is projected once, by the first of its readers in
-    `PASS_NAMES` order (so the roles, and the graph keys, do not depend on the order the specs come in).
+    `PASS_NAMES` order (so the roles, and the graph keys, do not depend on the order the specs come in); the
+    others' role names it, since their graphs read its held tensors.
     """
     roles = dict.fromkeys((s.name for s in specs), "own")
     if share:
@@ -98,7 +99,7 @@ def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, str]:
             readers = sorted((s.name for s in specs if s.text == text), key=PASS_NAMES.index)
             if len(readers) > 1:
                 roles[readers[0]] = "produce"
-                roles.update(dict.fromkeys(readers[1:], "consume"))
+                roles.update(dict.fromkeys(readers[1:], f"consume:{readers[0]}"))
     return roles
 
 
@@ -407,7 +408,8 @@ class GraphExecutor:
         args = static.model_args(spec.text)
         kwargs = spec.model_kwargs()
         model, blocks = self.model, self._blocks
-        if key.text_kv == "consume":
+        consumer = key.text_kv.startswith("consume:")
+        if consumer:
             if producer is None or producer.text_kv is None:
                 raise RuntimeError(f"internal: {key.short()} captured before the pass holding its text K/V")
             kwargs["text_kv"] = producer.text_kv
@@ -435,7 +437,7 @@ class GraphExecutor:
             warmup_iters=self.warmup_iters,
             warmup_fn=None if blocks is None else warm,
         )
-        if key.text_kv == "consume":
+        if consumer:
             graph.text_kv_source = producer.key
         self._graphs[key] = graph
         self._captures += 1
@@ -456,7 +458,7 @@ class GraphExecutor:
         key = graph.key
         if key.text_kv == "produce":
             producers[key.text] = graph
-        elif key.text_kv == "consume":
+        elif key.text_kv.startswith("consume:"):
             producer = producers.get(key.text)
             if producer is None or producer.key != graph.text_kv_source:
                 raise RuntimeError(f"internal: {key.short()} would read text K/V its producer did not write in this "

@@ -6,8 +6,8 @@ buffers, the compiled code chosen by torch.compile. A replay with any of those c
 compute the wrong thing, so each of them is a field here and a change is a cache miss, never a stale replay:
 
 - the pass: its name (each pass has its own held outputs), the text it reads, every forward keyword option,
-  and its text keys/values role (`TEXT_KV_ROLES`: a graph that reads another pass's held keys/values baked in
-  their address);
+  and its text keys/values role (`text_kv_role_phrase`: a graph that reads another pass's held keys/values baked
+  in their address, so the role names that pass);
 - the inputs: device, shape and dtype of the latents, of each text context and of every RoPE table leaf;
 - the model: identity (id, class, config, attention backend), weights state, compile mode.
 
@@ -188,13 +188,17 @@ def pass_options(spec: Any) -> tuple[tuple[str, Hashable], ...]:
     return tuple(sorted((name, _freeze(value)) for name, value in spec.model_kwargs().items()))
 
 
-# A pass's text keys/values role -> the phrase `GraphKey.short` adds: it projects its text itself ("own"), also
-# holds the keys/values for the later passes of its text ("produce"), or reads those held ones ("consume").
-TEXT_KV_ROLES = {
-    "own": "",
-    "produce": " [holds the {text} text K/V for the passes after it]",
-    "consume": " [reads the held {text} text K/V]",
-}
+def text_kv_role_phrase(role: str, text: str) -> str:
+    """What a pass does with its text's keys/values, for `GraphKey.short`: "own" (projects them itself),
+    "produce" (also holds them for the later passes of its text) or "consume:<pass>" (reads those <pass> holds).
+    ValueError for anything else."""
+    if role == "own":
+        return ""
+    if role == "produce":
+        return f" [holds the {text} text K/V for the passes after it]"
+    if role.startswith("consume:") and role != "consume:":
+        return f" [reads the {text} text K/V held by {role.removeprefix('consume:')}]"
+    raise ValueError(f"text_kv must be 'own', 'produce' or 'consume:<pass name>', got {role!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +212,7 @@ class GraphKey:
     model: ModelIdentity
     weights: WeightsState
     compile_mode: str  # "off" | "default" | "max-autotune-no-cudagraphs"
-    text_kv: str = "own"  # one of TEXT_KV_ROLES
+    text_kv: str = "own"  # "own" | "produce" | "consume:<producing pass>" (`text_kv_role_phrase`)
 
     @classmethod
     def make(
@@ -217,8 +221,7 @@ class GraphKey:
     ) -> GraphKey:
         """Key of `spec` (a `pipeline.passes.PassSpec`) for these inputs, model, weights, compile mode and text
         keys/values role."""
-        if text_kv not in TEXT_KV_ROLES:
-            raise ValueError(f"text_kv must be one of {tuple(TEXT_KV_ROLES)}, got {text_kv!r}")
+        text_kv_role_phrase(text_kv, spec.text)  # validates the role
         return cls(spec.name, spec.text, pass_options(spec), inputs, model, weights, compile_mode, text_kv)
 
     def fields(self) -> dict[str, Hashable]:
@@ -244,7 +247,7 @@ class GraphKey:
         """One phrase for progress lines: the pass, its active options and the latent shapes."""
         active = [f"{name}={value}" for name, value in self.options if value]
         opts = f" ({', '.join(active)})" if active else ""
-        role = TEXT_KV_ROLES[self.text_kv].format(text=self.text)
+        role = text_kv_role_phrase(self.text_kv, self.text)
         return f"{self.pass_name}{opts}{role} video {self.inputs.video} audio {self.inputs.audio}"
 
     def __str__(self) -> str:

@@ -87,7 +87,9 @@ class CrossAttention(nn.Module):
         i = self.inner
         kv = self.kv(context)  # [B, Nk, 2I] rows [k | v]
         k, v = kv.split([i, i], dim=-1)  # views, [B, Nk, I] each
-        if packed and k_rope is None:
+        if packed:
+            if k_rope is not None:
+                raise ValueError("context_kv(packed=True) takes no k_rope: RoPE'd keys cannot overwrite raw ones")
             k.copy_(F.rms_norm(k, (i,), self.k_norm, self.eps))
             return k, v
         k = F.rms_norm(k, (i,), self.k_norm, self.eps)

@@ -237,8 +237,9 @@ def test_a_second_shape_gets_its_own_static_inputs_and_graphs(fake_graphs):
 
 def test_text_kv_roles_follow_pass_order_not_spec_order():
     assert text_kv_roles((MODALITY, NEG, PERTURBED, COND), share=True) == {
-        "modality": "consume", "neg": "own", "perturbed": "consume", "cond": "produce"}
-    assert text_kv_roles((MODALITY, PERTURBED), share=True) == {"modality": "consume", "perturbed": "produce"}
+        "modality": "consume:cond", "neg": "own", "perturbed": "consume:cond", "cond": "produce"}
+    assert text_kv_roles((MODALITY, PERTURBED), share=True) == {"modality": "consume:perturbed",
+                                                                "perturbed": "produce"}
     assert text_kv_roles((COND, NEG), share=True) == {"cond": "own", "neg": "own"}  # one reader per text
     assert set(text_kv_roles((COND, NEG, PERTURBED, MODALITY), share=False).values()) == {"own"}
 
@@ -260,7 +261,7 @@ def test_passes_sharing_text_kv_equal_eager_at_every_sigma(fake_graphs, share):
             assert torch.equal(out[name].audio, expected[name].audio), (name, sigma)
     roles = {k.pass_name: k.text_kv for k in executor.keys()}
     if share:
-        assert roles == {"cond": "produce", "modality": "consume", "perturbed": "consume", "neg": "own"}
+        assert roles == {"cond": "produce", "modality": "consume:cond", "perturbed": "consume:cond", "neg": "own"}
         assert executor._pool.captured[0] == "cond" and executor._pool.replayed[-4] == "cond"
         assert "[holds the positive text K/V" in executor.progress_lines[0]
         held = executor.pass_graph(COND).text_kv
@@ -271,6 +272,22 @@ def test_passes_sharing_text_kv_equal_eager_at_every_sigma(fake_graphs, share):
     executor.set_conditioning(other)
     out = executor.run(video, audio, 0.4, specs)
     assert torch.equal(out["modality"].video, _eager(model, other, video, audio, 0.4, (MODALITY,))["modality"].video)
+
+
+@pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
+def test_a_consumer_graph_is_keyed_by_its_producer(fake_graphs):
+    """modality reading cond's held K/V and modality reading perturbed's are different graphs (different
+    addresses baked in): running (perturbed, modality) after (cond, modality) captures both anew."""
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, (COND, MODALITY))
+    out = executor.run(video, audio, 0.7, (PERTURBED, MODALITY))
+    assert executor.stats.captures == 4
+    assert "reads the positive text K/V held by perturbed" in executor.progress_lines[-1]
+    expected = _eager(model, conditioning, video, audio, 0.7, (PERTURBED, MODALITY))
+    for name in expected:
+        assert torch.equal(out[name].video, expected[name].video)
 
 
 def test_a_consumer_never_replays_without_its_producer(fake_graphs):

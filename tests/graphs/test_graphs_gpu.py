@@ -118,7 +118,7 @@ def test_shared_text_kv_equals_own_projections_bitwise(small):
     for executor in (shared, own):
         executor.warmup(specs, video, audio, conditioning=cond1)
     assert {k.pass_name: k.text_kv for k in shared.keys()} == {
-        "cond": "produce", "neg": "own", "perturbed": "consume", "modality": "consume"}
+        "cond": "produce", "neg": "own", "perturbed": "consume:cond", "modality": "consume:cond"}
     for sigma in (0.9, 0.3):  # the prompt AdaLN makes the keys/values sigma-dependent
         a, b = shared.run(video, audio, sigma, specs), own.run(video, audio, sigma, specs)
         for name in a:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -62,6 +63,20 @@ def test_key_prints_pass_options_and_shapes():
     assert "video bf16[1,24,128]" in text and "audio bf16[1,10,128]" in text
     assert "LTX2Transformer" in text and "compile off" in text
     assert "skip" not in _key(COND, model, conditioning, video, audio).short()
+
+
+def test_text_kv_role_is_a_key_field_with_its_producer():
+    model, conditioning, video, audio = _setup()
+    signature = InputSignature.of(video, audio, conditioning, torch.bfloat16)
+    identity, weights = ModelIdentity.of(model), WeightsState.of(model)
+    own, by_cond, by_perturbed = (GraphKey.make(MODALITY, signature, identity, weights, "off", role)
+                                  for role in ("own", "consume:cond", "consume:perturbed"))
+    assert len({own, by_cond, by_perturbed}) == 3
+    assert "[reads the positive text K/V held by cond]" in by_cond.short()
+    assert "text_kv: 'consume:perturbed' (cached: 'consume:cond')" in explain_miss(by_perturbed, [by_cond])
+    for bad in ("consume", "consume:", "shared"):
+        with pytest.raises(ValueError, match="text_kv must be"):
+            GraphKey.make(MODALITY, signature, identity, weights, "off", bad)
 
 
 def test_signature_uses_model_dtype_not_the_callers():

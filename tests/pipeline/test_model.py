@@ -272,6 +272,12 @@ def test_shared_text_kv_changes_no_bit(tiny):
     assert not torch.equal(run(tiny, x, rope)[0], run(tiny, x, rope, text_kv=other)[0])
 
 
+def test_packed_context_kv_refuses_rope(tiny):
+    cos_sin = (torch.ones(1), torch.zeros(1))
+    with pytest.raises(ValueError, match="packed=True"):
+        tiny.blocks[0].a2v.context_kv(torch.zeros(1, 3, tiny.config.audio_dim), cos_sin, packed=True)
+
+
 @pytest.mark.parametrize("case", ["entries", "BlockTextKV", "video_k", "audio_v"])
 def test_invalid_text_kv_raises_naming_the_field(tiny, case):
     rope = build_rope_tables(tiny.config, GRID, device="cpu")
