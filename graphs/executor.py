@@ -8,8 +8,10 @@ held outputs. Texts and RoPE tables are copied into their static buffers once pe
 Text keys/values shared (`share_text_kv`, on by default for a model with `text_kv`): passes of one evaluation
 that read the same text at the same sigma (cond, perturbed, modality) need the same text cross-attention
 keys/values in every block. The first of them (in `PASS_NAMES` order) computes them once and holds them as an
-output of its graph; the others are captured reading those held tensors, and replay after it, in the same
-evaluation. A consumer never replays without its producer having replayed first in that evaluation (checked).
+output of its graph; the others are captured reading those held tensors (their key names the producer and its
+options), and replay after it, in the same evaluation. The held keys/values are valid from the producer's replay
+until new inputs are loaded or a graph captured before the producer replays (it may reuse that memory for its
+temporaries); a consumer replay (`run` or `replay_only`) outside that window raises instead of reading them.
 
 Each pass is looked up by its `GraphKey` (pass options, text K/V role, input shapes, device, model, weights,
 compile mode).
@@ -45,7 +47,7 @@ from graphs.buffers import StaticInputs, check_host_float
 from graphs.capture import GraphPool, PassGraph, PassOutputs
 from graphs.compile import CompiledBlocks, compile_mode_name
 from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
-from graphs.keys import GraphKey, InputSignature, ModelIdentity, WeightsProbe, explain_miss
+from graphs.keys import GraphKey, InputSignature, ModelIdentity, WeightsProbe, explain_miss, pass_options
 from graphs.trees import same_device
 from pipeline.executor import Conditioning, EagerExecutor, Velocity, check_specs, validate_conditioning
 from pipeline.passes import PASS_NAMES, PassSpec
@@ -90,16 +92,20 @@ def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, str]:
     """Each pass's text keys/values role (`graphs.keys.text_kv_role_phrase`), by pass name.
 
     With `share`, a text read by two or more of the passes is projected once, by the first of its readers in
-    `PASS_NAMES` order (so the roles, and the graph keys, do not depend on the order the specs come in); the
-    others' role names it, since their graphs read its held tensors.
+    `PASS_NAMES` order (so the roles, and the graph keys, do not depend on the order the specs come in). The
+    others' role names that pass and its options ("consume:perturbed(skip_video_self_attn_blocks=(28,), ...)"):
+    their graphs read the tensors of that very graph, so a producer with other options means other consumers.
     """
     roles = dict.fromkeys((s.name for s in specs), "own")
     if share:
         for text in {s.text for s in specs}:
-            readers = sorted((s.name for s in specs if s.text == text), key=PASS_NAMES.index)
+            readers = sorted((s for s in specs if s.text == text), key=lambda s: PASS_NAMES.index(s.name))
             if len(readers) > 1:
-                roles[readers[0]] = "produce"
-                roles.update(dict.fromkeys(readers[1:], f"consume:{readers[0]}"))
+                producer = readers[0]
+                options = ", ".join(f"{name}={value}" for name, value in pass_options(producer) if value)
+                role = f"consume:{producer.name}" + (f"({options})" if options else "")
+                roles[producer.name] = "produce"
+                roles.update(dict.fromkeys((s.name for s in readers[1:]), role))
     return roles
 
 
@@ -171,6 +177,7 @@ class GraphExecutor:
         self._eager_generation = -1
         self._last_signature: InputSignature | None = None  # inputs of the last run/warmup, for replay_only
         self._last_roles: dict[str, str] = {}  # text K/V roles of the last run/warmup's passes, for replay_only
+        self._valid_text_kv: dict[str, PassGraph] = {}  # text -> producer whose held K/V match the loaded inputs
         self._warned: set[str] = set()
         self._settled = False  # a run/warmup has completed: later misses are warned (the first run's are not)
         self._captures = 0
@@ -213,7 +220,6 @@ class GraphExecutor:
                     raise GraphMissError(f"{explain_miss(missing[0], self._graphs)} (miss_policy='strict': capture "
                                          "it ahead of time with warmup(...), or use miss_policy='capture')")
             outputs: dict[str, Velocity] = {}
-            producers: dict[str, PassGraph] = {}  # text -> the pass graph that replayed its keys/values
             for spec, key in keyed:
                 graph = self._graphs.get(key)
                 if graph is None:
@@ -226,8 +232,8 @@ class GraphExecutor:
                     if self._settled:
                         self._warn_once("capture", f"capturing a new graph (miss_policy='capture'): "
                                                    f"{explain_miss(key, self._graphs)}")
-                    graph = self._capture(spec, key, static, producers.get(spec.text))
-                outputs[spec.name] = self._replay_in_evaluation(graph, producers)
+                    graph = self._capture(spec, key, static)
+                outputs[spec.name] = self._replay(graph)
             self._settled = True
             return {spec.name: outputs[spec.name] for spec in specs}
 
@@ -258,13 +264,12 @@ class GraphExecutor:
                 return 0.0
             keyed, static = self._prepare(video_like, audio_like, sigma, specs, conditioning)
             seconds = 0.0
-            producers: dict[str, PassGraph] = {}
             for spec, key in keyed:
                 graph = self._graphs.get(key)
                 if graph is None:
-                    graph = self._capture(spec, key, static, producers.get(spec.text))
+                    graph = self._capture(spec, key, static)
                     seconds += graph.seconds
-                self._replay_in_evaluation(graph, producers)
+                self._replay(graph)
             self._settled = True
             return seconds
 
@@ -272,7 +277,9 @@ class GraphExecutor:
         """Replay `spec`'s graph for the inputs of the last `run`/`warmup` without copying any input.
 
         For timing one pass. Re-reads the weights state (host metadata, ~1 us per parameter) so a weight change
-        is a `GraphMissError`, never a stale replay; never synchronises the host.
+        is a `GraphMissError`, never a stale replay; a pass reading held text keys/values that are no longer
+        valid (module docstring) raises `GraphMissError` too (replay their producer first). Never synchronises
+        the host.
         """
         with self._exclusive("replay_only"):
             return self._replay(self._pass_graph(spec))
@@ -281,7 +288,8 @@ class GraphExecutor:
         """The captured graph of `spec` for the last `run`/`warmup` inputs and the current weights.
 
         `pass_graph(spec).replay()` is a bare graph launch for tight timing loops; it is valid only while the
-        weights and the static inputs stay as they are. Raises `GraphMissError` when there is no such graph.
+        weights and the static inputs stay as they are and, for a pass reading held text keys/values, while those
+        are valid (`replay_only` checks that; a bare launch cannot). Raises `GraphMissError` when there is no such graph.
         """
         with self._exclusive("pass_graph"):
             return self._pass_graph(spec)
@@ -311,6 +319,8 @@ class GraphExecutor:
             self._statics.clear()
             self._pool = None
             self._last_signature = None
+            self._last_roles = {}
+            self._valid_text_kv.clear()
             self._pool_bytes = 0
             self._settled = False
 
@@ -385,6 +395,7 @@ class GraphExecutor:
                                    sk[1].text_kv != "produce"))
         static = self._static_inputs(signature, video, audio, conditioning)
         static.load(video, audio, sigma)
+        self._valid_text_kv.clear()  # held keys/values were made from the previous inputs
         self._last_signature, self._last_roles = signature, roles
         return keyed, static
 
@@ -399,8 +410,8 @@ class GraphExecutor:
             raise GraphMissError(explain_miss(key, self._graphs))
         return graph
 
-    def _capture(self, spec: PassSpec, key: GraphKey, static: StaticInputs, producer: PassGraph | None) -> PassGraph:
-        """Capture `spec`; a consumer of text keys/values reads those held by `producer` (replayed already)."""
+    def _capture(self, spec: PassSpec, key: GraphKey, static: StaticInputs) -> PassGraph:
+        """Capture `spec`; a consumer of text keys/values reads those of the producer replayed before it."""
         if self._pool is None:
             self._pool = GraphPool(self.device)
         if self.compile_mode != "off" and self._blocks is None:
@@ -409,6 +420,7 @@ class GraphExecutor:
         kwargs = spec.model_kwargs()
         model, blocks = self.model, self._blocks
         consumer = key.text_kv.startswith("consume:")
+        producer = self._valid_text_kv.get(spec.text)
         if consumer:
             if producer is None or producer.text_kv is None:
                 raise RuntimeError(f"internal: {key.short()} captured before the pass holding its text K/V")
@@ -453,19 +465,21 @@ class GraphExecutor:
             )
         return graph
 
-    def _replay_in_evaluation(self, graph: PassGraph, producers: dict[str, PassGraph]) -> Velocity:
-        """Replay one graph of an evaluation; a consumer only after its producer replayed in this evaluation."""
-        key = graph.key
-        if key.text_kv == "produce":
-            producers[key.text] = graph
-        elif key.text_kv.startswith("consume:"):
-            producer = producers.get(key.text)
-            if producer is None or producer.key != graph.text_kv_source:
-                raise RuntimeError(f"internal: {key.short()} would read text K/V its producer did not write in this "
-                                   "evaluation")
-        return self._replay(graph)
-
     def _replay(self, graph: PassGraph) -> Velocity:
+        """Every replay goes through here: it keeps `_valid_text_kv` true (module docstring)."""
+        key = graph.key
+        if key.text_kv.startswith("consume:"):
+            producer = self._valid_text_kv.get(key.text)
+            if producer is None or producer.key != graph.text_kv_source:
+                raise GraphMissError(
+                    f"{key.short()} reads text K/V that no longer match the loaded inputs (new inputs since its "
+                    f"producer replayed, or a graph captured before the producer replayed over them): replay "
+                    f"{graph.text_kv_source.pass_name} first, or use run()")
+        for text, producer in list(self._valid_text_kv.items()):
+            if producer.order > graph.order:  # captured after this graph: may sit on its temporaries
+                del self._valid_text_kv[text]
+        if key.text_kv == "produce":
+            self._valid_text_kv[key.text] = graph
         with region(f"replay {graph.key.pass_name}"):
             out = graph.replay()
         self._replays += 1

@@ -375,6 +375,9 @@ class LTX2Transformer(nn.Module):
         cannot be kept across steps, but within a step they save the modality and perturbed passes their text
         key/value projections (profiling/PERF_LOG.md has the measured effect). Never synchronises the host.
         """
+        if torch.is_grad_enabled():
+            raise RuntimeError("text_kv is for inference (its keys are normalised in place): call it under "
+                               "torch.no_grad() or torch.inference_mode()")
         _, t_sample = self._timesteps(sigma)
         video_prompt, audio_prompt = self.video_prompt(t_sample)[0], self.audio_prompt(t_sample)[0]
         return tuple(block.text_kv(video_context, audio_context, video_prompt, audio_prompt) for block in self.blocks)
@@ -483,11 +486,12 @@ def validate_inputs(model: LTX2Transformer, video: Tensor, audio: Tensor, video_
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be a bool, got {flag!r}")
     if text_kv is not None:
-        _check_text_kv(model, text_kv, video_context.shape[:2])
+        _check_text_kv(model, text_kv, {"video": video_context.shape[:2], "audio": audio_context.shape[:2]})
 
 
-def _check_text_kv(model: LTX2Transformer, text_kv: object, batch_tokens: tuple[int, int]) -> None:
-    """`text_kv` must be one `BlockTextKV` per block with [B, Nt, heads * head_dim] keys and values."""
+def _check_text_kv(model: LTX2Transformer, text_kv: object, batch_tokens: dict[str, tuple[int, int]]) -> None:
+    """`text_kv` must be one `BlockTextKV` per block with [B, Nt, heads * head_dim] keys and values, Nt that of
+    the stream's own context (the video and audio texts may differ in length)."""
     c = model.config
     if not isinstance(text_kv, (tuple, list)) or len(text_kv) != c.num_layers:
         got = f"{len(text_kv)} entries" if isinstance(text_kv, (tuple, list)) else type(text_kv).__name__
@@ -497,7 +501,8 @@ def _check_text_kv(model: LTX2Transformer, text_kv: object, batch_tokens: tuple[
         if not isinstance(kv, BlockTextKV):
             raise ValueError(f"text_kv[{i}] must be a BlockTextKV (from model.text_kv), got {type(kv).__name__}")
         for field, t in kv._asdict().items():
-            _check_tensor(f"text_kv[{i}].{field}", t, (*batch_tokens, widths[field.split("_")[0]]), model.dtype,
+            stream = field.split("_")[0]
+            _check_tensor(f"text_kv[{i}].{field}", t, (*batch_tokens[stream], widths[stream]), model.dtype,
                           model.device)
 
 

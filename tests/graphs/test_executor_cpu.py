@@ -238,8 +238,9 @@ def test_a_second_shape_gets_its_own_static_inputs_and_graphs(fake_graphs):
 def test_text_kv_roles_follow_pass_order_not_spec_order():
     assert text_kv_roles((MODALITY, NEG, PERTURBED, COND), share=True) == {
         "modality": "consume:cond", "neg": "own", "perturbed": "consume:cond", "cond": "produce"}
-    assert text_kv_roles((MODALITY, PERTURBED), share=True) == {"modality": "consume:perturbed",
-                                                                "perturbed": "produce"}
+    assert text_kv_roles((MODALITY, PERTURBED), share=True) == {
+        "modality": "consume:perturbed(skip_audio_self_attn_blocks=(1,), skip_video_self_attn_blocks=(1,))",
+        "perturbed": "produce"}
     assert text_kv_roles((COND, NEG), share=True) == {"cond": "own", "neg": "own"}  # one reader per text
     assert set(text_kv_roles((COND, NEG, PERTURBED, MODALITY), share=False).values()) == {"own"}
 
@@ -290,12 +291,63 @@ def test_a_consumer_graph_is_keyed_by_its_producer(fake_graphs):
         assert torch.equal(out[name].video, expected[name].video)
 
 
-def test_a_consumer_never_replays_without_its_producer(fake_graphs):
+@pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
+def test_a_producer_with_other_options_gets_its_own_consumers(fake_graphs):
     model, conditioning, video, audio = _setup()
     executor = _executor(model)
-    executor.warmup(HQ, video, audio, conditioning=conditioning)
-    with pytest.raises(RuntimeError, match="would read text K/V its producer did not write"):
-        executor._replay_in_evaluation(executor.pass_graph(MODALITY), {})
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, (PERTURBED, MODALITY))
+    other = PassSpec("perturbed", skip_video_self_attn_blocks=(0,), skip_audio_self_attn_blocks=(1,))
+    out = executor.run(video, audio, 0.7, (other, MODALITY))  # a new producer: a new modality graph too
+    assert executor.stats.captures == 4
+    expected = _eager(model, conditioning, video, audio, 0.7, (other, MODALITY))
+    for name in expected:
+        assert torch.equal(out[name].video, expected[name].video)
+
+
+def test_replay_only_refuses_text_kv_of_other_inputs(fake_graphs):
+    """Held K/V are valid from their producer's replay until new inputs are loaded: a strict run that loads
+    new inputs and then fails leaves them stale, and replay_only of a consumer says so instead of reading them."""
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model, miss_policy="strict")
+    executor.warmup(HQ, video, audio, sigma=0.9, conditioning=conditioning)
+    with pytest.raises(GraphMissError, match="perturbed"):
+        executor.run(video, audio, 0.2, (*HQ, PERTURBED))
+    with pytest.raises(GraphMissError, match="no longer match the loaded inputs.*replay cond first"):
+        executor.replay_only(MODALITY)
+    executor.replay_only(COND)
+    out = executor.replay_only(MODALITY)
+    assert torch.equal(out.video, _eager(model, conditioning, video, audio, 0.2, (MODALITY,))["modality"].video)
+
+
+@pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
+def test_replaying_a_graph_captured_before_the_producer_invalidates_its_text_kv(fake_graphs):
+    """A graph captured before the producer may have its temporaries where the producer's held K/V are."""
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, (NEG,))  # captured first
+    executor.run(video, audio, 0.7, (COND, MODALITY))  # cond holds the K/V, modality reads them
+    executor.replay_only(MODALITY)  # captured after cond: fine
+    executor.replay_only(NEG)
+    with pytest.raises(GraphMissError, match="replay cond first"):
+        executor.replay_only(MODALITY)
+    executor.reset()
+    with pytest.raises(GraphMissError, match="no run"):
+        executor.replay_only(MODALITY)
+
+
+def test_audio_and_video_texts_of_different_lengths(fake_graphs):
+    model, _, video, audio = _setup()
+    texts = make_conditioning(model.config, GRID, device="cpu")
+    short = {name: TextContext(t.video, t.audio[:, :5]) for name, t in texts.texts.items()}
+    conditioning = Conditioning(texts=short, rope=texts.rope)
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    out = executor.run(video, audio, 0.5, (COND, MODALITY))
+    expected = _eager(model, conditioning, video, audio, 0.5, (COND, MODALITY))
+    for name in expected:
+        assert torch.equal(out[name].audio, expected[name].audio)
 
 
 def test_models_without_text_kv_do_not_share(fake_graphs):

@@ -272,6 +272,12 @@ def test_shared_text_kv_changes_no_bit(tiny):
     assert not torch.equal(run(tiny, x, rope)[0], run(tiny, x, rope, text_kv=other)[0])
 
 
+def test_text_kv_is_inference_only(tiny):
+    x = random_inputs(tiny.config, GRID, seed=10)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        tiny.text_kv(x.video_context, x.audio_context, x.sigma)
+
+
 def test_packed_context_kv_refuses_rope(tiny):
     cos_sin = (torch.ones(1), torch.zeros(1))
     with pytest.raises(ValueError, match="packed=True"):
