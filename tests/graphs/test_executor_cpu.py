@@ -62,6 +62,14 @@ def _eager(model, conditioning, video, audio, sigma, specs):
         return eager.run(video, audio, sigma, specs)
 
 
+def _assert_equal_to_eager(out, model, conditioning, video, audio, sigma, specs):
+    """Every pass's video and audio velocity bitwise equal to the eager executor's."""
+    expected = _eager(model, conditioning, video, audio, sigma, specs)
+    for name in expected:
+        assert torch.equal(out[name].video, expected[name].video), (name, sigma)
+        assert torch.equal(out[name].audio, expected[name].audio), (name, sigma)
+
+
 def _executor(model, **kwargs) -> GraphExecutor:
     lines: list[str] = []
     executor = GraphExecutor(model, progress=lines.append, warmup_iters=1, **kwargs)
@@ -256,10 +264,7 @@ def test_passes_sharing_text_kv_equal_eager_at_every_sigma(fake_graphs, share):
     for sigma, seed in ((0.9, 2), (0.4, 3)):
         video, audio = make_latents(model.config, GRID, device="cpu", seed=seed)
         out = executor.run(video, audio, sigma, specs)
-        expected = _eager(model, conditioning, video, audio, sigma, specs)
-        for name in expected:
-            assert torch.equal(out[name].video, expected[name].video), (name, sigma)
-            assert torch.equal(out[name].audio, expected[name].audio), (name, sigma)
+        _assert_equal_to_eager(out, model, conditioning, video, audio, sigma, specs)
     roles = {k.pass_name: k.text_kv for k in executor.keys()}
     if share:
         assert roles == {"cond": "produce", "modality": "consume:cond", "perturbed": "consume:cond", "neg": "own"}
@@ -286,9 +291,7 @@ def test_a_consumer_graph_is_keyed_by_its_producer(fake_graphs):
     out = executor.run(video, audio, 0.7, (PERTURBED, MODALITY))
     assert executor.stats.captures == 4
     assert "reads the positive text K/V held by perturbed" in executor.progress_lines[-1]
-    expected = _eager(model, conditioning, video, audio, 0.7, (PERTURBED, MODALITY))
-    for name in expected:
-        assert torch.equal(out[name].video, expected[name].video)
+    _assert_equal_to_eager(out, model, conditioning, video, audio, 0.7, (PERTURBED, MODALITY))
 
 
 @pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
@@ -300,9 +303,7 @@ def test_a_producer_with_other_options_gets_its_own_consumers(fake_graphs):
     other = PassSpec("perturbed", skip_video_self_attn_blocks=(0,), skip_audio_self_attn_blocks=(1,))
     out = executor.run(video, audio, 0.7, (other, MODALITY))  # a new producer: a new modality graph too
     assert executor.stats.captures == 4
-    expected = _eager(model, conditioning, video, audio, 0.7, (other, MODALITY))
-    for name in expected:
-        assert torch.equal(out[name].video, expected[name].video)
+    _assert_equal_to_eager(out, model, conditioning, video, audio, 0.7, (other, MODALITY))
 
 
 def test_replay_only_refuses_text_kv_of_other_inputs(fake_graphs):
@@ -345,9 +346,7 @@ def test_audio_and_video_texts_of_different_lengths(fake_graphs):
     executor = _executor(model)
     executor.set_conditioning(conditioning)
     out = executor.run(video, audio, 0.5, (COND, MODALITY))
-    expected = _eager(model, conditioning, video, audio, 0.5, (COND, MODALITY))
-    for name in expected:
-        assert torch.equal(out[name].audio, expected[name].audio)
+    _assert_equal_to_eager(out, model, conditioning, video, audio, 0.5, (COND, MODALITY))
 
 
 def test_models_without_text_kv_do_not_share(fake_graphs):
