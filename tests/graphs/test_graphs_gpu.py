@@ -5,7 +5,8 @@
   bf16 is from the same weights in fp32);
 - a pass's held output survives the replays of the other passes;
 - passes sharing their text keys/values (cond holds them, perturbed and modality read them) equal passes that
-  project their own, bitwise, at every sigma;
+  project their own, bitwise, at every sigma; so do new consumers captured beside cached producers, and
+  audio texts shorter than the video texts;
 - a changed skip block, shape or weights is a miss, never a stale replay;
 - the warmed-up loop makes no host sync (PyTorch's sync debug mode, the dispatch detector, CUPTI);
 - every pass graph shares one pool, whose size is reported.
@@ -23,7 +24,7 @@ from graphs.errors import GraphMissError, GraphMissWarning
 from graphs.executor import GraphExecutor
 from pipeline.config import LatentGrid, ModelConfig
 from pipeline.denoise import denoise_stage1, denoise_stage2
-from pipeline.executor import EagerExecutor
+from pipeline.executor import Conditioning, EagerExecutor, TextContext
 from pipeline.guidance import GuidanceConfig
 from pipeline.model import build_model
 from pipeline.passes import PassSpec, pass_specs_for
@@ -127,6 +128,46 @@ def test_shared_text_kv_equals_own_projections_bitwise(small):
     c = model.config
     expected = c.num_layers * 2 * TEXT_TOKENS * (c.video_heads * c.video_head_dim + c.audio_heads * c.audio_head_dim)
     assert sum(t.numel() for t in held) == expected
+
+
+def _assert_equal_to_eager(out, model, conditioning, video, audio, sigma, specs):
+    for spec in specs:
+        expected = eager_pass(model, conditioning, video, audio, sigma, spec)
+        got = out[spec.name]
+        assert torch.equal(got.video, expected.video) and torch.equal(got.audio, expected.audio), spec.name
+
+
+@pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
+def test_shared_text_kv_with_cached_and_new_graphs_in_one_evaluation(small):
+    """New consumers captured beside cached producers (and a new producer beside an own-K/V graph of the same
+    pass) read the right keys/values; held keys/values survive the replay of a pass that does not read them."""
+    model, cond1, _, video, audio = small
+    stg = PassSpec("perturbed", skip_video_self_attn_blocks=(1,), skip_audio_self_attn_blocks=(2,))
+    modality = HQ[2]
+    executor = GraphExecutor(model, progress=None)
+    executor.set_conditioning(cond1)
+    executor.run(video, audio, 0.8, (COND,))  # cond alone: projects its own K/V
+    out = executor.run(video, audio, 0.8, HQ)  # cond again, now producing; modality new
+    _assert_equal_to_eager(out, model, cond1, video, audio, 0.8, HQ)
+    out = executor.run(video, audio, 0.4, (*HQ, stg))  # a new consumer beside the cached producer
+    _assert_equal_to_eager(out, model, cond1, video, audio, 0.4, (*HQ, stg))
+    assert sorted(k.text_kv for k in executor.keys()) == sorted(
+        ["own", "produce", "own", "consume:cond", "consume:cond"])
+    executor.replay_only(HQ[1])  # neg: its own K/V, captured after the producer
+    held = executor.replay_only(modality)
+    expected = eager_pass(model, cond1, video, audio, 0.4, modality)
+    assert torch.equal(held.video, expected.video) and torch.equal(held.audio, expected.audio)
+
+
+def test_shared_text_kv_with_audio_and_video_texts_of_different_lengths(small):
+    model, cond1, _, video, audio = small
+    texts = {name: TextContext(t.video, t.audio[:, : TEXT_TOKENS // 2]) for name, t in cond1.texts.items()}
+    conditioning = Conditioning(texts=texts, rope=cond1.rope)
+    executor = GraphExecutor(model, progress=None)
+    executor.set_conditioning(conditioning)
+    out = executor.run(video, audio, 0.6, HQ)
+    assert {k.pass_name: k.text_kv for k in executor.keys()}["modality"] == "consume:cond"
+    _assert_equal_to_eager(out, model, conditioning, video, audio, 0.6, HQ)
 
 
 def test_changed_skip_block_or_shape_is_a_miss(small):
