@@ -191,11 +191,16 @@ class CuptiProfiler:
     `ranges`: "auto" uses NVTX MARKER records of domain ``ltx2`` when NVTX injection delivered any, else
     the profiler's own timestamps; "markers" / "listener" force one source. `control`: run the positive
     control at the start (turning it off makes :meth:`report` refuse to certify zero syncs).
+
+    `buffer_bytes`: size of each activity buffer CUPTI fills. Records are converted (in Python, holding the GIL)
+    when CUPTI hands a full buffer back, which can happen in the middle of the profiled block and stall the
+    thread that launches the work; the default (128 MiB, a few hundred thousand kernel records) delivers a whole
+    graph-replayed denoising loop at the final flush, after the block.
     """
 
     KINDS = ("RUNTIME", "SYNCHRONIZATION", "MEMCPY", "CONCURRENT_KERNEL", "MARKER")
 
-    def __init__(self, *, control: bool = True, ranges: str = "auto", buffer_bytes: int = 8 << 20) -> None:
+    def __init__(self, *, control: bool = True, ranges: str = "auto", buffer_bytes: int = 128 << 20) -> None:
         if ranges not in ("auto", "markers", "listener"):
             raise ValueError(f"CuptiProfiler(ranges=...): got {ranges!r}, expected 'auto', 'markers' or 'listener'")
         self.control, self.ranges_source, self.buffer_bytes = control, ranges, buffer_bytes
