@@ -167,7 +167,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_shape_flags(parser: argparse.ArgumentParser, *, many_tokens: bool) -> None:
     group = parser.add_argument_group(
-        "shape", "video size in pixels (--resolution/--frames/--fps) or directly as a token count (--tokens)"
+        "shape", "video token counts (--tokens)" if many_tokens else
+        "video size in pixels (--resolution/--frames/--fps) or directly as a token count (--tokens)"
     )
     if many_tokens:
         group.add_argument(
@@ -199,7 +200,8 @@ def add_guidance_flags(parser: argparse.ArgumentParser) -> None:
         "(cond, neg, perturbed = STG on block 28, modality). Stage 2 is unguided (cond only)"
     )
     group.add_argument("--guidance", default="hq", choices=("hq", "dev"), help="guidance preset (default hq)")
-    group.add_argument("--steps", type=positive_int, metavar="N", help="stage-1 sampler steps (default 15)")
+    group.add_argument("--steps", type=positive_int, metavar="N",
+                       help="stage-1 sampler steps (default 15; profile: 2)")
     for modality in ("video", "audio"):
         group.add_argument(f"--{modality}-cfg", type=non_negative_float, metavar="X", help=f"{modality} CFG scale")
         group.add_argument(f"--{modality}-stg", type=non_negative_float, metavar="X", help=f"{modality} STG scale")

@@ -313,7 +313,7 @@ class LTX2Transformer(nn.Module):
     def overlap_audio(self) -> bool:
         """Run the audio chain on a side CUDA stream next to the video chain (pipeline/streams.py). CUDA only;
         results are identical either way (same kernels, same order within each chain). Off, the blocks keep
-        their four compile regions (`AudioVideoBlock.compile_regions`)."""
+        their compile regions (`AudioVideoBlock.compile_regions`)."""
         return self._overlap_audio
 
     @overlap_audio.setter

@@ -1,4 +1,4 @@
-"""The layers of DESIGN.md hold: imports only go down graphs -> pipeline -> profiling, and the tests mirror them.
+"""The layers of the design hold: imports only go down graphs -> pipeline -> profiling, and the tests mirror them.
 
 Every import statement is read with `ast`, lazy imports inside functions included, so a layering violation
 fails here even when it sits in a code path the other tests never run.
