@@ -394,6 +394,12 @@ def build_parser() -> OneLineParser:
         action="store_true",
         help="with --nsys-sqlite: accept an export without the positive control (the sync count is then unverified)",
     )
+    profile.add_argument(
+        "--kernels",
+        type=positive_int,
+        metavar="N",
+        help="also print the N kernels with the most time in the profiled loop and its idle gaps by length",
+    )
     add_output_flags(profile)
     profile.set_defaults(handler=_profile)
     return parser

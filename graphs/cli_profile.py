@@ -8,6 +8,9 @@ deliberate sync that the report must see, or it refuses to claim zero syncs). Th
 File mode (`--nsys-sqlite FILE`, no GPU needed): read an `nsys export --type sqlite` file with
 `profiling.nsys` and print the same report. How to record a good file is in `profiling/nsys.py` and the README.
 
+`--kernels N` (either mode) adds, per profiled loop, the N kernels with the most time and the idle gaps between
+kernels by length (`profiling.kernel_table`).
+
 Exit status: 0 when no unexpected sync was seen, 1 when some were (so CI can gate on it), 2/3 for errors.
 """
 
@@ -41,7 +44,7 @@ def analyse_file(args, progress: Progress) -> int:
     if args.trace:
         write_chrome_trace(timeline, args.trace)
         progress(f"wrote trace {args.trace}")
-    return _emit(args, [("nsys", report)], extra={"source_file": path})
+    return _emit(args, [("nsys", report, timeline)], extra={"source_file": path})
 
 
 def profile_live(args, progress: Progress) -> int:
@@ -72,7 +75,7 @@ def profile_live(args, progress: Progress) -> int:
         return prof
 
     summary = runner.run(options, progress, loop_context=loop_context)
-    reports = [(name, prof.report()) for name, prof in profilers]
+    reports = [(name, prof.report(), prof.timeline) for name, prof in profilers]
     if args.trace:
         for name, prof in profilers:
             target = args.trace if len(profilers) == 1 else _numbered(args.trace, name)
@@ -90,19 +93,28 @@ def _numbered(path: str, name: str) -> str:
 
 
 def _emit(args, reports, *, extra: dict) -> int:
-    """Print each report (table, then its syncs) and/or write the JSON; exit 1 if any unexpected sync."""
-    unexpected = sum(len(r.unexpected_syncs) for _, r in reports)
+    """Print each (name, report, timeline): the report's table, its syncs and, with --kernels, the kernel table;
+    and/or write the JSON. Exit 1 if any unexpected sync."""
+    from profiling.kernel_table import kernel_report
+
+    unexpected = sum(len(r.unexpected_syncs) for _, r, _ in reports)
+    kernels = {name: kernel_report(timeline, args.kernels) for name, _, timeline in reports} if args.kernels else {}
     if args.json != "-":
-        for name, report in reports:
+        for name, report, _ in reports:
             print(f"== {name} ==")
             print(report.table())
             if report.syncs:
                 print()
                 print(report.syncs_table())
             print()
+            if name in kernels:
+                print(kernels[name][0] if kernels[name] else "no kernels were recorded")
+                print()
     if args.json:
-        emit_json({**extra, "reports": {name: r.to_dict() for name, r in reports}, "unexpected_syncs": unexpected},
-                  args.json)
+        data = {**extra, "reports": {name: r.to_dict() for name, r, _ in reports}, "unexpected_syncs": unexpected}
+        if kernels:
+            data["kernels"] = {name: k[1] if k else None for name, k in kernels.items()}
+        emit_json(data, args.json)
     return 1 if unexpected else 0
 
 

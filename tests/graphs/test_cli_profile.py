@@ -44,6 +44,20 @@ def test_profile_reads_an_nsys_export(capsys, tmp_path, export_writer):
     assert json.loads(trace.read_text())["traceEvents"]
 
 
+def test_profile_kernels_table_from_an_nsys_export(capsys, tmp_path, export_writer):
+    write_export, make_timeline = export_writer
+    path = tmp_path / "run.sqlite"
+    write_export(path, make_timeline())  # "loop" 1000-10000 ns; kernels k1 1.2 us, k2 1.0 us, k3 0.1 us
+    code, out, _ = run_cli(capsys, "profile", "--nsys-sqlite", str(path), "--kernels", "2")
+    assert code == 1  # the synthetic run's unexpected syncs still decide the exit status
+    assert "3 kernels of 3 names" in out and "idle gap" in out
+    table = out[out.index("% of kernel time"):]
+    assert "k1" in table and "k2" in table and "k3" not in table  # top 2 only
+    code, out, _ = run_cli(capsys, "profile", "--nsys-sqlite", str(path), "--kernels", "5", "--json")
+    kernels = json.loads(out)["kernels"]["nsys"]
+    assert [k["name"] for k in kernels["top_kernels"]] == ["k1", "k2", "k3"] and kernels["window_ns"] == 9000
+
+
 def test_profile_refuses_an_export_without_the_control(capsys, tmp_path, export_writer):
     write_export, make_timeline = export_writer
     path = tmp_path / "clean.sqlite"

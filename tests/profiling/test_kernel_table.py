@@ -1,0 +1,59 @@
+"""profiling.kernel_table on synthetic records: kernels grouped and clipped to the window, idle gaps over every
+stream at once, the window taken from the "loop" regions."""
+
+from __future__ import annotations
+
+from profiling.kernel_table import (
+    idle_gaps,
+    kernel_report,
+    kernel_rows,
+    measured_window,
+    short_kernel_name,
+)
+from profiling.timeline import KernelRecord, RangeRecord, Timeline
+
+
+def k(name: str, start: int, end: int, stream: int = 7) -> KernelRecord:
+    return KernelRecord(name, start, end, correlation=0, stream=stream)
+
+
+def test_kernels_grouped_by_name_clipped_to_the_window_most_time_first_ties_by_name():
+    kernels = [k("gemm", 0, 3000), k("norm", 3000, 3500), k("gemm", 4000, 6000), k("late", 9500, 12000)]
+    rows = kernel_rows(kernels, 1000, 10000)
+    assert [(r.name, r.calls, r.total_ns) for r in rows] == [("gemm", 2, 4000), ("late", 1, 500), ("norm", 1, 500)]
+    assert rows[0].mean_us == 2.0
+
+
+def test_idle_gaps_count_only_time_when_no_stream_runs_a_kernel():
+    kernels = [k("a", 1000, 2000, 7), k("b", 1500, 2500, 8), k("c", 2600, 3000, 7), k("d", 20000, 21000, 8)]
+    gaps = idle_gaps(kernels, 0, 22000)
+    by_label = {label: (n, ns) for label, n, ns in gaps.buckets}
+    assert by_label["< 1 us"] == (1, 100)  # 2500 -> 2600: the overlap of a and b is busy, not idle
+    assert by_label["< 2 us"] == (2, 2000)  # 0 -> 1000 before the first kernel, 21000 -> 22000 after the last
+    assert by_label["< 100 us"] == (1, 17000)  # 3000 -> 20000
+    assert gaps.count == 4 and gaps.idle_ns == 19100 and gaps.window_ns == 22000
+
+
+def test_window_is_the_loop_region_else_all_kernels():
+    kernels = (k("a", 50, 60), k("b", 500, 900))
+    assert measured_window(Timeline(kernels=kernels)) == (50, 900)
+    loop = Timeline(ranges=(RangeRecord("setup", 0, 40, 1), RangeRecord("loop", 100, 800, 1)), kernels=kernels)
+    assert measured_window(loop) == (100, 800)
+    assert measured_window(Timeline()) is None and kernel_report(Timeline(), 5) is None
+
+
+def test_short_names_drop_return_type_templates_and_arguments():
+    name = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int, float)"
+    assert short_kernel_name(name) == "at::native::vectorized_elementwise_kernel"
+    assert short_kernel_name("nvjet_sm90_tst_128x192") == "nvjet_sm90_tst_128x192"
+    assert short_kernel_name("x" * 100, width=10) == "xxxxxxx..."
+
+
+def test_report_text_and_json_agree():
+    timeline = Timeline(ranges=(RangeRecord("loop", 0, 10000, 1),),
+                        kernels=(k("gemm", 0, 6000), k("norm", 6500, 7500), k("gemm", 8000, 9000)))
+    text, data = kernel_report(timeline, top=1)
+    assert "GPU busy 80.0%" in text and "in 3 gaps" in text and "3 kernels of 2 names" in text
+    assert data["top_kernels"] == [{"name": "gemm", "calls": 2, "total_ns": 7000}]
+    assert data["window_ns"] == 10000 and data["idle_ns"] == 2000
+    assert sum(g["gaps"] for g in data["idle_gaps"]) == 3
