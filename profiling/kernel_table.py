@@ -51,12 +51,18 @@ class IdleGaps:
 
 
 def measured_window(timeline: Timeline) -> tuple[int, int] | None:
-    """The span of the "loop" regions, else of all kernels; None when nothing ran."""
+    """The span of the "loop" regions, else of all kernels; None when nothing ran.
+
+    A loop region ends when the host has launched its last work, and the GPU may be a whole step behind: the
+    window runs on to the end of the last kernel launched inside the regions (its launch call's time, found by
+    correlation id; a kernel without one counts from its own start)."""
     loops = [r for r in timeline.ranges if r.name == WINDOW_RANGE]
     spans = [(r.start, r.end) for r in loops] or [(k.start, k.end) for k in timeline.kernels]
     if not spans:
         return None
-    return min(s for s, _ in spans), max(e for _, e in spans)
+    start, end = min(s for s, _ in spans), max(e for _, e in spans)
+    launched = {a.correlation: a.start for a in timeline.api_calls}
+    return start, max([end] + [k.end for k in timeline.kernels if start <= launched.get(k.correlation, k.start) < end])
 
 
 def kernel_rows(kernels: Iterable[KernelRecord], start: int, end: int) -> list[KernelRow]:

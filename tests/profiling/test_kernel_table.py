@@ -10,7 +10,7 @@ from profiling.kernel_table import (
     measured_window,
     short_kernel_name,
 )
-from profiling.timeline import KernelRecord, RangeRecord, Timeline
+from profiling.timeline import ApiRecord, KernelRecord, RangeRecord, Timeline
 
 
 def k(name: str, start: int, end: int, stream: int = 7) -> KernelRecord:
@@ -34,11 +34,16 @@ def test_idle_gaps_count_only_time_when_no_stream_runs_a_kernel():
     assert gaps.count == 4 and gaps.idle_ns == 19100 and gaps.window_ns == 22000
 
 
-def test_window_is_the_loop_region_else_all_kernels():
+def test_window_is_the_loop_region_and_its_queued_work_else_all_kernels():
     kernels = (k("a", 50, 60), k("b", 500, 900))
     assert measured_window(Timeline(kernels=kernels)) == (50, 900)
     loop = Timeline(ranges=(RangeRecord("setup", 0, 40, 1), RangeRecord("loop", 100, 800, 1)), kernels=kernels)
-    assert measured_window(loop) == (100, 800)
+    assert measured_window(loop) == (100, 900)  # the GPU finishes what the loop queued: b runs on to 900
+    early = Timeline(ranges=(RangeRecord("loop", 100, 400, 1),), kernels=kernels)
+    assert measured_window(early) == (100, 400)  # b starts after the loop and no launch record says otherwise
+    queued = Timeline(ranges=early.ranges, kernels=(KernelRecord("b", 500, 900, correlation=3, stream=7),),
+                      api_calls=(ApiRecord("cudaGraphLaunch_v10000", 300, 310, 1, 3),))
+    assert measured_window(queued) == (100, 900)  # launched at 300, inside the loop: the loop's work
     assert measured_window(Timeline()) is None and kernel_report(Timeline(), 5) is None
 
 
