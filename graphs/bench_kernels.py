@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from profiling.attribution import merged_intervals
 from profiling.ranges import region
 from profiling.syncs import allow_host_sync
 
@@ -86,18 +87,6 @@ def cupti_available() -> bool:
     except Exception:
         return False
     return True
-
-
-def _merged_ns(intervals: list[tuple[int, int]]) -> int:
-    total, end = 0, None
-    for s, e in sorted(intervals):
-        if end is None or s > end:
-            total += e - s
-            end = e
-        elif e > end:
-            total += e - end
-            end = e
-    return total
 
 
 class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -179,7 +168,7 @@ def _torch_profiler_activity(device: torch.device) -> Iterator[KernelActivity]:
     intervals = [(int(e.time_range.start * 1e3), int(e.time_range.end * 1e3)) for e in kernels]  # us -> ns
     result.kernels = len(kernels)
     result.wall_ms = wall_s * 1e3
-    result.busy_pct = min(100.0, 100.0 * _merged_ns(intervals) / 1e9 / wall_s) if wall_s > 0 else None
+    result.busy_pct = min(100.0, 100.0 * sum(e - s for s, e in merged_intervals(intervals)) / 1e9 / wall_s) if wall_s > 0 else None
 
 
 def _is_kernel(event) -> bool:

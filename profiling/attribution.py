@@ -170,7 +170,8 @@ def host_syncs(timeline: Timeline) -> list[HostSync]:
     return [sync for sync, _ in _host_syncs(timeline, RangeIndex(timeline.ranges))]
 
 
-def _merged_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def merged_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping union of [start, end) intervals (e.g. kernels of every stream: when the GPU ran)."""
     merged: list[list[int]] = []
     for start, end in sorted(intervals):
         if merged and start <= merged[-1][1]:
@@ -219,7 +220,7 @@ def analyse(timeline: Timeline, *, require_control: bool = False) -> ProfileRepo
         credit(index.innermost(api.thread, api.start),
                **{"blocking_ns" if blocking else "enqueue_ns": api.end - api.start})
 
-    busy = _merged_intervals([(k.start, k.end) for k in timeline.kernels])
+    busy = merged_intervals([(k.start, k.end) for k in timeline.kernels])
     busy_ends = [e for _, e in busy]
     stats: dict[str, RangeStats] = {}
     order = sorted(range(len(index.instances)), key=lambda i: index.instances[i].start)

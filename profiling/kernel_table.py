@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from tabulate import tabulate
 
+from profiling.attribution import merged_intervals
 from profiling.timeline import KernelRecord, Timeline
 
 WINDOW_RANGE = "loop"
@@ -90,12 +91,11 @@ def idle_gaps(kernels: Iterable[KernelRecord], start: int, end: int) -> IdleGaps
             counts[i] += 1
             idle[i] += gap
 
-    covered = start  # everything before this instant is either busy or already counted
-    for s, e in sorted((max(k.start, start), min(k.end, end)) for k in kernels):
-        if e <= s:
-            continue
+    clipped = [(max(k.start, start), min(k.end, end)) for k in kernels]
+    covered = start
+    for s, e in merged_intervals([(s, e) for s, e in clipped if e > s]):  # kernels inside the window
         add(s - covered)
-        covered = max(covered, e)
+        covered = e
     add(end - covered)
     return IdleGaps(end - start, tuple(zip(labels, counts, idle)))
 
