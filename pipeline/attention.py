@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.fused import rms_norm_
 from pipeline.rope import CosSin, apply_split_rope
 
 
@@ -76,26 +77,19 @@ class CrossAttention(nn.Module):
                 k_rope: CosSin | None = None) -> Tensor:
         return self.attend_to(x, *self.context_kv(context, k_rope), q_rope)
 
-    def context_kv(self, context: Tensor, k_rope: CosSin | None = None, *,
-                   packed: bool = False) -> tuple[Tensor, Tensor]:
+    def context_kv(self, context: Tensor, k_rope: CosSin | None = None) -> tuple[Tensor, Tensor]:
         """Keys (RMS-normed, RoPE'd when `k_rope` is given) and values of `context` [B, Nk, C]: [B, Nk, I] each.
 
         Separate from `attend_to` because the text context's keys/values do not depend on the queries: passes
-        that read the same text at the same sigma can share them (`LTX2Transformer.text_kv`). `packed`: the
-        normed keys overwrite the raw ones in the [k | v] projection output, so k and v are views of one
-        [B, Nk, 2I] buffer; the raw keys would otherwise stay alive with the values as long as they are held."""
+        that read the same text at the same sigma can share them (`LTX2Transformer.text_kv`). Without RoPE the
+        normed keys overwrite the raw ones in the [k | v] projection output (`fused.rms_norm_`, one in-place
+        kernel on CUDA), so k and v are views of one [B, Nk, 2I] buffer: held keys/values keep no raw keys
+        alive. With RoPE the keys are a new tensor, so inductor fuses norm and RoPE into one kernel."""
         i = self.inner
-        kv = self.kv(context)  # [B, Nk, 2I] rows [k | v]
-        k, v = kv.split([i, i], dim=-1)  # views, [B, Nk, I] each
-        if packed:
-            if k_rope is not None:
-                raise ValueError("context_kv(packed=True) takes no k_rope: RoPE'd keys cannot overwrite raw ones")
-            k.copy_(F.rms_norm(k, (i,), self.k_norm, self.eps))
-            return k, v
-        k = F.rms_norm(k, (i,), self.k_norm, self.eps)
-        if k_rope is not None:
-            k = apply_split_rope(k, k_rope)
-        return k, v
+        k, v = self.kv(context).split([i, i], dim=-1)  # views of the [B, Nk, 2I] projection, rows [k | v]
+        if k_rope is None:
+            return rms_norm_(k, self.k_norm, self.eps), v
+        return apply_split_rope(F.rms_norm(k, (i,), self.k_norm, self.eps), k_rope), v
 
     def attend_to(self, x: Tensor, k: Tensor, v: Tensor, q_rope: CosSin | None = None) -> Tensor:
         """Gated attention of the queries of `x` [B, Nq, dim] over prepared keys/values (`context_kv`)."""

@@ -1,5 +1,13 @@
 """Fused GPU ops the model calls where neither eager PyTorch nor inductor fuses on its own.
 
+`rms_norm_`: RMSNorm written over its input, one Triton kernel (`pipeline.rms_norm_triton`). The text keys are
+normed in place inside their [k | v] projection output so k and v stay views of one buffer (held across passes
+without the raw keys). Written as `k.copy_(rms_norm(k))`, inductor cannot update the slice in place: it emits a
+reduction kernel, then a pointwise kernel rewriting the whole [k | v] buffer (values included), 2 kernels and
+~2.5x the traffic per stream and block. As a custom op that mutates its input, inductor calls it on the GEMM
+output directly (no copy). Off CUDA the plain `x.copy_(rms_norm(x))` runs; when autograd records, a plain
+out-of-place `rms_norm(x)`.
+
 `linear_gelu_tanh`: the FFN's first Linear with its tanh-GELU applied in the cuBLASLt epilogue
 (`torch._addmm_activation(..., use_gelu=True)`, CUBLASLT_EPILOGUE_GELU_BIAS). Unfused, the [N, 4 * dim]
 activation is written by the GEMM, read and written again by a GELU kernel: at 8160 video tokens that is
@@ -39,3 +47,42 @@ def linear_gelu_tanh(x: Tensor, linear: torch.nn.Linear) -> Tensor:
     if x.is_cuda and linear.bias is not None:
         return _linear_gelu_tanh_op(x, linear.weight, linear.bias)
     return F.gelu(linear(x), approximate="tanh")
+
+
+_TRITON_MAX_COLS = 16384  # pipeline.rms_norm_triton holds one row per program in registers
+
+
+@torch.library.custom_op("ltx2::rms_norm_", mutates_args=("x",))
+def _rms_norm_inplace_op(x: Tensor, weight: Tensor, eps: float) -> None:
+    if not x.is_cuda:
+        x.copy_(F.rms_norm(x, (x.shape[-1],), weight, eps))
+        return
+    from pipeline.rms_norm_triton import rms_norm_rows_inplace
+
+    rms_norm_rows_inplace(x.view(-1, x.shape[-1]), weight, eps)
+
+
+def _rows_viewable(x: Tensor) -> bool:
+    """Whether `x.view(-1, x.shape[-1])` exists with contiguous columns (e.g. a column slice of a wider buffer)."""
+    if x.dim() == 0 or x.stride(-1) != 1:
+        return False
+    return all(x.stride(d) == x.stride(d + 1) * x.shape[d + 1] for d in range(x.dim() - 2))
+
+
+def rms_norm_(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim written over `x` (one in-place kernel on CUDA, see the module docstring); returns
+    the normed tensor: `x` itself, except when autograd records (x or weight requires grad), where a new tensor
+    comes back and `x` is left as it was (autograd refuses in-place writes to split views).
+
+    The kernel holds a row in registers: it needs rows viewable as [M, N] with contiguous columns, N <= 16384 and
+    a contiguous weight. Other layouts and CPU tensors take `x.copy_(rms_norm(x))` (the same formula in ATen
+    kernels; equal within bf16 rounding, not bitwise, see pipeline/rms_norm_triton.py)."""
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"rms_norm_: weight must have shape ({n},) (x's last dim), got {tuple(weight.shape)}")
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return F.rms_norm(x, (n,), weight, eps)
+    if x.is_cuda and n <= _TRITON_MAX_COLS and weight.is_contiguous() and _rows_viewable(x):
+        _rms_norm_inplace_op(x, weight, eps)
+        return x
+    return x.copy_(F.rms_norm(x, (n,), weight, eps))

@@ -134,13 +134,13 @@ class BlockTextKV(NamedTuple):
     audio_v: Tensor
 
 
-def prompt_kv(text_attn: CrossAttention, ctx: Tensor, prompt_table: Tensor, prompt_mod: Tensor, *,
-              packed: bool = False) -> tuple[Tensor, Tensor]:
+def prompt_kv(text_attn: CrossAttention, ctx: Tensor, prompt_table: Tensor,
+              prompt_mod: Tensor) -> tuple[Tensor, Tensor]:
     """Text keys/values of one stream: the context shifted/scaled by the prompt AdaLN (LTX-2.3), then projected
-    (`packed`: as views of one buffer, for keys/values that are held). ctx [B, Nt, C]; prompt_mod [B, 1, 2, C]
-    (rows shift, scale)."""
+    (as views of one buffer, `CrossAttention.context_kv`). ctx [B, Nt, C]; prompt_mod [B, 1, 2, C] (rows shift,
+    scale)."""
     ctx_shift, ctx_scale = (prompt_table + prompt_mod).unbind(2)  # [B, 1, C] each
-    return text_attn.context_kv(modulate(ctx, ctx_scale, ctx_shift), packed=packed)
+    return text_attn.context_kv(modulate(ctx, ctx_scale, ctx_shift))
 
 
 def self_and_text_attention(x: Tensor, text_kv: tuple[Tensor, Tensor], self_attn: SelfAttention,
@@ -223,10 +223,10 @@ class AudioVideoBlock(nn.Module):
         return v, a
 
     def text_kv(self, v_ctx: Tensor, a_ctx: Tensor, video_prompt: Tensor, audio_prompt: Tensor) -> BlockTextKV:
-        """This block's text keys/values for both streams (prompt AdaLN outputs `video_prompt`/`audio_prompt`),
-        packed: they are held across passes, and each stream's k and v share one buffer."""
-        return BlockTextKV(*prompt_kv(self.video_text, v_ctx, self.video_prompt_table, video_prompt, packed=True),
-                           *prompt_kv(self.audio_text, a_ctx, self.audio_prompt_table, audio_prompt, packed=True))
+        """This block's text keys/values for both streams (prompt AdaLN outputs `video_prompt`/`audio_prompt`);
+        each stream's k and v are views of one buffer, so holding them across passes holds nothing more."""
+        return BlockTextKV(*prompt_kv(self.video_text, v_ctx, self.video_prompt_table, video_prompt),
+                           *prompt_kv(self.audio_text, a_ctx, self.audio_prompt_table, audio_prompt))
 
     def video_attention(self, v: Tensor, v_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool,
                         kv: tuple[Tensor, Tensor] | None = None) -> PendingTextResidual:

@@ -1,8 +1,9 @@
-"""`pipeline.fused.linear_gelu_tanh`: the FFN's fc1 + tanh-GELU, in the cuBLASLt epilogue on CUDA.
+"""`pipeline.fused`: the FFN's fc1 + tanh-GELU in the cuBLASLt epilogue, and the in-place RMSNorm of the text keys.
 
-CPU: the fallback is exactly `gelu(linear(x), "tanh")`, and the custom op's fake (meta) implementation agrees with
-its real one (`torch.library.opcheck`). GPU (`cuda` marker): the epilogue matches the unfused float32 reference
-within bf16 rounding, and torch.compile keeps it as one opaque op (no separate GELU kernel).
+CPU: the fallbacks are exactly `gelu(linear(x), "tanh")` and `x.copy_(rms_norm(x))`, and the custom ops' fake
+(meta) implementations agree with their real ones (`torch.library.opcheck`). GPU (`cuda` marker): the epilogue and
+the Triton RMSNorm match float64 references within bf16 rounding; torch.compile keeps the epilogue as one opaque
+op, and runs the RMSNorm on the [k | v] GEMM output in place (no copy of the buffer).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.fused import _linear_gelu_tanh_op, linear_gelu_tanh
+from pipeline.fused import _linear_gelu_tanh_op, _rms_norm_inplace_op, linear_gelu_tanh, rms_norm_
 
 
 def test_cpu_path_is_the_unfused_tanh_gelu():
@@ -67,4 +68,81 @@ def test_compiled_graph_keeps_the_epilogue_op():
         out = torch.compile(lambda t: linear_gelu_tanh(t, fc), backend=backend, fullgraph=True)(x)
         torch.testing.assert_close(out, linear_gelu_tanh(x, fc), rtol=0, atol=0)
     assert any("linear_gelu_tanh" in t for t in seen), seen
+    torch._dynamo.reset()
+
+
+def _rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def test_rms_norm_in_place_on_cpu_is_copy_of_rms_norm():
+    torch.manual_seed(0)
+    kv = torch.randn(2, 7, 2 * 24)
+    k, v = kv.split([24, 24], dim=-1)
+    w, v_before = torch.randn(24), v.clone()
+    expected = F.rms_norm(k, (24,), w, 1e-6)
+    out = rms_norm_(k, w, 1e-6)
+    assert out is k
+    torch.testing.assert_close(k, expected, rtol=0, atol=0)
+    assert torch.equal(v, v_before)  # the other half of the buffer is untouched
+
+
+def test_rms_norm_in_place_names_a_wrong_weight():
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        rms_norm_(torch.zeros(3, 8), torch.ones(4), 1e-6)
+
+
+def test_rms_norm_in_place_under_autograd_takes_the_recorded_path():
+    lin = nn.Linear(4, 16)
+    k, _ = lin(torch.randn(3, 4)).split([8, 8], dim=-1)
+    w = torch.ones(8, requires_grad=True)
+    out = rms_norm_(k, w, 1e-6)  # out of place: autograd refuses in-place writes to split views
+    torch.testing.assert_close(out, F.rms_norm(k, (8,), w, 1e-6), rtol=0, atol=0)
+    out.sum().backward()
+    assert w.grad is not None and lin.weight.grad is not None
+
+
+def test_rms_norm_op_registration_is_consistent():
+    x, w = torch.randn(4, 16), torch.randn(16)
+    torch.library.opcheck(_rms_norm_inplace_op, (x, w, 1e-6), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("width", [2048, 4096, 96])
+def test_triton_rms_norm_matches_float64_on_a_column_slice(width):
+    torch.manual_seed(0)
+    kv = torch.randn(2, 333, 2 * width, device="cuda", dtype=torch.bfloat16) * 3
+    k, v = kv.split([width, width], dim=-1)
+    w = torch.randn(width, device="cuda", dtype=torch.bfloat16)
+    ref = _rms_norm_reference(k, w, 1e-6)
+    aten = F.rms_norm(k, (width,), w, 1e-6)
+    v_before, ptr = v.clone(), k.data_ptr()
+    with torch.no_grad():
+        out = rms_norm_(k, w, 1e-6)
+    assert out is k and k.data_ptr() == ptr and torch.equal(v, v_before)
+    err_ours = (k.double() - ref).abs().max().item()
+    err_aten = (aten.double() - ref).abs().max().item()
+    assert err_ours <= max(1e-2 * ref.abs().max().item(), 1.01 * err_aten), (err_ours, err_aten)
+
+
+@pytest.mark.cuda
+def test_compiled_text_kv_norms_the_keys_in_place_of_the_projection():
+    """k and v come back as views of one buffer: inductor ran the op on the GEMM output, no copy of it."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    width = 1024
+    lin = nn.Linear(512, 2 * width).to("cuda", torch.bfloat16)
+    w = torch.randn(width, device="cuda", dtype=torch.bfloat16)
+    ctx = torch.randn(1, 256, 512, device="cuda", dtype=torch.bfloat16)
+
+    def kv_of(c):
+        k, v = lin(c).split([width, width], dim=-1)
+        return rms_norm_(k, w, 1e-6), v
+
+    with torch.no_grad():
+        k_eager, v_eager = kv_of(ctx)
+        k, v = torch.compile(kv_of, fullgraph=True)(ctx)
+    assert v.data_ptr() == k.data_ptr() + width * k.element_size()
+    assert torch.equal(k, k_eager) and torch.equal(v, v_eager)
     torch._dynamo.reset()

@@ -278,10 +278,16 @@ def test_text_kv_is_inference_only(tiny):
         tiny.text_kv(x.video_context, x.audio_context, x.sigma)
 
 
-def test_packed_context_kv_refuses_rope(tiny):
-    cos_sin = (torch.ones(1), torch.zeros(1))
-    with pytest.raises(ValueError, match="packed=True"):
-        tiny.blocks[0].a2v.context_kv(torch.zeros(1, 3, tiny.config.audio_dim), cos_sin, packed=True)
+def test_text_keys_and_values_are_views_of_one_buffer(tiny):
+    """Held text keys/values keep nothing else alive: the normed keys overwrite the raw ones in the projection."""
+    x = random_inputs(tiny.config, GRID, seed=11)
+    with torch.no_grad():
+        kv = tiny.text_kv(x.video_context, x.audio_context, x.sigma)[0]
+        raw = tiny.blocks[0].video_text.kv(x.video_context)
+    inner = kv.video_k.shape[-1]
+    assert kv.video_v.data_ptr() == kv.video_k.data_ptr() + inner * kv.video_k.element_size()
+    assert kv.audio_v.data_ptr() == kv.audio_k.data_ptr() + kv.audio_k.shape[-1] * kv.audio_k.element_size()
+    assert kv.video_k.untyped_storage().nbytes() == raw.numel() * raw.element_size()
 
 
 @pytest.mark.parametrize("case", ["entries", "BlockTextKV", "video_k", "audio_v"])
