@@ -122,6 +122,26 @@ class PendingTextResidual(NamedTuple):
         return self.x + self.text_out * ada_rows(table, mod, TEXT_ATTN)[2]
 
 
+class PendingFFNResidual(NamedTuple):
+    """A block's video residual before its FFN (`x`) and the FFN output, not yet gated and added: the next block's
+    first region (or the output head after the last block) adds them, so under compile the add fuses with the norm
+    that reads the sum, as `PendingTextResidual` does between the regions of one block. The gate row belongs to
+    the producing block, so its AdaLN `table` (a parameter: no kernel) travels along."""
+
+    x: Tensor
+    ffn_out: Tensor
+    table: Tensor
+
+    def add(self, mod: Tensor) -> Tensor:
+        """x + ffn_out * gate, with the FFN gate row of the producing block's 9-row AdaLN (`mod`: the stream's)."""
+        return self.x + self.ffn_out * ada_rows(self.table, mod, FFN)[2]
+
+
+def resolved(v: Tensor | PendingFFNResidual, mod: Tensor) -> Tensor:
+    """The video residual stream as a tensor, adding a pending FFN residual if one is handed over."""
+    return v.add(mod) if isinstance(v, PendingFFNResidual) else v
+
+
 class BlockTextKV(NamedTuple):
     """One block's text cross-attention keys (RMS-normed) and values, per stream: [B, Nt, I] each.
 
@@ -158,10 +178,15 @@ def self_and_text_attention(x: Tensor, text_kv: tuple[Tensor, Tensor], self_attn
     return PendingTextResidual(x, h)
 
 
+def ffn_of(x: Tensor, ff: FeedForward, table: Tensor, mod: Tensor, eps: float) -> Tensor:
+    """FFN(modulated rms(x)), with the FFN shift/scale rows of the stream's 9-row AdaLN (not gated, not added)."""
+    shift, scale, _ = ada_rows(table, mod, FFN)
+    return ff(modulate(rms(x, eps), scale, shift))
+
+
 def gated_ffn(x: Tensor, ff: FeedForward, table: Tensor, mod: Tensor, eps: float) -> Tensor:
     """x + FFN(modulated rms(x)) * gate, with the FFN rows of the stream's 9-row AdaLN."""
-    shift, scale, gate = ada_rows(table, mod, FFN)
-    return x + ff(modulate(rms(x, eps), scale, shift)) * gate
+    return x + ffn_of(x, ff, table, mod, eps) * ada_rows(table, mod, FFN)[2]
 
 
 class AudioVideoBlock(nn.Module):
@@ -190,14 +215,18 @@ class AudioVideoBlock(nn.Module):
     # Compiled one by one under regional torch.compile (graphs/compile.py): the stream switches between them
     # stay in Python, in `forward`. The split is the same with one stream (CPU, overlap off). On the video chain
     # the boundary costs no extra pass: `video_attention` hands its last residual add to the next region
-    # (`PendingTextResidual`), where it fuses with the norm that reads the sum.
+    # (`PendingTextResidual`), where it fuses with the norm that reads the sum; `exchange_and_video_ffn` hands its
+    # FFN residual add to the next block's `video_attention` the same way (`PendingFFNResidual`).
     # `text_kv` is a fifth region, called by `LTX2Transformer.text_kv` outside the block's forward.
     compile_regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn", "text_kv")
 
-    def forward(self, v: Tensor, a: Tensor, v_ctx: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, *,
-                skip_video_self_attn: bool, skip_audio_self_attn: bool, a2v: bool, v2a: bool,
-                streams: AudioStreams = SEQUENTIAL, text_kv: BlockTextKV | None = None) -> tuple[Tensor, Tensor]:
-        """v [B, Nv, Dv], a [B, Na, Da]; contexts [B, Nt, Dv / Da]. Audio-only work runs under `streams.side()`
+    def forward(self, v: Tensor | PendingFFNResidual, a: Tensor, v_ctx: Tensor, a_ctx: Tensor, mod: Modulation,
+                rope: RopeTables, *, skip_video_self_attn: bool, skip_audio_self_attn: bool, a2v: bool, v2a: bool,
+                streams: AudioStreams = SEQUENTIAL,
+                text_kv: BlockTextKV | None = None) -> tuple[PendingFFNResidual, Tensor]:
+        """v [B, Nv, Dv] (or the previous block's `PendingFFNResidual`), a [B, Na, Da]; contexts [B, Nt, Dv / Da].
+        Returns the video stream as a `PendingFFNResidual` (`resolved` makes it a tensor). Audio-only work runs
+        under `streams.side()`
         (pipeline/streams.py), which the caller forked before the first block and joins after the last.
         `text_kv`: this block's text keys/values computed ahead (`text_kv`); None computes them from the contexts.
 
@@ -228,8 +257,9 @@ class AudioVideoBlock(nn.Module):
         return BlockTextKV(*prompt_kv(self.video_text, v_ctx, self.video_prompt_table, video_prompt),
                            *prompt_kv(self.audio_text, a_ctx, self.audio_prompt_table, audio_prompt))
 
-    def video_attention(self, v: Tensor, v_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool,
-                        kv: tuple[Tensor, Tensor] | None = None) -> PendingTextResidual:
+    def video_attention(self, v: Tensor | PendingFFNResidual, v_ctx: Tensor, mod: Modulation, rope: RopeTables,
+                        skip: bool, kv: tuple[Tensor, Tensor] | None = None) -> PendingTextResidual:
+        v = resolved(v, mod.video)
         if kv is None:
             kv = prompt_kv(self.video_text, v_ctx, self.video_prompt_table, mod.video_prompt)
         return self_and_text_attention(v, kv, self.video_self, self.video_text, self.video_table, mod.video,
@@ -243,11 +273,12 @@ class AudioVideoBlock(nn.Module):
                                        rope.audio, skip, self.eps).add(self.audio_table, mod.audio)
 
     def exchange_and_video_ffn(self, v_pending: PendingTextResidual, a: Tensor, mod: Modulation, rope: RopeTables,
-                               a2v: bool, v2a: bool) -> tuple[Tensor, Tensor]:
+                               a2v: bool, v2a: bool) -> tuple[PendingFFNResidual, Tensor]:
         """A2V/V2A cross-attention (both read the same pre-update snapshot rms(v), rms(a)), then the video FFN.
 
         The video's pending text cross-attention residual is added first, and the video FFN shares this region,
-        so under compile each residual add fuses with the norm after it.
+        so under compile each residual add fuses with the norm after it; the FFN's own residual add is handed on
+        (`PendingFFNResidual`) to the next block's first region, where it fuses with that block's first norm.
         """
         eps = self.eps
         v = v_pending.add(self.video_table, mod.video)
@@ -265,7 +296,7 @@ class AudioVideoBlock(nn.Module):
                 h = self.v2a(modulate(na, a_v2a_scale, a_v2a_shift), modulate(nv, v_v2a_scale, v_v2a_shift),
                              rope.audio_cross, rope.video_cross)
                 a = a + gate * h
-        return gated_ffn(v, self.video_ff, self.video_table, mod.video, eps), a
+        return PendingFFNResidual(v, ffn_of(v, self.video_ff, self.video_table, mod.video, eps), self.video_table), a
 
     def audio_ffn(self, a: Tensor, mod: Modulation) -> Tensor:
         return gated_ffn(a, self.audio_ff, self.audio_table, mod.audio, self.eps)
@@ -419,6 +450,7 @@ class LTX2Transformer(nn.Module):
                                  text_kv=None if text_kv is None else text_kv[i])
         finally:
             streams.join()  # also on an error, so no side-stream work is left unjoined (or a capture unjoined)
+        v = resolved(v, mod.video)
         shift, scale = (self.video_out_table + video_emb.unsqueeze(2)).unbind(2)  # [B, T, Dv] each
         v = self.video_out(modulate(F.layer_norm(v, (v.shape[-1],), eps=eps), scale, shift))  # [B, Nv, 128]
         shift, scale = (self.audio_out_table + audio_emb.unsqueeze(2)).unbind(2)  # [B, 1, Da] each

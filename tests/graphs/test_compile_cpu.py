@@ -82,13 +82,15 @@ def test_one_structure_serves_every_block_and_variants_are_counted(tiny, fresh_d
     regions = AudioVideoBlock.compile_regions
     assert blocks.regions == regions == ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn",
                                          "text_kv")
-    assert blocks.compiles == 4  # one graph per region the forward calls, shared by both blocks
-    assert blocks.cached_variants() == {**dict.fromkeys(regions[:4], 1), "text_kv": 0}
+    # One graph per region the forward calls, shared by both blocks; the video attention region has two: block 0
+    # reads the embedded tensor, block 1 the FFN residual block 0 left pending (`PendingFFNResidual`).
+    assert blocks.compiles == 5
+    assert blocks.cached_variants() == {**dict.fromkeys(regions[:4], 1), "video_attention": 2, "text_kv": 0}
     torch.testing.assert_close(compiled_cond, eager_cond)
     with blocks.compiling():
         _forward(model, grid, MODALITY)  # a2v/v2a off: one more variant of the exchange region only
         _forward(model, grid, COND)  # cached
-    assert blocks.compiles == 5
+    assert blocks.compiles == 6
     assert blocks.cached_variants()["exchange_and_video_ffn"] == 2
     for b in model.blocks:  # eager outside the contexts
         assert b._compiled_call_impl is None and not set(regions) & set(vars(b))
@@ -109,12 +111,13 @@ def test_frozen_runs_cached_variants_and_refuses_recompiles(tiny, fresh_dynamo):
 
 def test_variant_limit_is_an_error_not_an_eager_fallback(tiny, fresh_dynamo):
     model, grid = tiny
-    blocks = CompiledBlocks(model, "default", backend="eager", max_variants=1)
+    blocks = CompiledBlocks(model, "default", backend="eager", max_variants=2)
     with blocks.compiling():
         _forward(model, grid, COND)
-    with pytest.raises(CaptureError, match="more than 1 variants of the 2 AudioVideoBlock blocks"):
+        _forward(model, grid, MODALITY)  # the exchange region's second variant
+    with pytest.raises(CaptureError, match="more than 2 variants of the 2 AudioVideoBlock blocks"):
         with blocks.compiling():
-            _forward(model, grid, MODALITY)
+            _forward(model, grid, COND, tokens=12)  # two more video attention variants
 
 
 def test_each_instance_gets_its_own_variant_budget_per_region(tiny, fresh_dynamo):
@@ -182,6 +185,7 @@ def test_compiled_executor_runs_passes_with_compiled_blocks(tiny, fresh_dynamo):
         theirs = eager.run(video, audio, 0.5, (COND, MODALITY))
     for name in ("cond", "modality"):
         torch.testing.assert_close(ours[name].video, theirs[name].video)
-    assert executor.blocks.compiles == 5  # 4 regions for cond, the exchange region again for modality
+    assert executor.blocks.compiles == 6  # 4 regions for cond (video attention twice: block 0 reads a tensor,
+    # block 1 a pending FFN residual), the exchange region again for modality
     with pytest.raises(ValueError, match="needs a compile mode"):
         CompiledExecutor(model, False)
