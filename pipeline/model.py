@@ -226,8 +226,8 @@ class AudioVideoBlock(nn.Module):
                 text_kv: BlockTextKV | None = None) -> tuple[PendingFFNResidual, Tensor]:
         """v [B, Nv, Dv] (or the previous block's `PendingFFNResidual`), a [B, Na, Da]; contexts [B, Nt, Dv / Da].
         Returns the video stream as a `PendingFFNResidual` (`resolved` makes it a tensor). Audio-only work runs
-        under `streams.side()`
-        (pipeline/streams.py), which the caller forked before the first block and joins after the last.
+        under `streams.side()` (pipeline/streams.py), which the caller forked before the first block and joins
+        after the last.
         `text_kv`: this block's text keys/values computed ahead (`text_kv`); None computes them from the contexts.
 
         Per block: audio attention (side) next to video attention (main); join; exchange + video FFN (main); fork;

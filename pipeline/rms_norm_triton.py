@@ -9,6 +9,7 @@ rounding, not bitwise). Rows may be strided (a column slice of a wider buffer); 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -30,5 +31,6 @@ def rms_norm_rows_inplace(rows: Tensor, weight: Tensor, eps: float) -> None:
     """rows [M, N] (stride(1) == 1), weight [N] on the same CUDA device; N <= 16384 (`fused.rms_norm_` checks)."""
     m, n = rows.shape
     block = triton.next_power_of_2(n)
-    _rms_norm_rows_inplace[(m,)](rows, weight, rows.stride(0), n, eps, BLOCK=block,
-                                 num_warps=8 if block >= 4096 else 4)
+    with torch.cuda.device(rows.device):  # Triton launches on the current device
+        _rms_norm_rows_inplace[(m,)](rows, weight, rows.stride(0), n, eps, BLOCK=block,
+                                     num_warps=8 if block >= 4096 else 4)
