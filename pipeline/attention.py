@@ -81,10 +81,11 @@ class CrossAttention(nn.Module):
         """Keys (RMS-normed, RoPE'd when `k_rope` is given) and values of `context` [B, Nk, C]: [B, Nk, I] each.
 
         Separate from `attend_to` because the text context's keys/values do not depend on the queries: passes
-        that read the same text at the same sigma can share them (`LTX2Transformer.text_kv`). Without RoPE the
-        normed keys overwrite the raw ones in the [k | v] projection output (`fused.rms_norm_`, one in-place
-        kernel on CUDA), so k and v are views of one [B, Nk, 2I] buffer: held keys/values keep no raw keys
-        alive. With RoPE the keys are a new tensor, so inductor fuses norm and RoPE into one kernel."""
+        that read the same text at the same sigma can share them (`LTX2Transformer.text_kv`). Without RoPE, at
+        inference, the normed keys overwrite the raw ones in the [k | v] projection output (`fused.rms_norm_`,
+        one in-place kernel on CUDA), so k and v are views of one [B, Nk, 2I] buffer: held keys/values keep no
+        raw keys alive (when autograd records, the keys are a new tensor). With RoPE the keys are a new tensor,
+        so inductor fuses norm and RoPE into one kernel."""
         i = self.inner
         k, v = self.kv(context).split([i, i], dim=-1)  # views of the [B, Nk, 2I] projection, rows [k | v]
         if k_rope is None:

@@ -63,10 +63,19 @@ def _rms_norm_inplace_op(x: Tensor, weight: Tensor, eps: float) -> None:
 
 
 def _rows_viewable(x: Tensor) -> bool:
-    """Whether `x.view(-1, x.shape[-1])` exists with contiguous columns (e.g. a column slice of a wider buffer)."""
-    if x.dim() == 0 or x.stride(-1) != 1:
+    """Whether `x.view(-1, x.shape[-1])` exists with contiguous columns and rows that do not overlap (e.g. a column
+    slice of a wider buffer; not an expanded or strided-over view, whose rows the kernel would write in a race)."""
+    if x.dim() == 0 or x.shape[-1] == 0 or x.stride(-1) != 1:
+        return False
+    if x.dim() >= 2 and x.numel() > x.shape[-1] and x.stride(-2) < x.shape[-1]:
         return False
     return all(x.stride(d) == x.stride(d + 1) * x.shape[d + 1] for d in range(x.dim() - 2))
+
+
+def _triton_takes(x: Tensor, weight: Tensor) -> bool:
+    """The CUDA kernel's conditions on one input and its weight (`rms_norm_`)."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and weight.device == x.device
+            and x.shape[-1] <= _TRITON_MAX_COLS and weight.is_contiguous() and _rows_viewable(x))
 
 
 def rms_norm_(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -74,15 +83,16 @@ def rms_norm_(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     the normed tensor: `x` itself, except when autograd records (x or weight requires grad), where a new tensor
     comes back and `x` is left as it was (autograd refuses in-place writes to split views).
 
-    The kernel holds a row in registers: it needs rows viewable as [M, N] with contiguous columns, N <= 16384 and
-    a contiguous weight. Other layouts and CPU tensors take `x.copy_(rms_norm(x))` (the same formula in ATen
-    kernels; equal within bf16 rounding, not bitwise, see pipeline/rms_norm_triton.py)."""
+    The kernel holds a row in registers: it needs a float16/bfloat16/float32 x whose rows are viewable as [M, N]
+    with contiguous columns and do not overlap, 0 < N <= 16384, and a contiguous weight on x's device. Other
+    inputs, and CPU tensors, take `x.copy_(rms_norm(x))` (the same formula in ATen kernels; equal within bf16
+    rounding, not bitwise, see pipeline/rms_norm_triton.py)."""
     n = x.shape[-1]
     if weight.shape != (n,):
         raise ValueError(f"rms_norm_: weight must have shape ({n},) (x's last dim), got {tuple(weight.shape)}")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return F.rms_norm(x, (n,), weight, eps)
-    if x.is_cuda and n <= _TRITON_MAX_COLS and weight.is_contiguous() and _rows_viewable(x):
+    if _triton_takes(x, weight):
         _rms_norm_inplace_op(x, weight, eps)
         return x
     return x.copy_(F.rms_norm(x, (n,), weight, eps))

@@ -4,6 +4,8 @@ blocks left uncompiled outside the contexts."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch._dynamo
@@ -11,9 +13,9 @@ from torch import nn
 
 from graphs.compile import CompiledBlocks, CompiledExecutor, compile_mode_name, find_blocks
 from graphs.errors import CaptureError
-from pipeline.config import LatentGrid
+from pipeline.config import LatentGrid, ModelConfig
 from pipeline.executor import EagerExecutor, PassExecutor
-from pipeline.model import AudioVideoBlock
+from pipeline.model import AudioVideoBlock, build_model
 from pipeline.passes import PassSpec
 from tests.graphs.helpers import make_conditioning, make_latents, tiny_model
 
@@ -94,6 +96,17 @@ def test_one_structure_serves_every_block_and_variants_are_counted(tiny, fresh_d
     assert blocks.cached_variants()["exchange_and_video_ffn"] == 2
     for b in model.blocks:  # eager outside the contexts
         assert b._compiled_call_impl is None and not set(regions) & set(vars(b))
+
+
+def test_deeper_models_compile_no_more_variants(fresh_dynamo):
+    """The pending FFN residual carries its block's AdaLN table: a parameter input, not a per-block recompile."""
+    model = build_model(dataclasses.replace(ModelConfig.preset("tiny"), num_layers=4), device="cpu",
+                        dtype=torch.float32, seed=0)
+    grid = LatentGrid.from_tokens(8, audio_tokens=4)
+    blocks = CompiledBlocks(model, "default", backend="eager")
+    with blocks.compiling():
+        _forward(model, grid, COND)
+    assert blocks.cached_variants()["video_attention"] == 2 and blocks.compiles == 5
 
 
 def test_frozen_runs_cached_variants_and_refuses_recompiles(tiny, fresh_dynamo):

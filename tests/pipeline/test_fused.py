@@ -103,6 +103,18 @@ def test_rms_norm_in_place_under_autograd_takes_the_recorded_path():
     assert w.grad is not None and lin.weight.grad is not None
 
 
+def test_kernel_path_refuses_layouts_it_would_get_wrong():
+    from pipeline.fused import _rows_viewable
+
+    base = torch.zeros(4, 16)
+    assert _rows_viewable(base[:, :8]) and _rows_viewable(base.view(2, 2, 16)) and _rows_viewable(torch.zeros(8))
+    assert not _rows_viewable(torch.zeros(1, 8).expand(4, 8))  # every row the same memory
+    assert not _rows_viewable(base.as_strided((4, 8), (2, 1)))  # rows overlap
+    assert not _rows_viewable(base.t())  # strided columns
+    assert not _rows_viewable(torch.zeros(3, 0))  # nothing to normalise
+    assert not _rows_viewable(base.view(2, 2, 16)[:, :, :8].transpose(0, 1))  # not viewable as rows
+
+
 def test_rms_norm_op_registration_is_consistent():
     x, w = torch.randn(4, 16), torch.randn(16)
     torch.library.opcheck(_rms_norm_inplace_op, (x, w, 1e-6), test_utils=("test_schema", "test_faketensor"))
