@@ -185,8 +185,10 @@ def ffn_of(x: Tensor, ff: FeedForward, table: Tensor, mod: Tensor, eps: float) -
 
 
 def gated_ffn(x: Tensor, ff: FeedForward, table: Tensor, mod: Tensor, eps: float) -> Tensor:
-    """x + FFN(modulated rms(x)) * gate, with the FFN rows of the stream's 9-row AdaLN."""
-    return x + ffn_of(x, ff, table, mod, eps) * ada_rows(table, mod, FFN)[2]
+    """x + FFN(modulated rms(x)) * gate, with the FFN rows of the stream's 9-row AdaLN (one table add, not two:
+    this is the audio chain's eager path too)."""
+    shift, scale, gate = ada_rows(table, mod, FFN)
+    return x + ff(modulate(rms(x, eps), scale, shift)) * gate
 
 
 class AudioVideoBlock(nn.Module):
