@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.fused import rms_norm_
+from pipeline.fused import rms_norm_, rms_norm_rope_qk
 from pipeline.rope import CosSin, apply_split_rope
 
 
@@ -47,8 +47,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, rope: CosSin) -> Tensor:
         i = self.inner
         q, k, v, g = self.qkvg(x).split([i, i, i, self.heads], dim=-1)  # [B, N, I] x3, [B, N, H]
-        q = apply_split_rope(F.rms_norm(q, (i,), self.q_norm, self.eps), rope)
-        k = apply_split_rope(F.rms_norm(k, (i,), self.k_norm, self.eps), rope)
+        q, k = rms_norm_rope_qk(q, self.q_norm, k, self.k_norm, self.eps, rope)
         return gated_output(self.out, attend(q, k, v, self.heads), g)
 
     def value_passthrough(self, x: Tensor) -> Tensor:

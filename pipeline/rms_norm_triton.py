@@ -1,18 +1,31 @@
-"""Triton kernel behind `pipeline.fused.rms_norm_`: RMSNorm of each row of a 2-D view, written over the row.
+"""Triton RMSNorm kernels behind `pipeline.fused`: one program per token row, the row held in registers.
 
-Imported only on CUDA (Triton is not needed, and may be absent, on CPU). One program per row: the row is loaded
-once into registers (the LTX-2.3 key widths, 2048 and 4096, fit), its mean square reduced in float32, and
-`x * rsqrt(mean(x^2) + eps) * weight` computed in float32 and rounded once to the row's dtype (ATen's
-`rms_norm` may round `x * rsqrt(...)` before the weight and sums in another order: equal within bf16
-rounding, not bitwise). Rows may be strided (a column slice of a wider buffer); columns must be contiguous.
+Imported only on CUDA (Triton is not needed, and may be absent, on CPU). Each program loads its row once (the
+LTX-2.3 widths, 2048 and 4096, fit), reduces its mean square in float32, and computes
+`x * rsqrt(mean(x^2) + eps) * weight` in float32, rounded once to the row's dtype (ATen's `rms_norm` rounds
+before the weight, and the reference rounds again before RoPE; sums run in another order: equal within bf16
+rounding, not bitwise). Rows may be strided (column slices of a wider projection); columns must be contiguous.
+
+- `rms_norm_rows_inplace`: the normed row written over the input (the text keys inside their [k | v] buffer).
+- `rms_norm_rope_qk`: queries and keys of one self-attention, normed with their own weights and rotated by the
+  same split-RoPE table row, into new contiguous tensors. One program does both rows of its token, so each
+  float32 (cos, sin) row is read once for q and k (at 8160 video tokens the tables are 134 MB, beyond L2).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+
+def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device. CPU tensors only reach here under Triton's interpreter
+    (TRITON_INTERPRET=1, tests/pipeline/test_triton_interpret.py)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @triton.jit
@@ -27,10 +40,54 @@ def _rms_norm_rows_inplace(x_ptr, w_ptr, row_stride, n_cols, eps, BLOCK: tl.cons
     tl.store(ptrs, (x * rstd * w).to(x_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _norm_rope_row(x_row, w_ptr, out_row, cos, sin, first, mask, n_cols, r, eps):
+    """One row [H, 2, r] of x: RMSNorm over all of it, then split RoPE per head with (cos, sin) [H, r]."""
+    x1 = tl.load(x_row + first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + first + r, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1) + tl.sum(x2 * x2)) / n_cols + eps)
+    y1 = x1 * rstd * tl.load(w_ptr + first, mask=mask, other=0.0).to(tl.float32)
+    y2 = x2 * rstd * tl.load(w_ptr + first + r, mask=mask, other=0.0).to(tl.float32)
+    dtype = out_row.dtype.element_ty
+    tl.store(out_row + first, (y1 * cos - y2 * sin).to(dtype), mask=mask)
+    tl.store(out_row + first + r, (y2 * cos + y1 * sin).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rms_norm_rope_qk(q_ptr, q_stride, wq_ptr, k_ptr, k_stride, wk_ptr, q_out, k_out, cos_ptr, sin_ptr,
+                      tokens, table_batch_stride, heads, r, eps, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # b * tokens + n
+    h = tl.arange(0, BLOCK_H)[:, None]
+    j = tl.arange(0, BLOCK_R)[None, :]
+    mask = (h < heads) & (j < r)
+    first = h * (2 * r) + j  # column of x1 in head h; its partner x2 is r further
+    table = (row // tokens) * table_batch_stride + (row % tokens) * (heads * r) + h * r + j
+    cos = tl.load(cos_ptr + table, mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + table, mask=mask, other=0.0)
+    n_cols = heads * 2 * r
+    _norm_rope_row(q_ptr + row * q_stride, wq_ptr, q_out + row * n_cols, cos, sin, first, mask, n_cols, r, eps)
+    _norm_rope_row(k_ptr + row * k_stride, wk_ptr, k_out + row * n_cols, cos, sin, first, mask, n_cols, r, eps)
+
+
+def rms_norm_rope_qk(q: Tensor, wq: Tensor, k: Tensor, wk: Tensor, eps: float, cos: Tensor,
+                     sin: Tensor) -> tuple[Tensor, Tensor]:
+    """q, k [M, I] (stride(1) == 1, M = B * N), weights [I], cos/sin [B or 1, N, H, r] float32 with contiguous
+    [N, H, r] (batch stride 0 for a broadcast table) and H * 2r == I (`fused.rms_norm_rope_qk` checks)."""
+    m, n_cols = q.shape
+    _, tokens, heads, r = cos.shape
+    q_out = torch.empty((m, n_cols), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((m, n_cols), dtype=k.dtype, device=k.device)
+    with _on_device_of(q):
+        _rms_norm_rope_qk[(m,)](q, q.stride(0), wq, k, k.stride(0), wk, q_out, k_out, cos, sin, tokens,
+                                cos.stride(0), heads, r, eps, BLOCK_H=triton.next_power_of_2(heads),
+                                BLOCK_R=triton.next_power_of_2(r), num_warps=8 if n_cols >= 4096 else 4)
+    return q_out, k_out
+
+
 def rms_norm_rows_inplace(rows: Tensor, weight: Tensor, eps: float) -> None:
     """rows [M, N] (stride(1) == 1), weight [N] on the same CUDA device; N <= 16384 (`fused.rms_norm_` checks)."""
     m, n = rows.shape
     block = triton.next_power_of_2(n)
-    with torch.cuda.device(rows.device):  # Triton launches on the current device
+    with _on_device_of(rows):
         _rms_norm_rows_inplace[(m,)](rows, weight, rows.stride(0), n, eps, BLOCK=block,
                                      num_warps=8 if block >= 4096 else 4)

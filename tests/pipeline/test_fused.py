@@ -1,9 +1,10 @@
-"""`pipeline.fused`: the FFN's fc1 + tanh-GELU in the cuBLASLt epilogue, and the in-place RMSNorm of the text keys.
+"""`pipeline.fused`: the FFN's fc1 + tanh-GELU in the cuBLASLt epilogue, the in-place RMSNorm of the text keys,
+and the self-attention's q/k RMSNorm + RoPE.
 
-CPU: the fallbacks are exactly `gelu(linear(x), "tanh")` and `x.copy_(rms_norm(x))`, and the custom ops' fake
-(meta) implementations agree with their real ones (`torch.library.opcheck`). GPU (`cuda` marker): the epilogue and
-the Triton RMSNorm match float64 references within bf16 rounding; torch.compile keeps the epilogue as one opaque
-op, and runs the RMSNorm on the [k | v] GEMM output in place (no copy of the buffer).
+CPU: the fallbacks are exactly `gelu(linear(x), "tanh")`, `x.copy_(rms_norm(x))` and `apply_split_rope(rms_norm(x))`,
+and the custom ops' fake (meta) implementations agree with their real ones (`torch.library.opcheck`). GPU (`cuda`
+marker): the epilogue and the Triton kernels match float64 references within bf16 rounding; torch.compile keeps
+the epilogue as one opaque op, and runs the RMSNorm on the [k | v] GEMM output in place (no copy of the buffer).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.fused import _linear_gelu_tanh_op, _rms_norm_inplace_op, linear_gelu_tanh, rms_norm_
+from pipeline.fused import (_linear_gelu_tanh_op, _rms_norm_inplace_op, _rms_norm_rope_qk_op, linear_gelu_tanh,
+                            rms_norm_, rms_norm_rope_qk)
+from pipeline.rope import apply_split_rope
 
 
 def test_cpu_path_is_the_unfused_tanh_gelu():
@@ -157,4 +160,76 @@ def test_compiled_text_kv_norms_the_keys_in_place_of_the_projection():
         k, v = torch.compile(kv_of, fullgraph=True)(ctx)
     assert v.data_ptr() == k.data_ptr() + width * k.element_size()
     assert torch.equal(k, k_eager) and torch.equal(v, v_eager)
+    torch._dynamo.reset()
+
+
+def _qkv_and_tables(batch: int, tokens: int, heads: int, r: int, device: str, dtype: torch.dtype):
+    """q and k as column slices of one [q | k | v | gates] projection, and a broadcast (expanded) float32 table."""
+    torch.manual_seed(0)
+    width = heads * 2 * r
+    proj = torch.randn(batch, tokens, 3 * width + heads, device=device, dtype=dtype) * 2
+    q, k, _, _ = proj.split([width, width, width, heads], dim=-1)
+    angles = torch.rand(1, tokens, heads, r, device=device) * 6.28
+    cos, sin = (t.expand(batch, tokens, heads, r) for t in (angles.cos(), angles.sin()))
+    weights = [torch.randn(width, device=device, dtype=dtype) for _ in range(2)]
+    return q, k, weights, (cos, sin)
+
+
+def _norm_rope_float64(x, weight, eps, rope):
+    cos, sin = (t.double() for t in rope)
+    y = _rms_norm_reference(x, weight, eps).unflatten(-1, (cos.shape[-2], 2, cos.shape[-1]))
+    y1, y2 = y.unbind(-2)
+    return torch.stack([y1 * cos - y2 * sin, y2 * cos + y1 * sin], dim=-2).flatten(2)
+
+
+def test_norm_rope_qk_on_cpu_is_the_reference_path():
+    q, k, (wq, wk), rope = _qkv_and_tables(2, 5, 4, 3, "cpu", torch.float32)
+    got_q, got_k = rms_norm_rope_qk(q, wq, k, wk, 1e-6, rope)
+    for got, x, w in ((got_q, q, wq), (got_k, k, wk)):
+        torch.testing.assert_close(got, apply_split_rope(F.rms_norm(x, (x.shape[-1],), w, 1e-6), rope), rtol=0, atol=0)
+
+
+def test_norm_rope_qk_op_registration_is_consistent():
+    q, k, (wq, wk), (cos, sin) = _qkv_and_tables(1, 4, 2, 4, "cpu", torch.float32)
+    torch.library.opcheck(_rms_norm_rope_qk_op, (q.contiguous(), wq, k.contiguous(), wk, 1e-6, cos, sin),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch,heads,r", [(1, 32, 64), (2, 32, 32), (1, 3, 5)])
+def test_triton_norm_rope_qk_matches_float64(batch, heads, r):
+    q, k, (wq, wk), rope = _qkv_and_tables(batch, 257, heads, r, "cuda", torch.bfloat16)
+    with torch.no_grad():
+        got_q, got_k = rms_norm_rope_qk(q, wq, k, wk, 1e-6, rope)
+        for got, x, w in ((got_q, q, wq), (got_k, k, wk)):
+            assert got.shape == x.shape and got.dtype == x.dtype and got.is_contiguous()
+            ref = _norm_rope_float64(x, w, 1e-6, rope)
+            aten = apply_split_rope(F.rms_norm(x, (x.shape[-1],), w, 1e-6), rope)
+            err_ours = (got.double() - ref).abs().max().item()
+            err_aten = (aten.double() - ref).abs().max().item()
+            bound = max(1.01 * err_aten, 2.0 ** -8 * ref.abs().max().item())  # one rounding, not two
+            assert err_ours <= bound, (err_ours, err_aten)
+
+
+@pytest.mark.cuda
+def test_compiled_self_attention_calls_the_qk_kernel():
+    from pipeline.attention import SelfAttention
+
+    torch._dynamo.reset()
+    attn = SelfAttention(256, 4, 64, 1e-6).to("cuda", torch.bfloat16)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 96, 256, device="cuda", dtype=torch.bfloat16)
+    angles = torch.rand(1, 96, 4, 32, device="cuda") * 6.28
+    rope = (angles.cos(), angles.sin())
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    with torch.no_grad():
+        out = torch.compile(attn, backend=backend, fullgraph=True)(x, rope)
+        torch.testing.assert_close(out, attn(x, rope), rtol=0, atol=0)
+    assert any("rms_norm_rope_qk" in t for t in seen), seen
     torch._dynamo.reset()
