@@ -143,13 +143,12 @@ def rms_norm_rope_qk(q: Tensor, q_weight: Tensor, k: Tensor, k_weight: Tensor, e
     """`apply_split_rope(rms_norm(q))` and the same for k with its own weight, q/k [B, N, I], rope (cos, sin)
     [B or 1, N, H, r]: one kernel for both on CUDA (module docstring), new contiguous tensors.
 
-    The kernel needs q and k of one shape with rows viewable as [B * N, I] (column slices of the fused projection
-    are), I <= 16384, contiguous weights and float32 tables with contiguous [N, H, r]; otherwise, on CPU and when
+    The kernel needs q and k of one shape and dtype, each meeting `rms_norm_`'s conditions (column slices of the
+    fused projection do), and float32 tables on their device with contiguous [N, H, r]; otherwise, on CPU and when
     autograd records, the reference path runs (equal within bf16 rounding, not bitwise)."""
     cos, sin = rope
     records = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, q_weight, k_weight))
-    if (q.is_cuda and not records and q.shape == k.shape and q.shape[-1] <= _TRITON_MAX_COLS
-            and q_weight.is_contiguous() and k_weight.is_contiguous() and _rows_viewable(q) and _rows_viewable(k)
-            and _kernel_takes_tables(q, cos, sin)):
+    if (not records and q.shape == k.shape and q.dtype == k.dtype and _triton_takes(q, q_weight)
+            and _triton_takes(k, k_weight) and cos.device == q.device and _kernel_takes_tables(q, cos, sin)):
         return _rms_norm_rope_qk_op(q, q_weight, k, k_weight, eps, cos, sin)
     return _norm_rope_reference(q, q_weight, eps, cos, sin), _norm_rope_reference(k, k_weight, eps, cos, sin)
