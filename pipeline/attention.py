@@ -3,7 +3,9 @@
 One Linear per input stream: self-attention projects [q | k | v | gate logits] in one GEMM; cross-attention
 projects [q | gate logits] from the queries and [k | v] from the context. The STG "value pass-through" of a
 skipped block runs only the contiguous [v | gate] rows of the fused weight (no Q, K, QK-norm, RoPE or SDPA).
-Per-head gates (LTX-2.3): the attention output of each head is scaled by 2 * sigmoid(logit) before `out`.
+The A2V/V2A exchange runs both directions in `exchange_attention`, which norms and rotates same-modality queries
+and keys together. Per-head gates (LTX-2.3): the attention output of each head is scaled by 2 * sigmoid(logit)
+before `out`.
 """
 
 from __future__ import annotations
@@ -85,17 +87,50 @@ class CrossAttention(nn.Module):
         one in-place kernel on CUDA), so k and v are views of one [B, Nk, 2I] buffer: held keys/values keep no
         raw keys alive (when autograd records, the keys are a new tensor). With RoPE the keys are a new tensor,
         so inductor fuses norm and RoPE into one kernel."""
-        i = self.inner
-        k, v = self.kv(context).split([i, i], dim=-1)  # views of the [B, Nk, 2I] projection, rows [k | v]
+        k, v = self.keys_values(context)  # views of the [B, Nk, 2I] projection, rows [k | v]
         if k_rope is None:
             return rms_norm_(k, self.k_norm, self.eps), v
-        return apply_split_rope(F.rms_norm(k, (i,), self.k_norm, self.eps), k_rope), v
+        return apply_split_rope(F.rms_norm(k, (self.inner,), self.k_norm, self.eps), k_rope), v
 
     def attend_to(self, x: Tensor, k: Tensor, v: Tensor, q_rope: CosSin | None = None) -> Tensor:
         """Gated attention of the queries of `x` [B, Nq, dim] over prepared keys/values (`context_kv`)."""
-        i = self.inner
-        q, g = self.q_gate(x).split([i, self.heads], dim=-1)  # [B, Nq, I], [B, Nq, H]
-        q = F.rms_norm(q, (i,), self.q_norm, self.eps)
+        q, g = self.queries(x)
+        q = F.rms_norm(q, (self.inner,), self.q_norm, self.eps)
         if q_rope is not None:  # static per module use (A2V/V2A always, text never), not data-dependent
             q = apply_split_rope(q, q_rope)
-        return gated_output(self.out, attend(q, k, v, self.heads), g)
+        return self.attend_prepared(q, g, k, v)
+
+    def queries(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw queries [B, Nq, I] (not yet normed) and gate logits [B, Nq, H]: views of one projection."""
+        return self.q_gate(x).split([self.inner, self.heads], dim=-1)
+
+    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw keys (not yet normed) and values of `context`: [B, Nk, I] views of one [k | v] projection."""
+        return self.kv(context).split([self.inner, self.inner], dim=-1)
+
+    def attend_prepared(self, q: Tensor, gate_logits: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Gated attention of normed (and rotated) queries over normed keys: the tail shared by every path."""
+        return gated_output(self.out, attend(q, k, v, self.heads), gate_logits)
+
+
+def exchange_attention(a2v: CrossAttention, v2a: CrossAttention, video_for_a2v: Tensor, audio_for_a2v: Tensor,
+                       audio_for_v2a: Tensor, video_for_v2a: Tensor, video_rope: CosSin,
+                       audio_rope: CosSin) -> tuple[Tensor, Tensor]:
+    """A2V and V2A together (`a2v(video_for_a2v, audio_for_a2v)`, `v2a(audio_for_v2a, video_for_v2a)`), returning
+    (A2V output [B, Nv, Dv], V2A output [B, Na, Da]).
+
+    Same math as the two calls, regrouped by modality: the A2V queries and the V2A keys are both video tokens
+    rotated by the video temporal table, so one `rms_norm_rope_qk` kernel norms and rotates both, reading each
+    table row once (likewise the audio side). At 8160 video tokens inductor's fusion of the video side took
+    91 us per block (profiling/PERF_LOG.md)."""
+    if a2v.inner != v2a.inner or a2v.eps != v2a.eps:
+        raise ValueError(f"exchange_attention: a2v and v2a must share inner width and eps, got "
+                         f"{(a2v.inner, a2v.eps)} and {(v2a.inner, v2a.eps)}")
+    video_q, video_gates = a2v.queries(video_for_a2v)
+    audio_k, audio_v = a2v.keys_values(audio_for_a2v)
+    audio_q, audio_gates = v2a.queries(audio_for_v2a)
+    video_k, video_v = v2a.keys_values(video_for_v2a)
+    video_q, video_k = rms_norm_rope_qk(video_q, a2v.q_norm, video_k, v2a.k_norm, a2v.eps, video_rope)
+    audio_q, audio_k = rms_norm_rope_qk(audio_q, v2a.q_norm, audio_k, a2v.k_norm, a2v.eps, audio_rope)
+    return (a2v.attend_prepared(video_q, video_gates, audio_k, audio_v),
+            v2a.attend_prepared(audio_q, audio_gates, video_k, video_v))

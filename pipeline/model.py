@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.attention import CrossAttention, SelfAttention
+from pipeline.attention import CrossAttention, SelfAttention, exchange_attention
 from pipeline.config import ModelConfig
 from pipeline.fused import linear_gelu_tanh
 from pipeline.rope import CosSin, RopeTables
@@ -288,16 +288,21 @@ class AudioVideoBlock(nn.Module):
             nv, na = rms(v, eps), rms(a, eps)
             v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift = (self.video_av_table[:4] + mod.video_av).unbind(2)
             a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift = (self.audio_av_table[:4] + mod.audio_av).unbind(2)
+            if a2v and v2a:  # both directions: same-modality q/k normed and rotated together (one kernel each)
+                h_video, h_audio = exchange_attention(
+                    self.a2v, self.v2a, modulate(nv, v_a2v_scale, v_a2v_shift), modulate(na, a_a2v_scale, a_a2v_shift),
+                    modulate(na, a_v2a_scale, a_v2a_shift), modulate(nv, v_v2a_scale, v_v2a_shift),
+                    rope.video_cross, rope.audio_cross)
+            elif a2v:
+                h_video = self.a2v(modulate(nv, v_a2v_scale, v_a2v_shift), modulate(na, a_a2v_scale, a_a2v_shift),
+                                   rope.video_cross, rope.audio_cross)
+            else:
+                h_audio = self.v2a(modulate(na, a_v2a_scale, a_v2a_shift), modulate(nv, v_v2a_scale, v_v2a_shift),
+                                   rope.audio_cross, rope.video_cross)
             if a2v:
-                gate = (self.video_av_table[4:] + mod.video_av_gate).squeeze(2)  # [B, 1, Dv]
-                h = self.a2v(modulate(nv, v_a2v_scale, v_a2v_shift), modulate(na, a_a2v_scale, a_a2v_shift),
-                             rope.video_cross, rope.audio_cross)
-                v = v + gate * h
+                v = v + (self.video_av_table[4:] + mod.video_av_gate).squeeze(2) * h_video  # gate [B, 1, Dv]
             if v2a:
-                gate = (self.audio_av_table[4:] + mod.audio_av_gate).squeeze(2)  # [B, 1, Da]
-                h = self.v2a(modulate(na, a_v2a_scale, a_v2a_shift), modulate(nv, v_v2a_scale, v_v2a_shift),
-                             rope.audio_cross, rope.video_cross)
-                a = a + gate * h
+                a = a + (self.audio_av_table[4:] + mod.audio_av_gate).squeeze(2) * h_audio  # gate [B, 1, Da]
         return PendingFFNResidual(v, ffn_of(v, self.video_ff, self.video_table, mod.video, eps), self.video_table), a
 
     def audio_ffn(self, a: Tensor, mod: Modulation) -> Tensor:

@@ -233,3 +233,54 @@ def test_compiled_self_attention_calls_the_qk_kernel():
         torch.testing.assert_close(out, attn(x, rope), rtol=0, atol=0)
     assert any("rms_norm_rope_qk" in t for t in seen), seen
     torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+def test_triton_norm_rope_qk_takes_q_and_k_of_different_projections():
+    """The exchange's shape: q a column slice of a [q | gates] projection, k of a [k | v] one (different row
+    strides), 32 heads of 64 (r = 32), a broadcast batch-2 table."""
+    torch.manual_seed(1)
+    batch, tokens, heads, r = 2, 300, 32, 32
+    width = heads * 2 * r
+    q = torch.randn(batch, tokens, width + heads, device="cuda", dtype=torch.bfloat16)[..., :width]
+    k = torch.randn(batch, tokens, 2 * width, device="cuda", dtype=torch.bfloat16)[..., :width]
+    angles = torch.rand(1, tokens, heads, r, device="cuda") * 6.28
+    rope = tuple(t.expand(batch, tokens, heads, r) for t in (angles.cos(), angles.sin()))
+    wq, wk = (torch.randn(width, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        got_q, got_k = rms_norm_rope_qk(q, wq, k, wk, 1e-6, rope)
+    for got, x, w in ((got_q, q, wq), (got_k, k, wk)):
+        ref = _norm_rope_float64(x, w, 1e-6, rope)
+        assert (got.double() - ref).abs().max().item() <= 2.0 ** -7 * ref.abs().max().item()
+
+
+@pytest.mark.cuda
+def test_compiled_exchange_norms_each_modality_in_one_kernel():
+    """Under compile the exchange calls the q/k kernel twice (video side, audio side) and matches eager."""
+    from pipeline.attention import CrossAttention, exchange_attention
+
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    a2v = CrossAttention(256, 128, 4, 32, 1e-6).to("cuda", torch.bfloat16)  # Q video (256), K/V audio (128)
+    v2a = CrossAttention(128, 256, 4, 32, 1e-6).to("cuda", torch.bfloat16)
+    for p in [*a2v.parameters(), *v2a.parameters()]:
+        torch.nn.init.normal_(p, std=0.05)
+    v, a = torch.randn(1, 96, 256, device="cuda", dtype=torch.bfloat16), torch.randn(1, 12, 128, device="cuda",
+                                                                                       dtype=torch.bfloat16)
+    tables = [torch.rand(1, n, 4, 16, device="cuda") * 6.28 for n in (96, 12)]
+    video_rope, audio_rope = ((t.cos(), t.sin()) for t in tables)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    def both(v, a):
+        return exchange_attention(a2v, v2a, v, a, a, v, video_rope, audio_rope)
+
+    with torch.no_grad():
+        out = torch.compile(both, backend=backend, fullgraph=True)(v, a)
+        ref = both(v, a)
+    assert all(torch.equal(o, r) for o, r in zip(out, ref))
+    assert sum("rms_norm_rope_qk" in t for t in seen) == 2, seen
+    torch._dynamo.reset()

@@ -149,6 +149,26 @@ def test_isolated_video_ignores_audio(tiny):
                            run(tiny, z, rope, disable_a2v_cross_attn=True)[1])
 
 
+def test_exchange_attention_is_the_two_cross_attentions(tiny):
+    """`exchange_attention` regroups A2V and V2A by modality (video q/k normed together); on CPU (reference path)
+    it is bitwise the two separate calls. Modules that cannot share the kernel are named."""
+    from pipeline.attention import CrossAttention, exchange_attention
+
+    block, rope = tiny.blocks[0], build_rope_tables(tiny.config, GRID, device="cpu")
+    torch.manual_seed(5)
+    v = torch.randn(1, GRID.num_video_tokens, tiny.config.video_dim)
+    a = torch.randn(1, GRID.audio_tokens, tiny.config.audio_dim)
+    v2, a2 = v + 1, a - 1  # each direction reads its own modulation of the same snapshot
+    with torch.no_grad():
+        got = exchange_attention(block.a2v, block.v2a, v, a, a2, v2, rope.video_cross, rope.audio_cross)
+        want = (block.a2v(v, a, rope.video_cross, rope.audio_cross), block.v2a(a2, v2, rope.audio_cross,
+                                                                               rope.video_cross))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    other = CrossAttention(tiny.config.audio_dim, tiny.config.video_dim, 1, 8, block.v2a.eps)
+    with pytest.raises(ValueError, match="share inner width and eps"):
+        exchange_attention(block.a2v, other, v, a, a2, v2, rope.video_cross, rope.audio_cross)
+
+
 def test_skip_lists_are_independent(tiny):
     rope = build_rope_tables(tiny.config, GRID, device="cpu")
     x = random_inputs(tiny.config, GRID, seed=4)
