@@ -8,11 +8,12 @@ reduction kernel, then a pointwise kernel rewriting the whole [k | v] buffer (va
 output directly (no copy). Off CUDA the plain `x.copy_(rms_norm(x))` runs; when autograd records, a plain
 out-of-place `rms_norm(x)`.
 
-`rms_norm_rope_qk`: the self-attention's query and key RMSNorm + split RoPE in one Triton kernel per attention
-(`pipeline.rms_norm_triton`), reading each float32 RoPE table row once for both. Inductor's fusion of the same
-math loops over each row twice and reads the tables for q and for k; at 8160 video tokens it took 160 us per video
-self-attention against ~115 us for one pass over q, k and the tables (PERF_LOG, sixth session). Off CUDA, or
-when autograd records, the reference path runs (`rms_norm` then `apply_split_rope`).
+`rms_norm_rope_qk`: RMSNorm + split RoPE of a query and a key tensor rotated by the same table, in one Triton
+kernel (`pipeline.rms_norm_triton`) that reads each float32 RoPE table row once for both: a self-attention's q and
+k, and the exchange's same-modality pairs (`attention.exchange_attention`). Inductor's fusion of the same math
+loops over each row twice and reads the tables for q and for k; at 8160 video tokens it took 160 us per video
+self-attention, the kernel ~104 us (PERF_LOG, seventh session). Off CUDA, or when autograd records, the reference
+path runs (`rms_norm` then `apply_split_rope`).
 
 `linear_gelu_tanh`: the FFN's first Linear with its tanh-GELU applied in the cuBLASLt epilogue
 (`torch._addmm_activation(..., use_gelu=True)`, CUBLASLT_EPILOGUE_GELU_BIAS). Unfused, the [N, 4 * dim]

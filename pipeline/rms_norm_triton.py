@@ -7,8 +7,9 @@ before the weight, and the reference rounds again before RoPE; sums run in anoth
 rounding, not bitwise). Rows may be strided (column slices of a wider projection); columns must be contiguous.
 
 - `rms_norm_rows_inplace`: the normed row written over the input (the text keys inside their [k | v] buffer).
-- `rms_norm_rope_qk`: queries and keys of one self-attention, normed with their own weights and rotated by the
-  same split-RoPE table row, into new contiguous tensors. One program does both rows of its token, so each
+- `rms_norm_rope_qk`: queries and keys rotated by one table (a self-attention's; the exchange's video-side A2V
+  queries and V2A keys), normed with their own weights and rotated by the same split-RoPE table row, into new
+  contiguous tensors. One program does both rows of its token, so each
   float32 (cos, sin) row is read once for q and k (at 8160 video tokens the tables are 134 MB, beyond L2).
 """
 
