@@ -1,5 +1,5 @@
 """`pipeline.fused`: the FFN's fc1 + tanh-GELU in the cuBLASLt epilogue, the in-place RMSNorm of the text keys,
-and the self-attention's q/k RMSNorm + RoPE.
+and the q/k RMSNorm + RoPE of the self-attentions and the A2V/V2A exchange.
 
 CPU: the fallbacks are exactly `gelu(linear(x), "tanh")`, `x.copy_(rms_norm(x))` and `apply_split_rope(rms_norm(x))`,
 and the custom ops' fake (meta) implementations agree with their real ones (`torch.library.opcheck`). GPU (`cuda`
