@@ -122,7 +122,9 @@ def exchange_attention(a2v: CrossAttention, v2a: CrossAttention, video_for_a2v: 
     Same math as the two calls, regrouped by modality: the A2V queries and the V2A keys are both video tokens
     rotated by the video temporal table, so one `rms_norm_rope_qk` kernel norms and rotates both, reading each
     table row once (likewise the audio side). At 8160 video tokens inductor's fusion of the video side took
-    ~90 us per block, the kernel ~53 us (profiling/PERF_LOG.md)."""
+    ~90 us per block, the kernel ~53 us (profiling/PERF_LOG.md). With one direction disabled the model calls that
+    direction's `CrossAttention` alone (norm and RoPE by inductor on CUDA): equal within bf16 rounding, not
+    bitwise, to that direction's output here."""
     if a2v.inner != v2a.inner or a2v.eps != v2a.eps:
         raise ValueError(f"exchange_attention: a2v and v2a must share inner width and eps, got "
                          f"{(a2v.inner, a2v.eps)} and {(v2a.inner, v2a.eps)}")

@@ -144,12 +144,17 @@ def rms_norm_rope_qk(q: Tensor, q_weight: Tensor, k: Tensor, k_weight: Tensor, e
     """`apply_split_rope(rms_norm(q))` and the same for k with its own weight, q/k [B, N, I], rope (cos, sin)
     [B or 1, N, H, r]: one kernel for both on CUDA (module docstring), new contiguous tensors.
 
-    The kernel needs q and k of one shape and dtype, each meeting `rms_norm_`'s conditions (column slices of the
-    fused projection do), and float32 tables on their device with contiguous [N, H, r]; otherwise, on CPU and when
-    autograd records, the reference path runs (equal within bf16 rounding, not bitwise)."""
+    The kernel needs q and k of one shape, dtype and device, each meeting `rms_norm_`'s conditions (column slices
+    of the fused projection do), and float32 tables on their device with contiguous [N, H, r] (a batch-1 table
+    serves every sample); otherwise, on CPU and when autograd records, the reference path runs (equal within bf16
+    rounding, not bitwise). A weight whose shape is not (I,) is an error on every path."""
     cos, sin = rope
+    for name, x, weight in (("q_weight", q, q_weight), ("k_weight", k, k_weight)):
+        if weight.shape != (x.shape[-1],):
+            raise ValueError(f"rms_norm_rope_qk: {name} must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
     records = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, q_weight, k_weight))
-    if (not records and q.shape == k.shape and q.dtype == k.dtype and _triton_takes(q, q_weight)
-            and _triton_takes(k, k_weight) and cos.device == q.device and _kernel_takes_tables(q, cos, sin)):
+    if (not records and q.shape == k.shape and q.dtype == k.dtype and q.device == k.device
+            and _triton_takes(q, q_weight) and _triton_takes(k, k_weight) and cos.device == sin.device == q.device
+            and _kernel_takes_tables(q, cos, sin)):
         return _rms_norm_rope_qk_op(q, q_weight, k, k_weight, eps, cos, sin)
     return _norm_rope_reference(q, q_weight, eps, cos, sin), _norm_rope_reference(k, k_weight, eps, cos, sin)

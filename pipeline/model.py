@@ -288,6 +288,7 @@ class AudioVideoBlock(nn.Module):
             nv, na = rms(v, eps), rms(a, eps)
             v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift = (self.video_av_table[:4] + mod.video_av).unbind(2)
             a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift = (self.audio_av_table[:4] + mod.audio_av).unbind(2)
+            h_video = h_audio = None  # the A2V / V2A outputs, of the directions that run
             if a2v and v2a:  # both directions: same-modality q/k normed and rotated together (one kernel each)
                 h_video, h_audio = exchange_attention(
                     self.a2v, self.v2a, modulate(nv, v_a2v_scale, v_a2v_shift), modulate(na, a_a2v_scale, a_a2v_shift),

@@ -73,14 +73,16 @@ def _rms_norm_rope_qk(q_ptr, q_stride, wq_ptr, k_ptr, k_stride, wk_ptr, q_out, k
 def rms_norm_rope_qk(q: Tensor, wq: Tensor, k: Tensor, wk: Tensor, eps: float, cos: Tensor,
                      sin: Tensor) -> tuple[Tensor, Tensor]:
     """q, k [M, I] (stride(1) == 1, M = B * N), weights [I], cos/sin [B or 1, N, H, r] float32 with contiguous
-    [N, H, r] (batch stride 0 for a broadcast table) and H * 2r == I (`fused.rms_norm_rope_qk` checks)."""
+    [N, H, r] and H * 2r == I (`fused.rms_norm_rope_qk` checks). A table of batch 1 serves every sample, whatever
+    its stride(0) (an expanded view has 0, a plain [1, N, H, r] tensor N * H * r)."""
     m, n_cols = q.shape
     _, tokens, heads, r = cos.shape
+    table_batch_stride = 0 if cos.shape[0] == 1 else cos.stride(0)
     q_out = torch.empty((m, n_cols), dtype=q.dtype, device=q.device)
     k_out = torch.empty((m, n_cols), dtype=k.dtype, device=k.device)
     with _on_device_of(q):
         _rms_norm_rope_qk[(m,)](q, q.stride(0), wq, k, k.stride(0), wk, q_out, k_out, cos, sin, tokens,
-                                cos.stride(0), heads, r, eps, BLOCK_H=triton.next_power_of_2(heads),
+                                table_batch_stride, heads, r, eps, BLOCK_H=triton.next_power_of_2(heads),
                                 BLOCK_R=triton.next_power_of_2(r), num_warps=8 if n_cols >= 4096 else 4)
     return q_out, k_out
 

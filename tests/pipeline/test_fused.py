@@ -163,14 +163,20 @@ def test_compiled_text_kv_norms_the_keys_in_place_of_the_projection():
     torch._dynamo.reset()
 
 
-def _qkv_and_tables(batch: int, tokens: int, heads: int, r: int, device: str, dtype: torch.dtype):
-    """q and k as column slices of one [q | k | v | gates] projection, and a broadcast (expanded) float32 table."""
+def _qkv_and_tables(batch: int, tokens: int, heads: int, r: int, device: str, dtype: torch.dtype,
+                    table: str = "expanded"):
+    """q and k as column slices of one [q | k | v | gates] projection, and a float32 table: "expanded" (batch
+    stride 0), "batch 1" (a plain [1, N, H, r] slice of a bigger buffer, serving every sample) or "per sample"."""
     torch.manual_seed(0)
     width = heads * 2 * r
     proj = torch.randn(batch, tokens, 3 * width + heads, device=device, dtype=dtype) * 2
     q, k, _, _ = proj.split([width, width, width, heads], dim=-1)
-    angles = torch.rand(1, tokens, heads, r, device=device) * 6.28
-    cos, sin = (t.expand(batch, tokens, heads, r) for t in (angles.cos(), angles.sin()))
+    angles = torch.rand(batch + 1, tokens, heads, r, device=device) * 6.28  # different tables per sample
+    angles = {"expanded": angles[:1].expand(batch, tokens, heads, r), "batch 1": angles[:1],
+              "per sample": angles[:batch]}[table]
+    cos, sin = angles.cos(), angles.sin()
+    if table == "batch 1":  # slices of bigger buffers: a read past the first table would find other values
+        cos, sin = (torch.cat([t, t.flip(1) + 1])[:1] for t in (cos, sin))
     weights = [torch.randn(width, device=device, dtype=dtype) for _ in range(2)]
     return q, k, weights, (cos, sin)
 
@@ -195,10 +201,17 @@ def test_norm_rope_qk_op_registration_is_consistent():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_norm_rope_qk_names_a_wrong_weight():
+    q, k, (wq, wk), rope = _qkv_and_tables(1, 4, 2, 4, "cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"k_weight must have shape \(16,\), got \(8,\)"):
+        rms_norm_rope_qk(q, wq, k, wk[:8], 1e-6, rope)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("batch,heads,r", [(1, 32, 64), (2, 32, 32), (1, 3, 5)])
-def test_triton_norm_rope_qk_matches_float64(batch, heads, r):
-    q, k, (wq, wk), rope = _qkv_and_tables(batch, 257, heads, r, "cuda", torch.bfloat16)
+@pytest.mark.parametrize("batch,heads,r,table", [(1, 32, 64, "expanded"), (2, 32, 32, "expanded"), (1, 3, 5, "expanded"),
+                                                 (2, 32, 32, "batch 1"), (2, 4, 16, "per sample")])
+def test_triton_norm_rope_qk_matches_float64(batch, heads, r, table):
+    q, k, (wq, wk), rope = _qkv_and_tables(batch, 257, heads, r, "cuda", torch.bfloat16, table)
     with torch.no_grad():
         got_q, got_k = rms_norm_rope_qk(q, wq, k, wk, 1e-6, rope)
         for got, x, w in ((got_q, q, wq), (got_k, k, wk)):

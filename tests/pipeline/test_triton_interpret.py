@@ -2,8 +2,8 @@
 
 Runs wherever Triton is installed (GPU machines; skipped where it is not, e.g. a CPU-only torch): a subprocess sets
 TRITON_INTERPRET=1 before the kernels are defined, then checks them against the ATen reference in float32, on
-column slices of wider buffers, broadcast RoPE tables and head/rotary sizes that are not powers of two (masked
-lanes). The GPU tests in test_fused.py check the compiled kernels in bf16.
+column slices of wider buffers, RoPE tables broadcast over the batch (expanded, or a plain batch-1 tensor) or
+given per sample, and head/rotary sizes that are not powers of two (masked lanes). The GPU tests in test_fused.py check the compiled kernels in bf16.
 """
 
 from __future__ import annotations
@@ -32,11 +32,18 @@ CHECK = textwrap.dedent("""
         kernels.rms_norm_rows_inplace(k.view(-1, width), w, 1e-6)
         torch.testing.assert_close(k, expected, rtol=1e-5, atol=1e-5)
         assert torch.equal(v, v_before)
-    for batch, heads, r in ((1, 4, 8), (2, 3, 5)):
+    for batch, heads, r, table in ((1, 4, 8, "expanded"), (2, 3, 5, "expanded"), (2, 3, 5, "batch 1"),
+                                   (2, 4, 8, "per sample")):
         width, tokens = heads * 2 * r, 17
         q, k, _, _ = (torch.randn(batch, tokens, 3 * width + heads) * 2).split([width, width, width, heads], -1)
-        angles = torch.rand(1, tokens, heads, r) * 6.28
-        cos, sin = (t.expand(batch, tokens, heads, r) for t in (angles.cos(), angles.sin()))
+        angles = torch.rand(2, tokens, heads, r) * 6.28  # two different tables
+        if table == "expanded":  # batch stride 0
+            angles = angles[:1].expand(batch, tokens, heads, r)
+        elif table == "batch 1":  # a plain [1, N, H, r] slice (stride(0) = N * H * r) serving both samples
+            angles = angles[:1]
+        cos, sin = angles.cos(), angles.sin()
+        if table == "batch 1":  # slices of bigger buffers: a read past the first table finds other values
+            cos, sin = (torch.cat([t, t.flip(1) + 1]).contiguous()[:1] for t in (cos, sin))
         wq, wk = torch.randn(width), torch.randn(width)
         outs = kernels.rms_norm_rope_qk(q.view(-1, width), wq, k.view(-1, width), wk, 1e-6, cos, sin)
         for got, x, w in zip(outs, (q, k), (wq, wk)):
