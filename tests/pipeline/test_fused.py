@@ -118,8 +118,12 @@ def test_kernel_path_refuses_layouts_it_would_get_wrong():
     assert not _rows_viewable(base.view(2, 2, 16)[:, :, :8].transpose(0, 1))  # not viewable as rows
 
 
-def test_rms_norm_op_registration_is_consistent():
-    x, w = torch.randn(4, 16), torch.randn(16)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # on CUDA the ops run their Triton kernels
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_op_registration_is_consistent(device):
+    x, w = torch.randn(4, 16, device=device), torch.randn(16, device=device)
     torch.library.opcheck(_rms_norm_inplace_op, (x, w, 1e-6), test_utils=("test_schema", "test_faketensor"))
 
 
@@ -195,8 +199,9 @@ def test_norm_rope_qk_on_cpu_is_the_reference_path():
         torch.testing.assert_close(got, apply_split_rope(F.rms_norm(x, (x.shape[-1],), w, 1e-6), rope), rtol=0, atol=0)
 
 
-def test_norm_rope_qk_op_registration_is_consistent():
-    q, k, (wq, wk), (cos, sin) = _qkv_and_tables(1, 4, 2, 4, "cpu", torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_rope_qk_op_registration_is_consistent(device):
+    q, k, (wq, wk), (cos, sin) = _qkv_and_tables(1, 4, 2, 4, device, torch.float32)
     torch.library.opcheck(_rms_norm_rope_qk_op, (q.contiguous(), wq, k.contiguous(), wk, 1e-6, cos, sin),
                           test_utils=("test_schema", "test_faketensor"))
 
