@@ -13,12 +13,15 @@ Order of work, and why:
    `compile_repeated_blocks`, what a diffusers user calls) and compile+graphs (those compiled blocks captured
    per pass by our GraphExecutor: the strongest combination a diffusers user can assemble by hand). The compile
    rows run last because diffusers' compile stays installed on its blocks.
+4. throughout, on a GPU, NVML samples the SM clock and board power (`profiling.gpu_clocks`); each row reports
+   them over its timed calls, because a power-capped card runs every kernel at a lower clock.
 Inputs per shape: `LatentGrid.from_tokens` (1536 = 16x8x12, 8160 = 16x17x30 latents), 126 audio tokens, 1024
 random text tokens per prompt, batch 1; the same latents and texts for every row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import replace
 
@@ -87,7 +90,7 @@ def _shape_inputs(workload: Workload, tokens: int, audio_tokens: int | None) -> 
 
 
 def run_cells(impl: str, model, executors, shapes: dict[int, CellInputs], plan: CellPlan, report: BenchReport,
-              progress: Progress, prepare=None) -> None:
+              progress: Progress, prepare=None, clocks=None) -> None:
     """Executor-major loop over the cells of one implementation, appending rows to `report`."""
     from graphs.diffusers_adapter import free_cuda_memory
 
@@ -101,7 +104,7 @@ def run_cells(impl: str, model, executors, shapes: dict[int, CellInputs], plan: 
         for tokens, inputs in shapes.items():
             if prepare is not None:
                 prepare(inputs.grid)
-            rows, step = measure_cell(impl, name, model, inputs, plan, progress)
+            rows, step = measure_cell(impl, name, model, inputs, plan, progress, clocks)
             report.passes += rows
             report.steps.append(step)
             free_cuda_memory()
@@ -116,6 +119,7 @@ def peer_order(executors) -> tuple[str, ...]:
 
 def bench(args, progress: Progress) -> BenchReport:
     from graphs import diffusers_adapter as peer_lib
+    from profiling.gpu_clocks import nvml_sampler
     from profiling.timing import matmul_peak_tflops
 
     workload = resolve_workload(args, grid=LatentGrid.from_tokens(1536))
@@ -138,8 +142,13 @@ def bench(args, progress: Progress) -> BenchReport:
     )
     plan = CellPlan(timed_specs=timed, guidance=guidance, repeats=args.repeats, warmup=args.warmup,
                     step_count=STEP_COUNT, peak_tflops=peak, share_text_kv=workload.share_text_kv)
-    with cpu_threads(workload):
-        _bench_rows(args, workload, executors, peers, plan, tokens, report, progress)
+    clocks, report.card_limits, no_clocks = nvml_sampler(workload.device)
+    if no_clocks and workload.device.type == "cuda":
+        report.notes.append(f"clocks: {no_clocks}")
+    with cpu_threads(workload), clocks or contextlib.nullcontext():
+        _bench_rows(args, workload, executors, peers, plan, tokens, report, progress, clocks)
+    if clocks is not None and clocks.error:
+        report.notes.append(f"clocks: sampling stopped early ({clocks.error})")
     report.notes.append("kernels: " + _kernel_note(report))
     report.notes.append("audio chain: " + ("on a side CUDA stream (overlapping kernels: the per-class kernel times "
                                           "can add up to more than the pass)" if workload.overlap_audio
@@ -185,7 +194,7 @@ def measure_floors(model, workload: Workload, shapes: dict[int, CellInputs], rep
         report.floors.append(floor.to_json())
 
 
-def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress) -> None:
+def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress, clocks) -> None:
     from graphs import diffusers_adapter as peer_lib
 
     model = build_model(workload, progress)
@@ -193,13 +202,14 @@ def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress
     prepare = attention_plan(args, model, workload, shapes, report, progress)
     if getattr(args, "floor", False):
         measure_floors(model, workload, shapes, report, progress)
-    run_cells("ours", model, executors, shapes, plan, report, progress, prepare=prepare)
+    run_cells("ours", model, executors, shapes, plan, report, progress, prepare=prepare, clocks=clocks)
     model.attention_backend = "auto"  # the peer copy is built from our weights, not our settings
     if peers:
         peer = _build_peer(model, workload, report, progress)
         del model
         peer_lib.free_cuda_memory()
-        run_cells("diffusers", peer, peer_order(peers), shapes, plan, report, progress, prepare=peer.prepare)
+        run_cells("diffusers", peer, peer_order(peers), shapes, plan, report, progress, prepare=peer.prepare,
+                  clocks=clocks)
 
 
 def _build_peer(model, workload: Workload, report: BenchReport, progress: Progress):

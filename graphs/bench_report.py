@@ -12,7 +12,10 @@ Column meanings (units in the headers):
 - step ms: median device time of real res2s steps (2 evaluations of the guidance preset's passes, the guidance
   combine and the sampler update) through `pipeline.denoise`; host syncs / step over those steps;
 - warm-up s: compile + capture (+ first runs) of that executor for that shape, excluded from every timing;
-  pool MiB: device memory held by the graph pool.
+  pool MiB: device memory held by the graph pool;
+- clocks (GPU, `profiling.gpu_clocks`): median and lowest SM clock, median board power, and the share of
+  samples the driver held the clocks down for power or heat, over each row's timed calls. A row run at a
+  power-capped clock is slower than the same code on a cooler or higher-limit card.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from profiling.gpu_clocks import CardLimits, ClockSummary
 from profiling.timing import TimingStats
 
 
@@ -38,6 +42,7 @@ class PassRow:
     tflops: float | None = None
     mfu_pct: float | None = None
     kernel_ms: dict[str, float] | None = None  # kernel time per pass by class (gemm, attention, other)
+    clocks: ClockSummary | None = None  # SM clock and power over the timed calls (GPU)
     error: str | None = None
 
 
@@ -55,6 +60,7 @@ class StepRow:
     captures: int | None = None
     compiles: int | None = None
     pool_bytes: int | None = None
+    clocks: ClockSummary | None = None
     error: str | None = None
 
 
@@ -75,6 +81,7 @@ class BenchReport:
     steps: list[StepRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     floors: list[dict] = field(default_factory=list)  # `--floor`: graphs.bench_floor.Floor.to_json() per shape
+    card_limits: CardLimits | None = None  # the card's max SM clock and power limit, when they were read
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -165,6 +172,24 @@ def kernel_class_table(report: BenchReport) -> str | None:
     return tabulate(body, headers=headers, tablefmt="github")
 
 
+def clock_table(report: BenchReport) -> str | None:
+    """SM clock and board power over each row's timed calls, when a sampler ran (GPU)."""
+    from tabulate import tabulate
+
+    rows = [(r, r.pass_name) for r in report.passes if r.clocks] + [(r, "step") for r in report.steps if r.clocks]
+    if not rows:
+        return None
+    limits = report.card_limits
+    headers = ["impl", "executor", "tokens", "timed", "SM MHz", "lowest", "power W", "power-capped", "thermal"]
+    if limits:
+        headers[4] += f" (max {limits.sm_max_mhz:.0f})"
+        headers[6] += f" (limit {limits.power_limit_w:.0f})"
+    body = [[r.impl, r.executor, r.video_tokens, what, f"{r.clocks.sm_mhz_median:.0f}", f"{r.clocks.sm_mhz_min:.0f}",
+             f"{r.clocks.power_w_median:.0f}", f"{r.clocks.power_capped_pct:.0f}%", f"{r.clocks.thermal_pct:.0f}%"]
+            for r, what in rows]
+    return tabulate(body, headers=headers, tablefmt="github")
+
+
 def format_report(report: BenchReport) -> str:
     head = (
         f"{report.card} | torch {report.torch_version} | diffusers {report.diffusers_version or 'not installed'} | "
@@ -180,6 +205,9 @@ def format_report(report: BenchReport) -> str:
     classes = kernel_class_table(report)
     if classes:
         parts += ["", "kernel time per pass by class (CUPTI):", classes]
+    clocks = clock_table(report)
+    if clocks:
+        parts += ["", "clocks over the timed calls (NVML samples every 50 ms):", clocks]
     if report.notes:
         parts += ["", *[f"note: {n}" for n in report.notes]]
     return "\n".join(parts)

@@ -6,6 +6,7 @@ A cell warms the executor up (compile/capture every pass it will run, timed as w
    pass that reads the text keys/values another pass holds (graphs/executor.py) is timed as it runs in a step,
    and the pass holding them pays for them. Then a few back-to-back calls under
    `graphs.bench_kernels.kernel_activity` for kernels per pass and GPU busy;
+   with a clock sampler (`profiling.gpu_clocks`), the SM clock and power over the timed calls;
 2. per step: real res2s steps of the guidance preset through `pipeline.denoise.denoise_stage1` (sigmas taken
    from the start of the HQ schedule, all non-terminal: 2 evaluations per step), with host syncs counted.
 Any failure inside a cell becomes that cell's `error` (one line) so one broken row does not end the run.
@@ -13,6 +14,7 @@ Any failure inside a cell becomes that cell's `error` (one line) so one broken r
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from graphs.cli_console import one_line
 from graphs.run_executors import make_executor, warm_up
 from graphs.bench_kernels import kernel_activity
 from graphs.run_syncs import count_host_syncs
+from profiling.gpu_clocks import ClockSampler
 from profiling.timing import TimingStats, time_cuda
 
 
@@ -69,6 +72,7 @@ def measure_cell(
     inputs: CellInputs,
     plan: CellPlan,
     progress: Callable[[str], None],
+    clocks: ClockSampler | None = None,
 ) -> tuple[list[PassRow], StepRow]:
     """Rows of one cell (see the module docstring). The executor is dropped before returning."""
     from pipeline.passes import pass_specs_for
@@ -94,10 +98,10 @@ def measure_cell(
     step_row.warmup_s, step_row.captures = stats.seconds, stats.captures
     step_row.compiles, step_row.pool_bytes = stats.compiles, stats.pool_bytes
     for spec, row in zip(plan.timed_specs, rows):
-        _measure_pass(executor, spec, row, inputs, plan, all_specs)
+        _measure_pass(executor, spec, row, inputs, plan, all_specs, clocks)
         progress(f"{impl} {executor_name} @ {tokens} tokens: pass {spec.name} "
                  + (f"{row.timing.median_ms:.2f} ms" if row.timing else f"FAILED: {row.error}"))
-    _measure_steps(executor, executor_name, step_row, inputs, plan)
+    _measure_steps(executor, executor_name, step_row, inputs, plan, clocks)
     progress(f"{impl} {executor_name} @ {tokens} tokens: step "
              + (f"{step_row.step.median_ms:.1f} ms" if step_row.step else f"FAILED: {step_row.error}"))
     del executor
@@ -113,7 +117,8 @@ def _union(first: Sequence, second: Sequence) -> tuple:
     return tuple(out)
 
 
-def _measure_pass(executor, spec, row: PassRow, inputs: CellInputs, plan: CellPlan, all_specs: tuple) -> None:
+def _measure_pass(executor, spec, row: PassRow, inputs: CellInputs, plan: CellPlan, all_specs: tuple,
+                  clocks: ClockSampler | None) -> None:
     device = inputs.video.device
     graphed = hasattr(executor, "replay_only")
 
@@ -126,7 +131,9 @@ def _measure_pass(executor, spec, row: PassRow, inputs: CellInputs, plan: CellPl
         with torch.no_grad():
             if graphed:  # load the inputs and the text K/V roles of the cell's evaluation
                 executor.run(inputs.video, inputs.audio, 0.5, all_specs)
+            started = time.monotonic()
             row.timing = time_cuda(call, warmup=plan.warmup, repeats=plan.repeats, device=device)
+            row.clocks = None if clocks is None else clocks.summary_since(started)
             with kernel_activity(device) as activity:
                 for _ in range(plan.kernel_calls):
                     call()
@@ -142,7 +149,8 @@ def _measure_pass(executor, spec, row: PassRow, inputs: CellInputs, plan: CellPl
         row.mfu_pct = 100.0 * row.tflops / plan.peak_tflops
 
 
-def _measure_steps(executor, executor_name: str, row: StepRow, inputs: CellInputs, plan: CellPlan) -> None:
+def _measure_steps(executor, executor_name: str, row: StepRow, inputs: CellInputs, plan: CellPlan,
+                   clocks: ClockSampler | None) -> None:
     from pipeline.denoise import denoise_stage1
 
     device = inputs.video.device
@@ -158,8 +166,10 @@ def _measure_steps(executor, executor_name: str, row: StepRow, inputs: CellInput
         # On a GPU the sync-debug counter costs nothing, so the timed steps are also the counted ones. On CPU the
         # dispatch detector slows every op several times: time without it, then count over one more step.
         on_gpu, compiled = device.type == "cuda", "compile" in executor_name
+        started = time.monotonic()
         with count_host_syncs(device, enabled=on_gpu) as syncs:
             step_ms = steps(plan.step_count + 1)  # one extra step: warm-up
+        row.clocks = None if clocks is None else clocks.summary_since(started)
         counted_steps = len(step_ms)
         if not on_gpu:
             with count_host_syncs(device, compiled=compiled) as syncs:

@@ -83,6 +83,9 @@ def test_gpu_bench_small_preset_one_shape(capsys, tmp_path):
     assert steps[("diffusers", "graphs")]["captures"] >= 3
     for row in data["passes"]:
         assert row["kernels"] > 0 and 0 < row["busy_pct"] <= 100 and 0 < row["mfu_pct"] < 100
+    max_mhz = data["card_limits"]["sm_max_mhz"]
+    for row in data["passes"] + data["steps"]:  # NVML sampled the SM clock over every timed window
+        assert row["clocks"]["samples"] >= 1 and 0 < row["clocks"]["sm_mhz_median"] <= max_mhz
 
 
 def test_bench_without_diffusers_installed_skips_the_peer(capsys, monkeypatch):

@@ -1,0 +1,88 @@
+"""SM clock / power sampling (`profiling.gpu_clocks`): summaries, the sampler thread with a fake reader, the
+benchmark's clock table, and on a GPU the real NVML reader."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+import torch
+
+from graphs.bench_report import BenchReport, PassRow, StepRow, format_report
+from profiling.gpu_clocks import CardLimits, ClockSample, ClockSampler, ClockSummary, nvml_sampler
+from profiling.timing import TimingStats
+
+
+def test_summary_of_samples():
+    samples = [ClockSample(0.0, 1980, 300.0, 0), ClockSample(0.1, 1500, 690.0, 0x4),
+               ClockSample(0.2, 1600, 700.0, 0x4 | 0x20), ClockSample(0.3, 1550, 695.0, 0x80)]
+    s = ClockSummary.of(samples)
+    assert (s.samples, s.sm_mhz_median, s.sm_mhz_min, s.power_w_median) == (4, 1575, 1500, 692.5)
+    assert s.power_capped_pct == 75.0 and s.thermal_pct == 25.0
+    with pytest.raises(ValueError, match="no samples"):
+        ClockSummary.of([])
+
+
+def test_sampler_keeps_timestamped_samples_and_summarises_a_window():
+    counter = itertools.count()
+
+    def read():
+        return ClockSample(time.monotonic(), 1000.0 + next(counter), 100.0, 0)
+
+    with ClockSampler(read, interval_s=0.005) as sampler:
+        time.sleep(0.05)
+        middle = time.monotonic()
+        time.sleep(0.05)
+        whole, late = sampler.summary_since(0.0), sampler.summary_since(middle)
+    assert whole.samples > late.samples >= 2
+    assert late.sm_mhz_min > whole.sm_mhz_min  # the window left the early samples out
+    assert sampler.summary_since(time.monotonic() + 10) is None and sampler.error is None
+
+
+def test_sampler_stops_on_a_reader_error_and_says_why():
+    def read():
+        raise RuntimeError("nvmlDeviceGetClockInfo failed with NVML error 999")
+
+    with ClockSampler(read, interval_s=0.005) as sampler:
+        time.sleep(0.02)
+    assert "NVML error 999" in sampler.error and sampler.summary_since(0.0) is None
+    with pytest.raises(ValueError, match="interval_s"):
+        ClockSampler(read, interval_s=0)
+
+
+def test_no_sampler_without_a_gpu():
+    assert nvml_sampler(torch.device("cpu")) == (None, None, "no GPU")
+
+
+def test_report_shows_clocks_only_when_sampled():
+    report = BenchReport("cuda:0", "card", "t", None, "d", "ltx2.3", "bfloat16", 1024, 800.0, "hq", 3)
+    report.passes.append(PassRow("ours", "compile+graphs", 1536, "cond", 10, TimingStats.from_samples([86.0])))
+    assert "clocks over the timed calls" not in format_report(report)
+    capped = ClockSummary(12, 1560.0, 1470.0, 691.0, 100.0, 0.0)
+    report.passes[0].clocks = capped
+    report.steps.append(StepRow("ours", "compile+graphs", 1536, ("cond",), clocks=capped))
+    report.card_limits = CardLimits(1980.0, 700.0)
+    text = format_report(report)
+    assert "SM MHz (max 1980)" in text and "power W (limit 700)" in text
+    assert text.count(" 1560 |") == 2 and "| 100% " in text
+    assert report.to_json()["passes"][0]["clocks"]["sm_mhz_median"] == 1560.0
+    assert report.to_json()["card_limits"] == {"sm_max_mhz": 1980.0, "power_limit_w": 700.0}
+
+
+@pytest.mark.cuda
+def test_nvml_reads_the_gpu_clock_and_power():
+    sampler, limits, why = nvml_sampler(torch.device("cuda"))
+    assert why is None and sampler is not None, why
+    assert limits.sm_max_mhz > 500 and limits.power_limit_w > 50
+    a = torch.randn(4096, 4096, device="cuda")
+    with sampler:
+        started = time.monotonic()
+        for _ in range(50):
+            a = torch.tanh(a @ a)
+        torch.cuda.synchronize()
+        time.sleep(0.15)
+        summary = sampler.summary_since(started)
+    assert sampler.error is None and summary is not None and summary.samples >= 2
+    assert 0 < summary.sm_mhz_min <= summary.sm_mhz_median <= limits.sm_max_mhz
+    assert summary.power_w_median > 0
