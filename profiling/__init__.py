@@ -11,5 +11,7 @@ Modules (import what you need; nothing is imported here, and nothing here knows 
 * ``cupti``       -- in-process CUPTI profiler (GPU, optional ``cupti`` extra);
 * ``nsys``        -- the same report from an Nsight Systems SQLite export (``python -m profiling.nsys``);
 * ``timing``      -- ``time_cuda``, ``TimingStats``, ``matmul_peak_tflops``;
+* ``gpu_clocks``  -- SM clock and board power sampled (NVML) while timed work runs: is the card power-capped;
+* ``kernel_table`` -- the kernels with the most time and the idle gaps of a profiled window;
 * ``pytest_plugin`` -- the ``no_host_sync`` fixture and marker (entry point ``ltx2_graphs``).
 """

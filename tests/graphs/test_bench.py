@@ -11,6 +11,7 @@ import torch
 from graphs.bench import peer_order
 from graphs.bench_report import BenchReport, PassRow, StepRow, format_report
 from graphs.cli import main
+from profiling.gpu_clocks import CardLimits, ClockSummary
 from profiling.timing import TimingStats
 
 
@@ -112,3 +113,18 @@ def test_report_lists_the_syncs_a_step_row_saw():
     text = format_report(report)
     assert "host syncs seen in ours eager @ 1536 tokens:" in text and "pipeline/noise.py:56" in text
     assert report.to_json()["steps"][0]["sync_findings"] == [finding]
+
+
+def test_report_shows_clocks_only_when_sampled():
+    report = BenchReport("cuda:0", "card", "t", None, "d", "ltx2.3", "bfloat16", 1024, 800.0, "hq", 3)
+    report.passes.append(PassRow("ours", "compile+graphs", 1536, "cond", 10, TimingStats.from_samples([86.0])))
+    assert "clocks over the timed calls" not in format_report(report)
+    capped = ClockSummary(12, 1560.0, 1470.0, 691.0, 100.0, 0.0)
+    report.passes[0].clocks = capped
+    report.steps.append(StepRow("ours", "compile+graphs", 1536, ("cond",), clocks=capped))
+    report.card_limits = CardLimits(1980.0, 700.0)
+    text = format_report(report)
+    assert "SM MHz (max 1980)" in text and "power W (limit 700)" in text
+    assert text.count(" 1560 |") == 2 and "| 100% " in text
+    assert report.to_json()["passes"][0]["clocks"]["sm_mhz_median"] == 1560.0
+    assert report.to_json()["card_limits"] == {"sm_max_mhz": 1980.0, "power_limit_w": 700.0}

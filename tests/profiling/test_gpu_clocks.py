@@ -1,5 +1,5 @@
-"""SM clock / power sampling (`profiling.gpu_clocks`): summaries, the sampler thread with a fake reader, the
-benchmark's clock table, and on a GPU the real NVML reader."""
+"""SM clock / power sampling (`profiling.gpu_clocks`): summaries, the sampler thread with a fake reader, and on a
+GPU the real NVML reader. (The benchmark's clock table: tests/graphs/test_bench.py.)"""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import time
 import pytest
 import torch
 
-from graphs.bench_report import BenchReport, PassRow, StepRow, format_report
-from profiling.gpu_clocks import CardLimits, ClockSample, ClockSampler, ClockSummary, nvml_sampler
-from profiling.timing import TimingStats
+from profiling.gpu_clocks import ClockSample, ClockSampler, ClockSummary, nvml_sampler
 
 
 def test_summary_of_samples():
@@ -53,21 +51,6 @@ def test_sampler_stops_on_a_reader_error_and_says_why():
 
 def test_no_sampler_without_a_gpu():
     assert nvml_sampler(torch.device("cpu")) == (None, None, "no GPU")
-
-
-def test_report_shows_clocks_only_when_sampled():
-    report = BenchReport("cuda:0", "card", "t", None, "d", "ltx2.3", "bfloat16", 1024, 800.0, "hq", 3)
-    report.passes.append(PassRow("ours", "compile+graphs", 1536, "cond", 10, TimingStats.from_samples([86.0])))
-    assert "clocks over the timed calls" not in format_report(report)
-    capped = ClockSummary(12, 1560.0, 1470.0, 691.0, 100.0, 0.0)
-    report.passes[0].clocks = capped
-    report.steps.append(StepRow("ours", "compile+graphs", 1536, ("cond",), clocks=capped))
-    report.card_limits = CardLimits(1980.0, 700.0)
-    text = format_report(report)
-    assert "SM MHz (max 1980)" in text and "power W (limit 700)" in text
-    assert text.count(" 1560 |") == 2 and "| 100% " in text
-    assert report.to_json()["passes"][0]["clocks"]["sm_mhz_median"] == 1560.0
-    assert report.to_json()["card_limits"] == {"sm_max_mhz": 1980.0, "power_limit_w": 700.0}
 
 
 @pytest.mark.cuda
