@@ -22,7 +22,9 @@ random text tokens per prompt, batch 1; the same latents and texts for every row
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
+import time
 from dataclasses import replace
 
 import torch
@@ -182,16 +184,20 @@ def attention_plan(args, model, workload: Workload, tokens, report: BenchReport,
 
 
 def measure_floors(model, workload: Workload, shapes: dict[int, CellInputs], report: BenchReport,
-                   progress: Progress) -> None:
-    """`--floor`: each GEMM and SDPA call of a cond pass timed alone per shape (`graphs.bench_floor`)."""
+                   progress: Progress, clocks=None) -> None:
+    """`--floor`: each GEMM and SDPA call of a cond pass timed alone per shape (`graphs.bench_floor`), with the
+    SM clock it ran at: kernels timed in short bursts may run above the clock a back-to-back loop sustains."""
     from graphs.bench_floor import measure_floor
 
     for tokens, inputs in shapes.items():
         progress(f"kernel floor at {tokens} tokens: timing each GEMM and attention call of one block alone")
+        started = time.monotonic()
         floor = measure_floor(model, tokens, inputs.grid.num_audio_tokens, workload.text_tokens)
-        progress(f"kernel floor at {floor.describe()}")
-        report.notes.append(f"floor (graphs.bench_floor) at {floor.describe()}")
-        report.floors.append(floor.to_json())
+        clock = None if clocks is None else clocks.summary_since(started)
+        described = floor.describe() + ("" if clock is None else f"; {clock.describe()}")
+        progress(f"kernel floor at {described}")
+        report.notes.append(f"floor (graphs.bench_floor) at {described}")
+        report.floors.append({**floor.to_json(), "clocks": None if clock is None else dataclasses.asdict(clock)})
 
 
 def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress, clocks) -> None:
@@ -201,7 +207,7 @@ def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress
     shapes = {t: _shape_inputs(workload, t, args.audio_tokens) for t in tokens}
     prepare = attention_plan(args, model, workload, shapes, report, progress)
     if getattr(args, "floor", False):
-        measure_floors(model, workload, shapes, report, progress)
+        measure_floors(model, workload, shapes, report, progress, clocks)
     run_cells("ours", model, executors, shapes, plan, report, progress, prepare=prepare, clocks=clocks)
     model.attention_backend = "auto"  # the peer copy is built from our weights, not our settings
     if peers:

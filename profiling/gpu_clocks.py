@@ -67,6 +67,10 @@ class ClockSummary:
                    100.0 * sum(1 for s in samples if s.reasons & POWER_CAP_REASONS) / n,
                    100.0 * sum(1 for s in samples if s.reasons & THERMAL_REASONS) / n)
 
+    def describe(self) -> str:
+        return (f"SM clock {self.sm_mhz_median:.0f} MHz median (lowest {self.sm_mhz_min:.0f}), power-capped in "
+                f"{self.power_capped_pct:.0f}% of {self.samples} samples")
+
 
 class ClockSampler:
     """Calls `read()` every `interval_s` on a daemon thread while open (`with ClockSampler(read): ...`)."""

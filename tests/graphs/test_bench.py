@@ -128,3 +128,24 @@ def test_report_shows_clocks_only_when_sampled():
     assert text.count(" 1560 |") == 2 and "| 100% " in text
     assert report.to_json()["passes"][0]["clocks"]["sm_mhz_median"] == 1560.0
     assert report.to_json()["card_limits"] == {"sm_max_mhz": 1980.0, "power_limit_w": 700.0}
+
+
+def test_floor_notes_carry_the_clock_the_kernels_ran_at(monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    import graphs.bench_floor as bench_floor
+    from graphs.bench import measure_floors
+    from graphs.bench_floor import Floor, FloorKernel
+    from profiling.gpu_clocks import ClockSample, ClockSampler
+
+    kernels = (FloorKernel("ff", "gemm", (48, 64, 64)), FloorKernel("sdpa", "attention", (1, 48, 48, 8)))
+    floor = Floor(video_tokens=48, layers=2, kernels=kernels, ms=(1.0, 0.5), backends=("", "flash"))
+    monkeypatch.setattr(bench_floor, "measure_floor", lambda *args: floor)
+    report = BenchReport("cuda:0", "card", "t", None, "d", "tiny", "bfloat16", 16, 800.0, "hq", 3)
+    shapes = {48: SimpleNamespace(grid=SimpleNamespace(num_audio_tokens=18))}
+    with ClockSampler(lambda: ClockSample(time.monotonic(), 1600.0, 690.0, 0x4), interval_s=0.005) as clocks:
+        time.sleep(0.02)
+        measure_floors(None, SimpleNamespace(text_tokens=16), shapes, report, lambda message: None, clocks)
+    assert "SM clock 1600 MHz median (lowest 1600), power-capped in 100% of" in report.notes[0]
+    assert report.floors[0]["clocks"]["sm_mhz_median"] == 1600.0 and report.floors[0]["video_tokens"] == 48
