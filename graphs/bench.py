@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import time
 from dataclasses import replace
 
 import torch
@@ -186,15 +185,16 @@ def attention_plan(args, model, workload: Workload, tokens, report: BenchReport,
 def measure_floors(model, workload: Workload, shapes: dict[int, CellInputs], report: BenchReport,
                    progress: Progress, clocks=None) -> None:
     """`--floor`: each GEMM and SDPA call of a cond pass timed alone per shape (`graphs.bench_floor`), with the
-    SM clock it ran at: kernels timed in short bursts may run above the clock a back-to-back loop sustains."""
+    SM clock over the timed replays only: kernels timed in short bursts may run above the clock a back-to-back
+    loop sustains at the power limit (profiling/PERF_LOG.md, eighth session)."""
     from graphs.bench_floor import measure_floor
 
     for tokens, inputs in shapes.items():
         progress(f"kernel floor at {tokens} tokens: timing each GEMM and attention call of one block alone")
-        started = time.monotonic()
-        floor = measure_floor(model, tokens, inputs.grid.num_audio_tokens, workload.text_tokens)
-        clock = None if clocks is None else clocks.summary_since(started)
-        described = floor.describe() + ("" if clock is None else f"; {clock.describe()}")
+        windows: list[tuple[float, float]] = []
+        floor = measure_floor(model, tokens, inputs.grid.num_audio_tokens, workload.text_tokens, timed_windows=windows)
+        clock = None if clocks is None else clocks.summary_within(windows)
+        described = floor.describe() + ("" if clock is None else f"; while timed: {clock.describe()}")
         progress(f"kernel floor at {described}")
         report.notes.append(f"floor (graphs.bench_floor) at {described}")
         report.floors.append({**floor.to_json(), "clocks": None if clock is None else dataclasses.asdict(clock)})

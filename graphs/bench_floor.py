@@ -16,6 +16,7 @@ square-matmul peak the benchmark reports: sustained clocks are lower than a burs
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,12 +119,14 @@ def block_kernels(model: nn.Module, video_tokens: int, audio_tokens: int, text_t
     return kernels
 
 
-def kernel_alone_ms(fn: Callable[[], object], device: torch.device, *, calls: int = 20, repeats: int = 10) -> float:
+def kernel_alone_ms(fn: Callable[[], object], device: torch.device, *, calls: int = 20, repeats: int = 10,
+                    timed_windows: list[tuple[float, float]] | None = None) -> float:
     """Per-call device time of `fn`'s kernels: `calls` calls in one CUDA graph, replayed (no launch cost).
 
     `fn` must already have run once eagerly (library set-up: cuBLAS handles, cuDNN plans). `fn(i)` is called with
     the call's index, so a caller can rotate its operands (see `_gemm_call`). Capture runs on an explicit stream
-    of `device`, as every capture in this package does.
+    of `device`, as every capture in this package does. `timed_windows` gets the (start, end) time.monotonic()
+    of the timed replays, so a clock sampler can tell the clock of the kernels from that of the set-up around them.
     """
     stream = torch.cuda.Stream(device=device)
     graph = torch.cuda.CUDAGraph()
@@ -132,7 +135,11 @@ def kernel_alone_ms(fn: Callable[[], object], device: torch.device, *, calls: in
         with torch.cuda.graph(graph, stream=stream):
             for i in range(calls):
                 fn(i)
-    return time_cuda(graph.replay, warmup=2, repeats=repeats, device=device).median_ms / calls
+    started = time.monotonic()
+    ms = time_cuda(graph.replay, warmup=2, repeats=repeats, device=device).median_ms / calls
+    if timed_windows is not None:
+        timed_windows.append((started, time.monotonic()))
+    return ms
 
 
 def _gemm_call(kernel: FloorKernel, device: torch.device, dtype: torch.dtype) -> Callable[[int], object]:
@@ -169,8 +176,10 @@ def _attention_call(kernel: FloorKernel, backend: str, device: torch.device,
     return run
 
 
-def measure_floor(model: nn.Module, video_tokens: int, audio_tokens: int, text_tokens: int) -> Floor:
-    """Time every kernel of `block_kernels` alone on the model's GPU, in the model's dtype."""
+def measure_floor(model: nn.Module, video_tokens: int, audio_tokens: int, text_tokens: int, *,
+                  timed_windows: list[tuple[float, float]] | None = None) -> Floor:
+    """Time every kernel of `block_kernels` alone on the model's GPU, in the model's dtype (`timed_windows`: see
+    `kernel_alone_ms`)."""
     device, dtype = model.device, model.dtype
     if device.type != "cuda":
         raise ValueError(f"the kernel floor times CUDA graphs and needs a GPU model, got device {device}")
@@ -180,7 +189,7 @@ def measure_floor(model: nn.Module, video_tokens: int, audio_tokens: int, text_t
         if kernel.kind == "gemm":
             call = _gemm_call(kernel, device, dtype)
             call()
-            times.append(kernel_alone_ms(call, device))
+            times.append(kernel_alone_ms(call, device, timed_windows=timed_windows))
             backends.append("")
             continue
         timed, refused = {}, {}
@@ -191,7 +200,7 @@ def measure_floor(model: nn.Module, video_tokens: int, audio_tokens: int, text_t
             except RuntimeError as e:
                 refused[name] = str(e).splitlines()[0][:80]
                 continue
-            timed[name] = kernel_alone_ms(call, device)
+            timed[name] = kernel_alone_ms(call, device, timed_windows=timed_windows)
         if not timed:
             raise RuntimeError(f"no SDPA backend could run the {kernel.name} at shape {kernel.shape}: {refused}")
         best = min(timed, key=timed.get)

@@ -115,6 +115,13 @@ class ClockSampler:
             window = [s for s in self._samples if start - self._interval <= s.t <= end]
         return ClockSummary.of(window) if window else None
 
+    def summary_within(self, windows: list[tuple[float, float]]) -> ClockSummary | None:
+        """Summary of the samples read inside any of `windows` ((start, end) time.monotonic() seconds), None if
+        none: the clock while short timed bursts ran, without the set-up between them."""
+        with self._lock:
+            inside = [s for s in self._samples if any(start <= s.t <= end for start, end in windows)]
+        return ClockSummary.of(inside) if inside else None
+
 
 class _Nvml:
     """The five NVML queries the sampler needs, for the GPU behind one torch CUDA device."""

@@ -38,6 +38,16 @@ def test_sampler_keeps_timestamped_samples_and_summarises_a_window():
     assert sampler.summary_since(time.monotonic() + 10) is None and sampler.error is None
 
 
+def test_summary_within_windows_leaves_out_the_time_between_them():
+    samples = iter([ClockSample(t, mhz, 500.0, 0) for t, mhz in ((1.0, 1500), (2.0, 1980), (3.0, 1600), (4.0, 1980))])
+    sampler = ClockSampler(lambda: next(samples), interval_s=0.001)
+    with sampler:
+        time.sleep(0.05)  # the reader runs dry (StopIteration) and sampling stops with an error
+    within = sampler.summary_within([(0.5, 1.5), (2.5, 3.5)])
+    assert (within.samples, within.sm_mhz_median, within.sm_mhz_min) == (2, 1550, 1500)
+    assert sampler.summary_within([(5.0, 6.0)]) is None and "StopIteration" in sampler.error
+
+
 def test_sampler_stops_on_a_reader_error_and_says_why():
     def read():
         raise RuntimeError("nvmlDeviceGetClockInfo failed with NVML error 999")
