@@ -8,7 +8,7 @@ power limit and temperature as much as the code, so the benchmark prints the clo
 
 How: a daemon thread reads NVML (the driver's management library, `libnvidia-ml.so.1`, through ctypes: no
 extra package) every `interval_s` and keeps timestamped samples; `summary_since(t)` summarises the samples of
-one timed window. NVML calls are not CUDA calls, so the sampler neither syncs the host nor adds work to the
+one timed window, `summary_within(windows)` those of several short ones (the `--floor` kernels' replays). NVML calls are not CUDA calls, so the sampler neither syncs the host nor adds work to the
 device. Without a driver library (CPU machines) there is no sampler and the benchmark says why. The SM clock and
 the event reasons are instantaneous; the power reading is the driver's average over the last second on Ampere
 and newer cards (GA100 excepted), so a window shorter than that understates a rising draw.
