@@ -146,7 +146,7 @@ def bench(args, progress: Progress) -> BenchReport:
     clocks, report.card_limits, no_clocks = nvml_sampler(workload.device)
     if no_clocks and workload.device.type == "cuda":
         report.notes.append(f"clocks: {no_clocks}")
-    with cpu_threads(workload), clocks or contextlib.nullcontext():
+    with cpu_threads(workload), clocks if clocks is not None else contextlib.nullcontext():
         _bench_rows(args, workload, executors, peers, plan, tokens, report, progress, clocks)
     if clocks is not None and clocks.error:
         report.notes.append(f"clocks: sampling stopped early ({clocks.error})")

@@ -14,8 +14,9 @@ Column meanings (units in the headers):
 - warm-up s: compile + capture (+ first runs) of that executor for that shape, excluded from every timing;
   pool MiB: device memory held by the graph pool;
 - clocks (GPU, `profiling.gpu_clocks`): median and lowest SM clock, median board power, and the share of
-  samples the driver held the clocks down for power or heat, over each row's timed calls. A row run at a
-  power-capped clock is slower than the same code on a cooler or higher-limit card.
+  samples the driver held the clocks down for power or heat, over each row's timed calls (its warm-up calls
+  included, plus the last sample before them). A row run at a power-capped clock is slower than the same code
+  on a cooler or higher-limit card.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class BenchReport:
     passes: list[PassRow] = field(default_factory=list)
     steps: list[StepRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    floors: list[dict] = field(default_factory=list)  # `--floor`: graphs.bench_floor.Floor.to_json() per shape
+    floors: list[dict] = field(default_factory=list)  # `--floor`: Floor.to_json() + "clocks" per shape
     card_limits: CardLimits | None = None  # the card's max SM clock and power limit, when they were read
 
     def to_json(self) -> dict:
@@ -180,13 +181,17 @@ def clock_table(report: BenchReport) -> str | None:
     if not rows:
         return None
     limits = report.card_limits
-    headers = ["impl", "executor", "tokens", "timed", "SM MHz", "lowest", "power W", "power-capped", "thermal"]
+    headers = ["impl", "executor", "tokens", "row", "samples", "SM MHz", "lowest", "power W", "power-capped",
+               "thermal"]
     if limits:
-        headers[4] += f" (max {limits.sm_max_mhz:.0f})"
-        headers[6] += f" (limit {limits.power_limit_w:.0f})"
-    body = [[r.impl, r.executor, r.video_tokens, what, f"{r.clocks.sm_mhz_median:.0f}", f"{r.clocks.sm_mhz_min:.0f}",
-             f"{r.clocks.power_w_median:.0f}", f"{r.clocks.power_capped_pct:.0f}%", f"{r.clocks.thermal_pct:.0f}%"]
-            for r, what in rows]
+        headers[5] += f" (max {limits.sm_max_mhz:.0f})"
+        headers[7] += f" (limit {limits.power_limit_w:.0f})"
+    body = []
+    for r, what in rows:
+        c = r.clocks
+        body.append([r.impl, r.executor, r.video_tokens, what, c.samples, f"{c.sm_mhz_median:.0f}",
+                     f"{c.sm_mhz_min:.0f}", _num(c.power_w_median, ".0f"), f"{c.power_capped_pct:.0f}%",
+                     f"{c.thermal_pct:.0f}%"])
     return tabulate(body, headers=headers, tablefmt="github")
 
 
@@ -207,7 +212,7 @@ def format_report(report: BenchReport) -> str:
         parts += ["", "kernel time per pass by class (CUPTI):", classes]
     clocks = clock_table(report)
     if clocks:
-        parts += ["", "clocks over the timed calls (NVML samples every 50 ms):", clocks]
+        parts += ["", "clocks over each row's timed calls, warm-up included (NVML samples ~50 ms apart):", clocks]
     if report.notes:
         parts += ["", *[f"note: {n}" for n in report.notes]]
     return "\n".join(parts)

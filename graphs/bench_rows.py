@@ -6,7 +6,7 @@ A cell warms the executor up (compile/capture every pass it will run, timed as w
    pass that reads the text keys/values another pass holds (graphs/executor.py) is timed as it runs in a step,
    and the pass holding them pays for them. Then a few back-to-back calls under
    `graphs.bench_kernels.kernel_activity` for kernels per pass and GPU busy;
-   with a clock sampler (`profiling.gpu_clocks`), the SM clock and power over the timed calls;
+   with a clock sampler (`profiling.gpu_clocks`), the SM clock and power over the timed calls (warm-up included);
 2. per step: real res2s steps of the guidance preset through `pipeline.denoise.denoise_stage1` (sigmas taken
    from the start of the HQ schedule, all non-terminal: 2 evaluations per step), with host syncs counted.
 Any failure inside a cell becomes that cell's `error` (one line) so one broken row does not end the run.

@@ -1,9 +1,9 @@
-"""SM clock / power sampling (`profiling.gpu_clocks`): summaries, the sampler thread with a fake reader, and on a
-GPU the real NVML reader. (The benchmark's clock table: tests/graphs/test_bench.py.)"""
+"""SM clock / power sampling (`profiling.gpu_clocks`): summaries, window selection with scripted readings, the
+sampler thread with a fake reader, and on a GPU the real NVML reader. (The benchmark's clock table:
+tests/graphs/test_bench.py.)"""
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import pytest
@@ -12,51 +12,76 @@ import torch
 from profiling.gpu_clocks import ClockSample, ClockSampler, ClockSummary, nvml_sampler
 
 
+def scripted(*readings: tuple[float, float]):
+    """A reader returning ClockSamples at the given (time, MHz), then failing."""
+    samples = iter([ClockSample(t, mhz, 500.0, 0) for t, mhz in readings])
+    return lambda: next(samples)
+
+
+def wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the sampler thread did not get there in time"
+        time.sleep(0.01)
+
+
 def test_summary_of_samples():
     samples = [ClockSample(0.0, 1980, 300.0, 0), ClockSample(0.1, 1500, 690.0, 0x4),
-               ClockSample(0.2, 1600, 700.0, 0x4 | 0x20), ClockSample(0.3, 1550, 695.0, 0x80)]
+               ClockSample(0.2, 1600, 700.0, 0x4 | 0x20), ClockSample(0.3, 1550, None, 0x80)]
     s = ClockSummary.of(samples)
-    assert (s.samples, s.sm_mhz_median, s.sm_mhz_min, s.power_w_median) == (4, 1575, 1500, 692.5)
+    assert (s.samples, s.sm_mhz_median, s.sm_mhz_min, s.power_w_median) == (4, 1575, 1500, 690.0)
     assert s.power_capped_pct == 75.0 and s.thermal_pct == 25.0
+    assert s.describe() == ("SM clock 1575 MHz median (lowest 1500), power-capped in 75%, thermal slowdown in 25% "
+                            "of 4 samples")
+    assert ClockSummary.of([ClockSample(0.0, 1500, None, 0)]).power_w_median is None  # board without power
     with pytest.raises(ValueError, match="no samples"):
         ClockSummary.of([])
 
 
-def test_sampler_keeps_timestamped_samples_and_summarises_a_window():
-    counter = itertools.count()
-
-    def read():
-        return ClockSample(time.monotonic(), 1000.0 + next(counter), 100.0, 0)
-
-    with ClockSampler(read, interval_s=0.005) as sampler:
-        time.sleep(0.05)
-        middle = time.monotonic()
-        time.sleep(0.05)
-        whole, late = sampler.summary_since(0.0), sampler.summary_since(middle)
-    assert whole.samples > late.samples >= 2
-    assert late.sm_mhz_min > whole.sm_mhz_min  # the window left the early samples out
-    assert sampler.summary_since(time.monotonic() + 10) is None and sampler.error is None
+def test_a_window_has_the_sample_before_it_and_a_reading_at_its_end():
+    """Even a window shorter than the sampling interval gets readings from both of its ends."""
+    sampler = ClockSampler(scripted((1.0, 1500), (2.0, 1600), (3.0, 1700)))  # not started: no thread
+    first = sampler.summary_since(0.5)  # reads (1.0, 1500) at the window's end
+    assert (first.samples, first.sm_mhz_median) == (1, 1500)
+    second = sampler.summary_since(1.5)  # (1.0) before it, (2.0) read at its end
+    assert (second.samples, second.sm_mhz_min, second.sm_mhz_median) == (2, 1500, 1550)
+    third = sampler.summary_since(2.5)  # only the latest sample before it: (2.0), then (3.0)
+    assert (third.samples, third.sm_mhz_min, third.sm_mhz_median) == (2, 1600, 1650)
 
 
 def test_summary_within_windows_leaves_out_the_time_between_them():
-    samples = iter([ClockSample(t, mhz, 500.0, 0) for t, mhz in ((1.0, 1500), (2.0, 1980), (3.0, 1600), (4.0, 1980))])
-    sampler = ClockSampler(lambda: next(samples), interval_s=0.001)
+    sampler = ClockSampler(scripted((1.0, 1500), (2.0, 1980), (3.0, 1600), (4.0, 1980)), interval_s=0.001)
     with sampler:
-        time.sleep(0.05)  # the reader runs dry (StopIteration) and sampling stops with an error
+        wait_for(lambda: sampler.error is not None)  # the script runs dry: StopIteration ends sampling
     within = sampler.summary_within([(0.5, 1.5), (2.5, 3.5)])
     assert (within.samples, within.sm_mhz_median, within.sm_mhz_min) == (2, 1550, 1500)
     assert sampler.summary_within([(5.0, 6.0)]) is None and "StopIteration" in sampler.error
 
 
-def test_sampler_stops_on_a_reader_error_and_says_why():
+def test_the_thread_keeps_sampling_while_open():
+    sampler = ClockSampler(lambda: ClockSample(time.monotonic(), 1700.0, 400.0, 0), interval_s=0.005)
+
+    def samples_so_far() -> int:
+        summary = sampler.summary_within([(0.0, float("inf"))])
+        return 0 if summary is None else summary.samples
+
+    with sampler:
+        wait_for(lambda: samples_so_far() >= 3)
+    assert sampler.error is None
+    with pytest.raises(RuntimeError, match="samples once"):
+        sampler.__enter__()
+    with pytest.raises(ValueError, match="interval_s"):
+        ClockSampler(sampler._read, interval_s=0)
+
+
+def test_a_reader_error_stops_sampling_and_says_why():
     def read():
-        raise RuntimeError("nvmlDeviceGetClockInfo failed with NVML error 999")
+        raise RuntimeError("nvmlDeviceGetClockInfo failed: Unknown Error (NVML error 999)")
 
     with ClockSampler(read, interval_s=0.005) as sampler:
-        time.sleep(0.02)
-    assert "NVML error 999" in sampler.error and sampler.summary_since(0.0) is None
-    with pytest.raises(ValueError, match="interval_s"):
-        ClockSampler(read, interval_s=0)
+        wait_for(lambda: sampler.error is not None)
+    assert "NVML error 999" in sampler.error
+    assert sampler.summary_since(0.0) is None and sampler.summary_within([(0.0, float("inf"))]) is None
 
 
 def test_no_sampler_without_a_gpu():
