@@ -104,3 +104,67 @@ def test_nvml_reads_the_gpu_clock_and_power():
     assert sampler.error is None and summary is not None and summary.samples >= 2
     assert 0 < summary.sm_mhz_min <= summary.sm_mhz_median <= limits.sm_max_mhz
     assert summary.power_w_median > 0
+
+
+class FakeNvml:
+    """Stands in for libnvidia-ml.so.1: each function writes its answer through the ctypes pointer it is given,
+    as the C library does, and returns an NVML status code."""
+
+    def __init__(self, power_code: int = 0):
+        self.power_code = power_code  # what nvmlDeviceGetPowerUsage returns (3: not supported)
+        self.calls: list[str] = []
+        self.nvmlErrorString = lambda code: {3: b"Not Supported", 999: b"Unknown Error"}[code]
+
+    def _answer(self, name, value, code=0):
+        def call(*args):
+            self.calls.append(name)
+            if code == 0 and value is not None:
+                args[-1]._obj.value = value  # ctypes.byref(x)._obj is x
+            return code
+        return call
+
+    def __getattr__(self, name):
+        answers = {"nvmlInit_v2": (None,), "nvmlDeviceGetHandleByUUID": (1234,),
+                   "nvmlDeviceGetCurrentClocksEventReasons": (0x4,), "nvmlDeviceGetClockInfo": (1575,),
+                   "nvmlDeviceGetMaxClockInfo": (1980,), "nvmlDeviceGetEnforcedPowerLimit": (700000,),
+                   "nvmlDeviceGetPowerUsage": (691500, self.power_code)}
+        if name not in answers:
+            raise AttributeError(name)  # as ctypes does for a symbol the library lacks
+        return self._answer(name, *answers[name])
+
+
+def fake_nvml_sampler(monkeypatch, lib: FakeNvml):
+    import ctypes
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: lib)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="6f2b-77"))
+    return nvml_sampler(torch.device("cuda"))
+
+
+def test_nvml_reader_speaks_the_c_protocol(monkeypatch):
+    lib = FakeNvml()
+    sampler, limits, why = fake_nvml_sampler(monkeypatch, lib)
+    assert why is None and (limits.sm_max_mhz, limits.power_limit_w) == (1980.0, 700.0)
+    sample = sampler._read()
+    assert (sample.sm_mhz, sample.power_w, sample.reasons) == (1575.0, 691.5, 0x4)
+    assert lib.calls[:2] == ["nvmlInit_v2", "nvmlDeviceGetHandleByUUID"]
+
+
+def test_a_board_without_power_readings_still_gives_clocks(monkeypatch):
+    sampler, _, why = fake_nvml_sampler(monkeypatch, FakeNvml(power_code=3))
+    assert why is None and sampler._read().power_w is None
+
+
+def test_nvml_failures_read_plainly(monkeypatch):
+    import ctypes
+
+    sampler, _, _ = fake_nvml_sampler(monkeypatch, FakeNvml(power_code=999))
+    with pytest.raises(RuntimeError, match=r"nvmlDeviceGetPowerUsage failed: Unknown Error \(NVML error 999\)"):
+        sampler._read()  # in a running sampler this ends sampling and becomes `sampler.error`
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert nvml_sampler(torch.device("cuda"))[2].startswith("SM clock and power not sampled (RuntimeError: NVML")
