@@ -133,6 +133,8 @@ def bench(args, progress: Progress) -> BenchReport:
                            hint="drop --no-peer, install diffusers, or name executors")
     if getattr(args, "floor", False) and workload.device.type != "cuda":
         raise CommandError("--floor times kernels in CUDA graphs and needs a GPU", hint="drop --floor on CPU")
+    if getattr(args, "floor_seconds", 0.0) and not getattr(args, "floor", False):
+        raise CommandError("--floor-seconds applies to the kernel floor", hint="add --floor")
     progress(f"measuring the {str(workload.dtype).removeprefix('torch.')} matmul peak on {workload.device}")
     peak = matmul_peak_tflops(workload.device, workload.dtype)
     report = BenchReport(
@@ -183,21 +185,38 @@ def attention_plan(args, model, workload: Workload, tokens, report: BenchReport,
 
 
 def measure_floors(model, workload: Workload, shapes: dict[int, CellInputs], report: BenchReport,
-                   progress: Progress, clocks=None) -> None:
-    """`--floor`: each GEMM and SDPA call of a cond pass timed alone per shape (`graphs.bench_floor`), with the
-    SM clock over the timed replays only: kernels timed in short bursts may run above the clock a back-to-back
-    loop sustains at the power limit (profiling/PERF_LOG.md, eighth session)."""
+                   progress: Progress, clocks=None, min_seconds: float = 0.0) -> None:
+    """`--floor`: each GEMM and SDPA call of a cond pass timed alone per shape (`graphs.bench_floor`; each for at
+    least `min_seconds`, `--floor-seconds`), with the SM clock over each kernel's timed replays: kernels timed in
+    short bursts run above the clock a back-to-back loop sustains at the power limit (PERF_LOG, eighth session)."""
     from graphs.bench_floor import measure_floor
 
     for tokens, inputs in shapes.items():
         progress(f"kernel floor at {tokens} tokens: timing each GEMM and attention call of one block alone")
         windows: list[tuple[float, float]] = []
-        floor = measure_floor(model, tokens, inputs.grid.num_audio_tokens, workload.text_tokens, timed_windows=windows)
-        clock = None if clocks is None else clocks.summary_within(windows)
-        described = floor.describe() + ("" if clock is None else f"; while timed: {clock.describe()}")
+        floor = measure_floor(model, tokens, inputs.grid.num_audio_tokens, workload.text_tokens,
+                              min_seconds=min_seconds, timed_windows=windows)
+        data, described = floor.to_json(), floor.describe()
+        if clocks is not None:
+            described += _add_floor_clocks(data, floor.ms, windows, clocks)
         progress(f"kernel floor at {described}")
         report.notes.append(f"floor (graphs.bench_floor) at {described}")
-        report.floors.append({**floor.to_json(), "clocks": None if clock is None else dataclasses.asdict(clock)})
+        report.floors.append(data)
+
+
+def _add_floor_clocks(data: dict, ms: tuple[float, ...], windows: list[tuple[float, float]], clocks) -> str:
+    """Per-kernel median SM clocks (`sm_mhz` on each kernel entry), their kernel-time-weighted mean and the summary
+    of every timed window into the floor's JSON; returns the text for its note."""
+    per_kernel = [clocks.summary_within([window]) for window in windows]
+    for entry, clock in zip(data["kernels"], per_kernel):
+        entry["sm_mhz"] = None if clock is None else clock.sm_mhz_median
+    clocked = [(t, clock.sm_mhz_median) for t, clock in zip(ms, per_kernel) if clock is not None]
+    weighted = sum(t * mhz for t, mhz in clocked) / sum(t for t, _ in clocked) if clocked else None
+    overall = clocks.summary_within(windows)
+    data["sm_mhz_kernel_time_weighted"] = weighted
+    data["clocks"] = None if overall is None else dataclasses.asdict(overall)
+    text = "" if weighted is None else f"; SM clock {weighted:.0f} MHz weighted by kernel time"
+    return text + ("" if overall is None else f"; while timed: {overall.describe()}")
 
 
 def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress, clocks) -> None:
@@ -207,7 +226,7 @@ def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress
     shapes = {t: _shape_inputs(workload, t, args.audio_tokens) for t in tokens}
     prepare = attention_plan(args, model, workload, shapes, report, progress)
     if getattr(args, "floor", False):
-        measure_floors(model, workload, shapes, report, progress, clocks)
+        measure_floors(model, workload, shapes, report, progress, clocks, getattr(args, "floor_seconds", 0.0))
     run_cells("ours", model, executors, shapes, plan, report, progress, prepare=prepare, clocks=clocks)
     model.attention_backend = "auto"  # the peer copy is built from our weights, not our settings
     if peers:

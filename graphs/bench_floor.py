@@ -16,6 +16,7 @@ square-matmul peak the benchmark reports: sustained clocks are lower than a burs
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,13 +121,17 @@ def block_kernels(model: nn.Module, video_tokens: int, audio_tokens: int, text_t
 
 
 def kernel_alone_ms(fn: Callable[[], object], device: torch.device, *, calls: int = 20, repeats: int = 10,
-                    timed_windows: list[tuple[float, float]] | None = None) -> float:
+                    min_seconds: float = 0.0, timed_windows: list[tuple[float, float]] | None = None) -> float:
     """Per-call device time of `fn`'s kernels: `calls` calls in one CUDA graph, replayed (no launch cost).
 
     `fn` must already have run once eagerly (library set-up: cuBLAS handles, cuDNN plans). `fn(i)` is called with
     the call's index, so a caller can rotate its operands (see `_gemm_call`). Capture runs on an explicit stream
-    of `device`, as every capture in this package does. `timed_windows` gets the (start, end) time.monotonic()
-    of the timed replays, so a clock sampler can tell the clock of the kernels from that of the set-up around them.
+    of `device`, as every capture in this package does.
+
+    `min_seconds` > 0 replays for at least that long (more repeats), so a card at its power limit settles at the
+    clock a back-to-back loop sustains instead of timing a burst at its boost clock. `timed_windows` gets the
+    (start, end) time.monotonic() of the timed replays, so a clock sampler can read the clock of the kernels
+    apart from the set-up around them.
     """
     stream = torch.cuda.Stream(device=device)
     graph = torch.cuda.CUDAGraph()
@@ -135,6 +140,9 @@ def kernel_alone_ms(fn: Callable[[], object], device: torch.device, *, calls: in
         with torch.cuda.graph(graph, stream=stream):
             for i in range(calls):
                 fn(i)
+    if min_seconds > 0:
+        replay_ms = time_cuda(graph.replay, warmup=2, repeats=2, device=device).median_ms
+        repeats = max(repeats, math.ceil(min_seconds * 1e3 / replay_ms))
     started = time.monotonic()
     ms = time_cuda(graph.replay, warmup=2, repeats=repeats, device=device).median_ms / calls
     if timed_windows is not None:
@@ -177,22 +185,23 @@ def _attention_call(kernel: FloorKernel, backend: str, device: torch.device,
 
 
 def measure_floor(model: nn.Module, video_tokens: int, audio_tokens: int, text_tokens: int, *,
-                  timed_windows: list[tuple[float, float]] | None = None) -> Floor:
-    """Time every kernel of `block_kernels` alone on the model's GPU, in the model's dtype (`timed_windows`: see
-    `kernel_alone_ms`)."""
+                  min_seconds: float = 0.0, timed_windows: list[tuple[float, float]] | None = None) -> Floor:
+    """Time every kernel of `block_kernels` alone on the model's GPU, in the model's dtype. `min_seconds`: see
+    `kernel_alone_ms`; `timed_windows` gets one window per kernel, in `Floor.kernels` order (for an attention call,
+    that of its fastest backend)."""
     device, dtype = model.device, model.dtype
     if device.type != "cuda":
         raise ValueError(f"the kernel floor times CUDA graphs and needs a GPU model, got device {device}")
     kernels = block_kernels(model, video_tokens, audio_tokens, text_tokens)
-    times, backends = [], []
+    times, backends, windows = [], [], []
     for kernel in kernels:
         if kernel.kind == "gemm":
             call = _gemm_call(kernel, device, dtype)
             call()
-            times.append(kernel_alone_ms(call, device, timed_windows=timed_windows))
+            times.append(kernel_alone_ms(call, device, min_seconds=min_seconds, timed_windows=windows))
             backends.append("")
             continue
-        timed, refused = {}, {}
+        timed, refused, backend_windows = {}, {}, {}
         for name in CANDIDATES:
             call = _attention_call(kernel, name, device, dtype)
             try:
@@ -200,10 +209,15 @@ def measure_floor(model: nn.Module, video_tokens: int, audio_tokens: int, text_t
             except RuntimeError as e:
                 refused[name] = str(e).splitlines()[0][:80]
                 continue
-            timed[name] = kernel_alone_ms(call, device, timed_windows=timed_windows)
+            window: list[tuple[float, float]] = []
+            timed[name] = kernel_alone_ms(call, device, min_seconds=min_seconds, timed_windows=window)
+            backend_windows[name] = window[0]
         if not timed:
             raise RuntimeError(f"no SDPA backend could run the {kernel.name} at shape {kernel.shape}: {refused}")
         best = min(timed, key=timed.get)
         times.append(timed[best])
         backends.append(best)
+        windows.append(backend_windows[best])
+    if timed_windows is not None:
+        timed_windows += windows
     return Floor(video_tokens, model.config.num_layers, tuple(kernels), tuple(times), tuple(backends))

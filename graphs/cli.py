@@ -345,6 +345,14 @@ def build_parser() -> OneLineParser:
         help="also time each GEMM and attention call of one block alone (CUDA-graph replays, fastest SDPA backend "
         "per call) and report their per-pass sums per shape: the floor no fusion can go below (GPU)",
     )
+    bench.add_argument(
+        "--floor-seconds",
+        type=non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="with --floor: replay each kernel for at least S seconds, so a card at its power limit times it at "
+        "the clock a back-to-back loop sustains (e.g. 1; default 0: short bursts, which run near the boost clock)",
+    )
     bench.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per pass (default 5)")
     bench.add_argument("--warmup", type=positive_int, default=2, help="untimed calls before timing (default 2)")
     add_output_flags(bench)

@@ -130,8 +130,9 @@ def test_report_shows_clocks_only_when_sampled():
     assert report.to_json()["card_limits"] == {"sm_max_mhz": 1980.0, "power_limit_w": 700.0}
 
 
-def test_floor_notes_carry_the_clock_of_its_timed_replays(monkeypatch):
-    """The floor's clock is read over the windows of its kernels' timed replays only (not the set-up between)."""
+def test_floor_reports_the_clock_of_each_kernel_and_their_time_weighted_mean(monkeypatch):
+    """The floor's clocks are read over its kernels' timed replays (one window per kernel), not the set-up
+    between them; `--floor-seconds` reaches the floor measurement."""
     from types import SimpleNamespace
 
     import graphs.bench_floor as bench_floor
@@ -139,22 +140,33 @@ def test_floor_notes_carry_the_clock_of_its_timed_replays(monkeypatch):
     from graphs.bench_floor import Floor, FloorKernel
 
     kernels = (FloorKernel("ff", "gemm", (48, 64, 64)), FloorKernel("sdpa", "attention", (1, 48, 48, 8)))
-    floor = Floor(video_tokens=48, layers=2, kernels=kernels, ms=(1.0, 0.5), backends=("", "flash"))
+    floor = Floor(video_tokens=48, layers=2, kernels=kernels, ms=(3.0, 1.0), backends=("", "flash"))
+    asked = {}
 
-    def fake_measure_floor(model, video_tokens, audio_tokens, text_tokens, *, timed_windows):
+    def fake_measure_floor(model, video_tokens, audio_tokens, text_tokens, *, min_seconds, timed_windows):
+        asked["min_seconds"] = min_seconds
         timed_windows += [(1.0, 2.0), (3.0, 4.0)]
         return floor
 
-    class Clocks:  # the sampler's side: which windows were asked about
+    class Clocks:  # the sampler's side: 1500 MHz in the first window, 1900 in the second
         def summary_within(self, windows):
-            self.windows = list(windows)
-            return ClockSummary(7, 1600.0, 1500.0, 690.0, 100.0, 0.0)
+            mhz = {(1.0, 2.0): 1500.0, (3.0, 4.0): 1900.0}
+            values = [mhz[w] for w in windows]
+            return ClockSummary(len(values), sorted(values)[len(values) // 2], min(values), 690.0, 100.0, 0.0)
 
-    clocks = Clocks()
     monkeypatch.setattr(bench_floor, "measure_floor", fake_measure_floor)
     report = BenchReport("cuda:0", "card", "t", None, "d", "tiny", "bfloat16", 16, 800.0, "hq", 3)
     shapes = {48: SimpleNamespace(grid=SimpleNamespace(num_audio_tokens=18))}
-    measure_floors(None, SimpleNamespace(text_tokens=16), shapes, report, lambda message: None, clocks)
-    assert clocks.windows == [(1.0, 2.0), (3.0, 4.0)]
-    assert "while timed: SM clock 1600 MHz median (lowest 1500), power-capped in 100% of 7" in report.notes[0]
-    assert report.floors[0]["clocks"]["sm_mhz_median"] == 1600.0 and report.floors[0]["video_tokens"] == 48
+    measure_floors(None, SimpleNamespace(text_tokens=16), shapes, report, lambda message: None, Clocks(), 1.5)
+    assert asked["min_seconds"] == 1.5
+    data = report.floors[0]
+    assert [k["sm_mhz"] for k in data["kernels"]] == [1500.0, 1900.0]
+    assert data["sm_mhz_kernel_time_weighted"] == (3.0 * 1500 + 1.0 * 1900) / 4.0  # 1600
+    assert "SM clock 1600 MHz weighted by kernel time; while timed: SM clock 1900 MHz median (lowest 1500)" in (
+        report.notes[0])
+
+
+def test_floor_seconds_needs_the_floor(capsys):
+    code = main(["bench", "--device", "cpu", "--floor-seconds", "1", "--no-peer", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--floor-seconds applies to the kernel floor" in err

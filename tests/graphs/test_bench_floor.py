@@ -15,6 +15,7 @@ from graphs.bench_floor import (
     _gemm_call,
     _tokens_of,
     block_kernels,
+    kernel_alone_ms,
     measure_floor,
 )
 from graphs.cli import main
@@ -102,3 +103,18 @@ def test_floor_on_the_gpu_is_kernel_time_below_the_peak():
     eager_small = time_cuda(_attention_call(small, backend, model.device, torch.bfloat16), warmup=3,
                             repeats=20).median_ms
     assert by_name["audio text cross-attention"] < eager_small
+
+
+@pytest.mark.cuda
+def test_min_seconds_replays_a_kernel_long_enough_to_reach_the_sustained_clock():
+    a = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def matmul(i=0):
+        return a @ a
+
+    matmul()
+    windows = []
+    ms = kernel_alone_ms(matmul, torch.device("cuda"), min_seconds=0.3, timed_windows=windows)
+    (start, end), = windows
+    assert ms > 0 and end - start >= 0.25
+
