@@ -16,7 +16,12 @@ Column meanings (units in the headers):
 - clocks (GPU, `profiling.gpu_clocks`): median and lowest SM clock, median board power, and the share of
   samples the driver held the clocks down for power or heat, over each row's timed calls (its warm-up calls
   included, plus the last sample before them). A row run at a power-capped clock is slower than the same code
-  on a cooler or higher-limit card.
+  on a cooler or higher-limit card;
+- against the floor (`--floor`, `graphs.bench_floor`): each cond/neg pass row next to the sum of its shape's GEMM
+  and attention calls timed alone, and that sum moved to the row's SM clock (floor ms x floor MHz / row MHz):
+  under the power cap the floor's kernels and the pass run at different clocks, and GEMM-bound time scales with
+  the clock (an approximation: memory-bound kernels scale less). pass / floor is the headroom fusion can still
+  take.
 """
 
 from __future__ import annotations
@@ -195,6 +200,39 @@ def clock_table(report: BenchReport) -> str | None:
     return tabulate(body, headers=headers, tablefmt="github")
 
 
+FLOOR_PASSES = ("cond", "neg")  # the passes whose GEMM and attention calls the floor times (graphs.bench_floor)
+
+
+def floor_at_clock(floor_ms: float, floor_mhz: float | None, row_mhz: float | None) -> float:
+    """The floor's time at the row's SM clock (unchanged when either clock is unknown)."""
+    return floor_ms if not floor_mhz or not row_mhz else floor_ms * floor_mhz / row_mhz
+
+
+def floor_table(report: BenchReport) -> str | None:
+    """Each cond/neg pass row against the kernel floor of its shape, when `--floor` measured one (module
+    docstring)."""
+    from tabulate import tabulate
+
+    floors = {f["video_tokens"]: f for f in report.floors}
+    rows = [r for r in report.passes if r.video_tokens in floors and r.pass_name in FLOOR_PASSES and r.timing]
+    if not rows:
+        return None
+    headers = ["impl", "executor", "tokens", "pass", "pass ms", "SM MHz", "floor ms", "floor SM MHz",
+               "floor at the row's clock", "pass / floor"]
+    body = []
+    for r in rows:
+        floor = floors[r.video_tokens]
+        floor_ms = floor["gemm_ms"] + floor["attention_ms"]
+        floor_mhz = floor.get("sm_mhz_kernel_time_weighted")
+        row_mhz = r.clocks.sm_mhz_median if r.clocks else None
+        at_clock = floor_at_clock(floor_ms, floor_mhz, row_mhz)
+        body.append([r.impl, r.executor, r.video_tokens, r.pass_name, _ms(r.timing), _num(row_mhz, ".0f"),
+                     f"{floor_ms:.1f}", _num(floor_mhz, ".0f"),
+                     f"{at_clock:.1f}" if floor_mhz and row_mhz else "-",
+                     f"{r.timing.median_ms / at_clock:.3f}"])
+    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)  # keep the decimals shown
+
+
 def format_report(report: BenchReport) -> str:
     head = (
         f"{report.card} | torch {report.torch_version} | diffusers {report.diffusers_version or 'not installed'} | "
@@ -213,6 +251,10 @@ def format_report(report: BenchReport) -> str:
     clocks = clock_table(report)
     if clocks:
         parts += ["", "clocks over each row's timed calls, warm-up included (NVML samples ~50 ms apart):", clocks]
+    against_floor = floor_table(report)
+    if against_floor:
+        parts += ["", "against the kernel floor (GEMM + attention calls alone; GEMM-bound time scaled by clock):",
+                  against_floor]
     if report.notes:
         parts += ["", *[f"note: {n}" for n in report.notes]]
     return "\n".join(parts)
