@@ -22,6 +22,7 @@ from torch import Tensor
 
 from graphs import trees
 from graphs.keys import InputSignature, TensorSig
+from pipeline.executor import check_host_float
 
 
 def check_like(name: str, value: object, expected: Tensor, *, cast: bool = False) -> None:
@@ -38,16 +39,6 @@ def check_like(name: str, value: object, expected: Tensor, *, cast: bool = False
             f"{TensorSig.of(expected)} on {expected.device}; inputs of another shape or device need their own "
             "graph (a new key), never a replay of this one"
         )
-
-
-def check_host_float(sigma: object) -> float:
-    """`sigma` as a Python float; a tensor is refused because reading it would synchronise the host."""
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise ValueError(
-            f"sigma must be a host float (the schedule is Python numbers), got {type(sigma).__name__}; "
-            "a device tensor here would need a host sync to read"
-        )
-    return float(sigma)
 
 
 class StaticInputs:

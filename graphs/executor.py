@@ -43,13 +43,14 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from graphs.buffers import StaticInputs, check_host_float
+from graphs.buffers import StaticInputs
 from graphs.capture import GraphPool, PassGraph, PassOutputs
 from graphs.compile import CompiledBlocks, compile_mode_name
 from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
 from graphs.keys import GraphKey, InputSignature, ModelIdentity, WeightsProbe, explain_miss, pass_options
 from graphs.trees import same_device
-from pipeline.executor import Conditioning, EagerExecutor, Velocity, check_specs, validate_conditioning
+from pipeline.executor import (Conditioning, EagerExecutor, Velocity, check_host_float, check_specs,
+                               validate_conditioning)
 from pipeline.passes import PASS_NAMES, PassSpec
 from profiling.ranges import region
 

@@ -49,11 +49,13 @@ class StepTimer:
     """Per-step timings of one stage. Recording never synchronises the host.
 
     Host time is the wall time to enqueue a step (on CPU it is the step's whole run time). On a CUDA
-    device every step also records a start and an end event on the current stream; `device_ms()` waits for
-    the last event once and reads all of them.
+    device every step also records a start and an end event on that device's current stream (not the current
+    device's: the latents may live on another GPU); `device_ms()` waits for the last event once and reads all of
+    them.
     """
 
     def __init__(self, device: torch.device, num_steps: int):
+        self._device = device
         self._cuda = device.type == "cuda"
         self._events = (
             [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(num_steps)]
@@ -64,12 +66,13 @@ class StepTimer:
 
     @contextmanager
     def step(self, index: int) -> Iterator[None]:
-        if self._cuda:
-            self._events[index][0].record()
+        stream = torch.cuda.current_stream(self._device) if self._cuda else None
+        if stream is not None:
+            self._events[index][0].record(stream)
         start = time.perf_counter()
         yield
-        if self._cuda:
-            self._events[index][1].record()
+        if stream is not None:
+            self._events[index][1].record(stream)
         self._host_ms.append((time.perf_counter() - start) * 1e3)
 
     @property
@@ -167,19 +170,23 @@ def _validate_latents(video: object, audio: object, conditioning: Conditioning, 
             raise ValueError(f"conditioning.texts[{key!r}] is on {text.video.device}, expected {video.device}")
         if text.video.shape[0] not in (1, b):
             raise ValueError(f"conditioning.texts[{key!r}] has batch {text.video.shape[0]}, expected 1 or {b}")
-    rope = conditioning.rope
-    for name, attr, n in (("video", "num_video_tokens", video.shape[1]), ("audio", "num_audio_tokens", audio.shape[1])):
-        expected = getattr(rope, attr, None)
-        if expected is not None and expected != n:
+    rope = conditioning.rope  # a RopeTables (validate_conditioning)
+    for name, expected, n in (("video", rope.num_video_tokens, video.shape[1]),
+                              ("audio", rope.num_audio_tokens, audio.shape[1])):
+        if expected != n:
             raise ValueError(f"{name} has {n} tokens but the RoPE tables were built for {expected}")
-    rope_device = getattr(rope, "device", None)
-    if rope_device is not None and rope_device != video.device:
-        raise ValueError(f"conditioning.rope is on {rope_device}, expected {video.device}")
+    if rope.device != video.device:
+        raise ValueError(f"conditioning.rope is on {rope.device}, expected {video.device}")
     config = _model_config(executor)
     if config is not None:
         for name, t, c in (("video", video, config.in_channels), ("audio", audio, config.audio_in_channels)):
             if t.shape[2] != c:
                 raise ValueError(f"{name} has {t.shape[2]} channels, the model expects {c}")
+        for key, text in conditioning.texts.items():
+            for field, width in (("video", config.video_context_dim), ("audio", config.audio_context_dim)):
+                got = getattr(text, field).shape[2]
+                if got != width:
+                    raise ValueError(f"conditioning.texts[{key!r}].{field} is {got} wide, the model expects {width}")
 
 
 def _model_config(executor: object) -> object | None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from pipeline.passes import TEXT_KEYS, PassSpec
-from pipeline.rope import build_rope_tables
+from pipeline.rope import RopeTables, build_rope_tables
 from profiling.ranges import region
 
 if TYPE_CHECKING:
@@ -95,11 +95,26 @@ class PassExecutor(Protocol):
     def run(self, video: Tensor, audio: Tensor, sigma: float, specs: Sequence[PassSpec]) -> dict[str, Velocity]: ...
 
 
+def check_host_float(sigma: object) -> float:
+    """`sigma` as a Python float in [0, 1]; a tensor is refused because reading it would synchronise the host."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise ValueError(
+            f"sigma must be a host float (the schedule is Python numbers), got {type(sigma).__name__}; "
+            "a device tensor here would need a host sync to read"
+        )
+    if not 0.0 <= sigma <= 1.0:  # also refuses NaN
+        raise ValueError(f"sigma must be a float in [0, 1], got {sigma!r}")
+    return float(sigma)
+
+
 def validate_conditioning(conditioning: Conditioning) -> None:
     """Host checks of a `Conditioning` (types, keys, ranks, matching batch and device); metadata only."""
     if not isinstance(conditioning, Conditioning):
         raise ValueError(f"conditioning must be a Conditioning, got {type(conditioning).__name__}")
     texts = conditioning.texts
+    if not isinstance(conditioning.rope, RopeTables):
+        raise ValueError(f"conditioning.rope must be RopeTables (pipeline.rope.build_rope_tables), got "
+                         f"{type(conditioning.rope).__name__}")
     if not isinstance(texts, Mapping) or not texts:
         raise ValueError(f"conditioning.texts must be a non-empty mapping, got {texts!r}")
     for key, text in texts.items():
@@ -145,7 +160,7 @@ class EagerExecutor:
         b = video.shape[0]
         dtype = self.model.dtype
         video_in, audio_in = video.to(dtype), audio.to(dtype)
-        sigma_t = torch.full((b,), float(sigma), dtype=torch.float32, device=video.device)  # no host read
+        sigma_t = torch.full((b,), check_host_float(sigma), dtype=torch.float32, device=video.device)  # no host read
         out: dict[str, Velocity] = {}
         for spec in specs:
             text = self._conditioning.texts[spec.text]

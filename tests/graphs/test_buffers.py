@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from graphs import trees
-from graphs.buffers import StaticInputs, check_host_float, check_like
+from graphs.buffers import StaticInputs, check_like
+from pipeline.executor import check_host_float
 from graphs.keys import InputSignature
 from pipeline.config import LatentGrid
 from pipeline.executor import Conditioning, TextContext
@@ -56,7 +57,13 @@ def test_sigma_must_be_a_host_float(sigma):
 
 
 def test_sigma_accepts_python_numbers():
-    assert check_host_float(1) == 1.0 and check_host_float(0.5) == 0.5
+    assert check_host_float(1) == 1.0 and check_host_float(0.5) == 0.5 and check_host_float(0) == 0.0
+
+
+@pytest.mark.parametrize("sigma", [float("nan"), -0.1, 5.0])
+def test_sigma_must_lie_in_the_unit_interval(sigma):
+    with pytest.raises(ValueError, match=r"sigma must be a float in \[0, 1\]"):
+        check_host_float(sigma)
 
 
 def test_set_conditioning_copies_texts_in_model_dtype_and_rope_as_is():

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pipeline import res2s
 from pipeline.config import LatentGrid, ModelConfig
 from pipeline.denoise import denoise_stage1, denoise_stage2
-from pipeline.executor import Conditioning, EagerExecutor, Velocity, random_conditioning
+from pipeline.executor import Conditioning, EagerExecutor, TextContext, Velocity, random_conditioning
 from pipeline.guidance import GuidanceConfig, GuidanceParams
 from pipeline.model import build_model
 from pipeline.noise import NoiseSeeds, SdeNoise, derive_seed, generator, initial_latents
@@ -281,8 +281,14 @@ def _bad_inputs(tiny):
     model, conditioning, video, audio = tiny
     executor = EagerExecutor(model)
     pos_only = Conditioning({"positive": conditioning.texts["positive"]}, conditioning.rope)
+    no_rope = Conditioning(conditioning.texts, None)
+    positive = conditioning.texts["positive"]
+    narrow = Conditioning({**conditioning.texts, "positive": TextContext(positive.video[..., :7], positive.audio)},
+                          conditioning.rope)
     dev = GuidanceConfig.preset("dev")  # STG block 28 of a 2-layer model
     return [
+        (dict(conditioning=no_rope), "conditioning.rope must be RopeTables"),
+        (dict(conditioning=narrow), r"conditioning.texts\['positive'\].video is 7 wide, the model expects"),
         (dict(video=video[0]), "video must be \\[B, N, C\\]"),
         (dict(video=video.long()), "floating dtype"),
         (dict(audio=audio.expand(2, -1, -1)), "audio batch 2"),
@@ -325,6 +331,27 @@ def test_stage2_validates_inputs(tiny):
         denoise_stage2(executor, conditioning, video, audio, seed=0, sigmas=[0.5, 0.6, 0.0])
     with pytest.raises(ValueError, match="seed"):
         denoise_stage2(executor, conditioning, video, audio, seed=None)
+
+
+def test_step_timer_records_on_the_latents_device_stream(monkeypatch):
+    """The events go to the stream of the device the steps run on, not the current device's (cuda:1 here)."""
+    from pipeline import denoise
+
+    recorded = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+    monkeypatch.setattr(denoise.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(denoise.torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    timer = denoise.StepTimer(torch.device("cuda:1"), num_steps=1)
+    with timer.step(0):
+        pass
+    assert recorded == ["stream of cuda:1"] * 2
 
 
 @pytest.mark.cuda

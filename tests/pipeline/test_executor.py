@@ -97,3 +97,7 @@ def test_errors(tiny):
         executor.run(video, audio, 0.5, (SPECS[0], SPECS[0]))
     with pytest.raises(ValueError, match="at least one"):
         executor.run(video, audio, 0.5, ())
+    with pytest.raises(ValueError, match=r"sigma must be a float in \[0, 1\], got nan"):
+        executor.run(video, audio, float("nan"), SPECS[:1])
+    with pytest.raises(ValueError, match="sigma must be a host float"):
+        executor.run(video, audio, torch.tensor(0.5), SPECS[:1])
