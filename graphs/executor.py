@@ -19,7 +19,10 @@ A key that is not cached is a miss, handled by the miss policy:
   "capture" (default): capture it now (captures during the first run are silent, later misses warn once);
   "strict": raise `GraphMissError` naming the fields that differ from the nearest cached key;
   "eager": run that pass eagerly (warn once).
-Nothing ever replays a graph for inputs it was not captured with.
+Nothing ever replays a graph for inputs it was not captured with. When the weights change (a load, an in-place
+edit, a swapped module) and no cached graph matches the new ones, every graph is dropped with its pool before the
+next captures (policies "capture" and "eager"; "strict" keeps them and raises): graphs for weights the model no
+longer has can never be hit again, and each set holds ~1-2 GB at `ltx2.3` scale.
 
 Sync contract: once every key is captured (`warmup`), `run` and `replay_only` never synchronise the host:
 two device copies, one `fill_` with a host float, one graph launch per pass, host metadata reads. Captures
@@ -316,16 +319,20 @@ class GraphExecutor:
     def reset(self) -> None:
         """Drop every graph, the pool and the static inputs together (safe: the pool is never reused)."""
         with self._exclusive("reset"):
-            self._graphs.clear()
+            self._drop_graphs()
             self._statics.clear()
-            self._pool = None
             self._last_signature = None
             self._last_roles = {}
-            self._valid_text_kv.clear()
-            self._pool_bytes = 0
-            self._settled = False
 
     # ------------------------------------------------------------------------------------------ internals
+
+    def _drop_graphs(self) -> None:
+        """Every graph with the pool: one graph cannot be freed alone (`graphs.capture`)."""
+        self._graphs.clear()
+        self._pool = None
+        self._valid_text_kv.clear()
+        self._pool_bytes = 0
+        self._settled = False  # the captures that follow are announced like a first run's
 
     @contextlib.contextmanager
     def _exclusive(self, what: str) -> Iterator[None]:
@@ -385,6 +392,10 @@ class GraphExecutor:
     ) -> tuple[list[tuple[PassSpec, GraphKey]], StaticInputs]:
         """Keys of `specs` in replay order, and the static inputs loaded with this evaluation's values."""
         weights = self._weights()  # once per evaluation, not per pass
+        if self._graphs and self.miss_policy != "strict" and all(k.weights != weights for k in self._graphs):
+            self._warn_once("weights", f"the model's weights changed since its {len(self._graphs)} graph(s) were "
+                                       "captured: dropping them and their pool before capturing again")
+            self._drop_graphs()
         identity = ModelIdentity.of(self.model)
         signature = InputSignature.of(video, audio, conditioning, self._model_dtype())
         roles = text_kv_roles(specs, self.share_text_kv)

@@ -161,25 +161,50 @@ class WeightsProbe:
 
     Walking the module tree (`model.parameters()`) costs ~10 ms for a 48-block model; the probe walks it once
     and keeps each parameter's slot (its module's `_parameters` dict and name), so a parameter replaced by
-    assignment or `load_state_dict(assign=True)` is still seen, at ~1 us per parameter.
+    assignment or `load_state_dict(assign=True)` is still seen, at ~1 us per parameter. It also keeps the tree's
+    layout (each module's children and parameter/buffer names) and walks again when that changed: a submodule
+    swapped in (`model.video_out = nn.Linear(...)`, an adapter wrapping a Linear) brings parameters the old slots
+    never see, and a graph would go on reading the old module's weights.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._params = [(m._parameters, n) for m in model.modules() for n, p in m._parameters.items() if p is not None]
-        self._buffers = [(m._buffers, n) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+        self._walk()
+
+    def _walk(self) -> None:
+        modules = list(self.model.modules())
+        self._layout = [(m, dict(m._modules), len(m._parameters), len(m._buffers)) for m in modules]
+        self._params = [(m._parameters, n) for m in modules for n, p in m._parameters.items() if p is not None]
+        self._buffers = [(m._buffers, n) for m in modules for n, b in m._buffers.items() if b is not None]
+
+    def _layout_changed(self) -> bool:
+        """Children swapped, added or removed, or parameters/buffers added or removed (a rename keeping the count
+        shows as a missing slot in `__call__`)."""
+        return any(m._modules != children or len(m._parameters) != params or len(m._buffers) != buffers
+                   for m, children, params, buffers in self._layout)
 
     def __call__(self) -> WeightsState:
+        if self._layout_changed():
+            self._walk()
+        try:
+            return self._state()
+        except KeyError:  # a parameter or buffer renamed since the walk
+            self._walk()
+            return self._state()
+
+    def _state(self) -> WeightsState:
         versions = 0
         pointers = []
         for slots, name in self._params:
             p = slots[name]
+            if p is None:  # set to None after the walk: no tensor to read
+                continue
             try:
                 versions += p._version
             except RuntimeError:  # inference tensors track no version
                 pass
             pointers.append(p.data_ptr())
-        pointers.extend(slots[name].data_ptr() for slots, name in self._buffers)
+        pointers.extend(b.data_ptr() for b in (slots[name] for slots, name in self._buffers) if b is not None)
         return WeightsState(int(getattr(self.model, "weights_version", 0)), versions, hash(tuple(pointers)))
 
 

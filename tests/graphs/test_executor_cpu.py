@@ -438,9 +438,29 @@ def test_in_place_edit_recaptures_and_matches_the_edited_model(fake_graphs):
     executor.run(video, audio, 0.7, HQ)
     with torch.no_grad():
         model.video_out.weight.mul_(-1.0)
-    with pytest.warns(GraphMissWarning, match="param_versions"):
+    with pytest.warns(GraphMissWarning, match="weights changed since its 3 graph"):
         out = executor.run(video, audio, 0.7, HQ)
     assert executor.stats.captures == 6
+    assert executor.stats.graphs == 3  # the graphs of the old weights were dropped with their pool
+    expected = _eager(model, conditioning, video, audio, 0.7, HQ)
+    assert torch.equal(out["cond"].video, expected["cond"].video)
+
+
+def test_a_swapped_module_recaptures_and_matches_the_new_model(fake_graphs):
+    """A module replaced after capture (an adapter, a new head) is a weights change, not a stale replay."""
+    import copy
+
+    model, conditioning, video, audio = _setup(fresh=True)
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, HQ)
+    head = copy.deepcopy(model.video_out)
+    with torch.no_grad():
+        head.weight.mul_(-1.0)
+    model.video_out = head
+    with pytest.warns(GraphMissWarning, match="weights changed"):
+        out = executor.run(video, audio, 0.7, HQ)
+    assert executor.stats.captures == 6 and executor.stats.graphs == 3
     expected = _eager(model, conditioning, video, audio, 0.7, HQ)
     assert torch.equal(out["cond"].video, expected["cond"].video)
 

@@ -171,6 +171,24 @@ def test_replaced_parameter_changes_storage():
     assert probe().storage != before.storage  # the probe re-reads each parameter slot
 
 
+def test_swapped_submodule_is_seen():
+    """A module swapped in after the probe was made (an adapter wrapping a Linear, a new output head) brings
+    parameters the first walk never saw: the probe walks again, so a graph holding the old weights misses."""
+    import copy
+
+    model = tiny_model()
+    probe = WeightsProbe(model)
+    before = probe()
+    model.blocks[0].video_ff.fc1 = copy.deepcopy(model.blocks[0].video_ff.fc1)
+    after = probe()
+    assert after.storage != before.storage and after == WeightsProbe(model)()
+    model.video_in.register_buffer("scale", torch.ones(1))  # a buffer added in place counts too
+    assert probe() != after and probe() == WeightsProbe(model)()
+    scale = model.video_in._buffers.pop("scale")
+    model.video_in.register_buffer("renamed", scale)  # same count, another name
+    assert probe() == WeightsProbe(model)()
+
+
 def test_probe_tolerates_inference_tensors():
     with torch.inference_mode():
         model = nn.Linear(2, 2)
