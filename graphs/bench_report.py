@@ -190,7 +190,8 @@ def clock_table(report: BenchReport) -> str | None:
                "thermal"]
     if limits:
         headers[5] += f" (max {limits.sm_max_mhz:.0f})"
-        headers[7] += f" (limit {limits.power_limit_w:.0f})"
+        if limits.power_limit_w is not None:
+            headers[7] += f" (limit {limits.power_limit_w:.0f})"
     body = []
     for r, what in rows:
         c = r.clocks

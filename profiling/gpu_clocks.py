@@ -49,7 +49,7 @@ class ClockSample:
 @dataclass(frozen=True)
 class CardLimits:
     sm_max_mhz: float
-    power_limit_w: float
+    power_limit_w: float | None  # None on boards that do not report power
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ class ClockSampler:
             sample = self._read()
         except Exception as e:  # a driver error ends sampling; later windows carry no clocks
             self.error = f"{type(e).__name__}: {e}"
+            self._stop.set()  # also when the failing read was the caller's (`summary_since`), not the thread's
             return False
         with self._lock:
             self._samples.append(sample)
@@ -131,7 +132,7 @@ class ClockSampler:
         with self._lock:
             before = [s for s in self._samples if s.t < start]
             window = [s for s in self._samples if s.t >= start]
-        if before:
+        if before and (window or self.error is None):  # after a failure, an old sample would pose as this window's
             window.append(max(before, key=lambda s: s.t))
         return ClockSummary.of(window) if window else None
 
@@ -188,8 +189,12 @@ class _Nvml:
         return out.value / 1000.0  # mW
 
     def limits(self) -> CardLimits:
+        limit = ctypes.c_uint()
+        code = self._code("nvmlDeviceGetEnforcedPowerLimit", self._handle, ctypes.byref(limit))
+        if code not in (0, _NVML_ERROR_NOT_SUPPORTED):
+            raise self._failure("nvmlDeviceGetEnforcedPowerLimit", code)
         return CardLimits(float(self._uint("nvmlDeviceGetMaxClockInfo", _NVML_CLOCK_SM)),
-                          self._uint("nvmlDeviceGetEnforcedPowerLimit") / 1000.0)
+                          limit.value / 1000.0 if code == 0 else None)  # mW; boards without power readings
 
     def read(self) -> ClockSample:
         reasons = ctypes.c_ulonglong()

@@ -84,6 +84,13 @@ def test_a_reader_error_stops_sampling_and_says_why():
     assert sampler.summary_since(0.0) is None and sampler.summary_within([(0.0, float("inf"))]) is None
 
 
+def test_after_a_failure_a_window_gets_no_old_sample():
+    """Once reading failed, a later window has no clocks: the last good sample (maybe minutes old) is not its."""
+    sampler = ClockSampler(scripted((1.0, 1500)))  # the second read raises StopIteration
+    assert sampler.summary_since(0.5).sm_mhz_median == 1500
+    assert sampler.summary_since(2.0) is None and "StopIteration" in sampler.error
+
+
 def test_no_sampler_without_a_gpu():
     assert nvml_sampler(torch.device("cpu")) == (None, None, "no GPU")
 
@@ -110,8 +117,9 @@ class FakeNvml:
     """Stands in for libnvidia-ml.so.1: each function writes its answer through the ctypes pointer it is given,
     as the C library does, and returns an NVML status code."""
 
-    def __init__(self, power_code: int = 0):
+    def __init__(self, power_code: int = 0, limit_code: int = 0):
         self.power_code = power_code  # what nvmlDeviceGetPowerUsage returns (3: not supported)
+        self.limit_code = limit_code  # what nvmlDeviceGetEnforcedPowerLimit returns
         self.calls: list[str] = []
         self.nvmlErrorString = lambda code: {3: b"Not Supported", 999: b"Unknown Error"}[code]
 
@@ -126,7 +134,8 @@ class FakeNvml:
     def __getattr__(self, name):
         answers = {"nvmlInit_v2": (None,), "nvmlDeviceGetHandleByUUID": (1234,),
                    "nvmlDeviceGetCurrentClocksEventReasons": (0x4,), "nvmlDeviceGetClockInfo": (1575,),
-                   "nvmlDeviceGetMaxClockInfo": (1980,), "nvmlDeviceGetEnforcedPowerLimit": (700000,),
+                   "nvmlDeviceGetMaxClockInfo": (1980,),
+                   "nvmlDeviceGetEnforcedPowerLimit": (700000, self.limit_code),
                    "nvmlDeviceGetPowerUsage": (691500, self.power_code)}
         if name not in answers:
             raise AttributeError(name)  # as ctypes does for a symbol the library lacks
@@ -152,8 +161,9 @@ def test_nvml_reader_speaks_the_c_protocol(monkeypatch):
 
 
 def test_a_board_without_power_readings_still_gives_clocks(monkeypatch):
-    sampler, _, why = fake_nvml_sampler(monkeypatch, FakeNvml(power_code=3))
+    sampler, limits, why = fake_nvml_sampler(monkeypatch, FakeNvml(power_code=3, limit_code=3))
     assert why is None and sampler._read().power_w is None
+    assert (limits.sm_max_mhz, limits.power_limit_w) == (1980.0, None)
 
 
 def test_nvml_failures_read_plainly(monkeypatch):
