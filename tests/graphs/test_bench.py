@@ -129,7 +129,7 @@ def test_report_shows_clocks_only_when_sampled():
     assert report.to_json()["passes"][0]["clocks"]["sm_mhz_median"] == 1560.0
     assert report.to_json()["card_limits"] == {"sm_max_mhz": 1980.0, "power_limit_w": 700.0}
     report.card_limits = CardLimits(1980.0, None)  # a board that reports no power limit
-    assert "| power W " in format_report(report) and "limit" not in format_report(report)
+    assert "power W" in format_report(report) and "(limit" not in format_report(report)
 
 
 def test_floor_reports_the_clock_of_each_kernel_and_their_time_weighted_mean(monkeypatch):
