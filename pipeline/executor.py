@@ -29,7 +29,6 @@ from profiling.ranges import region
 if TYPE_CHECKING:
     from pipeline.config import LatentGrid, ModelConfig
     from pipeline.model import LTX2Transformer
-    from pipeline.rope import RopeTables
 
 
 @dataclass(frozen=True, eq=False)

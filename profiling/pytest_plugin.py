@@ -15,14 +15,12 @@ extra; sees ``torch.cuda.synchronize()`` and pageable copies, which the others m
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from contextlib import ExitStack
 
 import pytest
 
 MARKER = "no_host_sync"
-_DEBUG_MESSAGE = "called a synchronizing CUDA operation"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,21 +47,10 @@ class _SyncDebugWarnings:
         self.findings: list = []
 
     def __enter__(self) -> _SyncDebugWarnings:
-        from profiling.syncs import cuda_sync_debug
+        from profiling.syncs import sync_debug_warnings
 
         self._stack = ExitStack()
-        self._stack.enter_context(cuda_sync_debug("warn"))
-        self._stack.enter_context(warnings.catch_warnings())  # restores filters and showwarning
-        warnings.filterwarnings("always", message=f".*{_DEBUG_MESSAGE}")
-        forward = warnings.showwarning
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            if _DEBUG_MESSAGE in str(message):
-                self.findings.append(self._finding())
-            else:
-                forward(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = show
+        self._stack.enter_context(sync_debug_warnings(lambda *warning: self.findings.append(self._finding())))
         return self
 
     @staticmethod

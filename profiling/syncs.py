@@ -22,8 +22,9 @@ import linecache
 import os
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -282,3 +283,31 @@ def cuda_sync_debug(mode: str | int = "error") -> Iterator[bool]:
     finally:
         torch.cuda.set_sync_debug_mode(previous)
         _SYNC_DEBUG.release()
+
+
+# What PyTorch's sync debug mode warns on each synchronizing call (c10/cuda/CUDAFunctions.cpp). Matching only this
+# keeps out the one-time "Synchronization debug mode is a prototype feature" notice that torch emits the first time
+# the mode is set in a process (counted as a sync, it made the first benchmark cell report one).
+SYNC_DEBUG_WARNING = "called a synchronizing CUDA operation"
+
+
+@contextmanager
+def sync_debug_warnings(on_sync: Callable[[str, str, int], None]) -> Iterator[bool]:
+    """`cuda_sync_debug("warn")` for the block, each sync warning handed to `on_sync(message, filename, lineno)`
+    as it is raised (so the stack still holds the user's line), every one of them (filter "always"). Every other
+    warning goes on to the usual filters and display: a catch-all recorder would hide them (a graph-cache miss
+    warned once inside a timed loop would never be seen). Yields what `cuda_sync_debug` yields."""
+    with ExitStack() as stack:
+        active = stack.enter_context(cuda_sync_debug("warn"))
+        stack.enter_context(warnings.catch_warnings())  # restores the filters and showwarning
+        warnings.filterwarnings("always", message=f".*{SYNC_DEBUG_WARNING}")
+        forward = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if SYNC_DEBUG_WARNING in str(message):
+                on_sync(str(message), filename, lineno)
+            else:
+                forward(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield active
