@@ -85,7 +85,9 @@ def measure_cell(
     step_row = StepRow(impl, executor_name, tokens, tuple(s.name for s in step_specs))
     progress(f"{impl} {executor_name} @ {tokens} tokens: warm-up")
     try:
-        executor = make_executor(executor_name, model, progress=progress, share_text_kv=plan.share_text_kv)
+        # The peer's compiled rows run its own compile (`bench.run_cells` calls it), not ours.
+        executor = make_executor(executor_name, model, progress=progress, share_text_kv=plan.share_text_kv,
+                                 precompiled=impl == "diffusers")
         stats = warm_up(executor, executor_name, all_specs, inputs.conditioning, inputs.video, inputs.audio,
                         progress=progress)
     except Exception as e:  # the whole cell failed

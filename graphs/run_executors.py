@@ -5,6 +5,10 @@
     graphs          graphs.executor.GraphExecutor: one CUDA graph per pass (GPU only)
     compile+graphs  GraphExecutor(compile="default"): compiled blocks captured into one graph per pass
 
+A model whose blocks its own library already compiled (diffusers' `compile_repeated_blocks`, the benchmark's peer)
+is made with `precompiled=True`: "compile" then runs those compiled blocks as they are and "compile+graphs"
+captures them, so its rows measure what a user of that library gets, not our regional compile of its blocks.
+
 Warm-up runs before any timed or checked work and is reported on its own: for the graph executors it captures
 every pass ahead of time (`GraphExecutor.warmup`), for the compiled one it runs one evaluation so every
 variant compiles, for eager it runs one evaluation so one-time library set-up (cuBLAS handles, kernel
@@ -36,9 +40,12 @@ class WarmupStats:
 
 
 def make_executor(name: str, model: nn.Module, *, progress: Callable[[str], None] | None = None,
-                  share_text_kv: bool = True):
-    """The pass executor for `name` (one of EXECUTOR_NAMES) driving `model`; `share_text_kv` for graph executors."""
-    if name == "eager":
+                  share_text_kv: bool = True, precompiled: bool = False):
+    """The pass executor for `name` (one of EXECUTOR_NAMES) driving `model`; `share_text_kv` for graph executors;
+    `precompiled`: the model's blocks are compiled already (module docstring), so no compile of ours."""
+    if name not in EXECUTOR_NAMES:
+        raise ValueError(f"executor must be one of {EXECUTOR_NAMES}, got {name!r}")
+    if name == "eager" or (name == "compile" and precompiled):
         from pipeline.executor import EagerExecutor
 
         return EagerExecutor(model)
@@ -46,12 +53,11 @@ def make_executor(name: str, model: nn.Module, *, progress: Callable[[str], None
         from graphs.compile import CompiledExecutor
 
         return CompiledExecutor(model, "default")
-    if name in ("graphs", "compile+graphs"):
-        from graphs.executor import GraphExecutor
+    from graphs.executor import GraphExecutor
 
-        return GraphExecutor(model, miss_policy="capture", compile="default" if name == "compile+graphs" else False,
-                             share_text_kv=share_text_kv, progress=progress)
-    raise ValueError(f"executor must be one of {EXECUTOR_NAMES}, got {name!r}")
+    compile = "default" if name == "compile+graphs" and not precompiled else False
+    return GraphExecutor(model, miss_policy="capture", compile=compile, share_text_kv=share_text_kv,
+                         progress=progress)
 
 
 def _sync(device: torch.device) -> None:
@@ -73,7 +79,8 @@ def warm_up(
     """Set the conditioning and compile/capture every pass of `specs` for these shapes (see module docstring)."""
     started = time.perf_counter()
     before = getattr(executor, "stats", None)  # graph executors count cumulatively; report this warm-up's share
-    compiles_before = executor.blocks.compiles if name == "compile" else 0
+    blocks = getattr(executor, "blocks", None)  # our compiled blocks (CompiledExecutor), not a precompiled model's
+    compiles_before = blocks.compiles if blocks is not None else 0
     passes = ",".join(s.name for s in specs)
     if name in ("graphs", "compile+graphs"):
         compiled = " with compiled blocks" if "compile" in name else ""
@@ -92,8 +99,8 @@ def warm_up(
         stats.captures = after.captures - before.captures
         stats.compiles = after.compiles - before.compiles
         stats.pool_bytes = after.pool_bytes  # the pool is shared by every graph captured so far
-    elif name == "compile":
-        stats.compiles = executor.blocks.compiles - compiles_before
+    elif blocks is not None:
+        stats.compiles = blocks.compiles - compiles_before
     if name != "eager":
         progress(f"warm-up done in {stats.seconds:.1f} s")
     return stats

@@ -197,3 +197,22 @@ def test_report_sets_cond_and_neg_rows_against_the_floor_at_their_clock():
     assert f"| {85.9 / 79.8:.3f} " in floor_table(report)
     report.floors.clear()
     assert floor_table(report) is None and "against the kernel floor" not in format_report(report)
+
+
+def test_a_precompiled_peer_runs_its_own_compile_not_ours(monkeypatch):
+    """diffusers' compiled rows: its `compile_repeated_blocks` blocks run as they are ("compile") or are captured
+    without a compile of ours ("compile+graphs"); our model's rows keep our regional compile."""
+    import graphs.executor
+    from graphs.compile import CompiledExecutor
+    from graphs.run_executors import make_executor
+    from pipeline.executor import EagerExecutor
+
+    made = []
+    monkeypatch.setattr(graphs.executor, "GraphExecutor", lambda model, **kwargs: made.append(kwargs) or kwargs)
+    model = torch.nn.Linear(2, 2)
+    assert isinstance(make_executor("compile", model, precompiled=True), EagerExecutor)
+    make_executor("compile+graphs", model, precompiled=True)
+    make_executor("compile+graphs", model)
+    assert [m["compile"] for m in made] == [False, "default"]
+    monkeypatch.setattr("graphs.compile.find_blocks", lambda model: [model])
+    assert isinstance(make_executor("compile", model), CompiledExecutor)
