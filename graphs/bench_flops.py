@@ -83,8 +83,10 @@ def _self_attention(tokens: int, dim: int, heads: int, skipped: bool) -> PassFlo
     return PassFlops(v_out_gate + 2 * gemm(tokens, dim, dim), 2 * gemm(tokens, tokens, dim))
 
 
-def _text_attention(tokens: int, dim: int, heads: int, text: int, context_dim: int) -> PassFlops:
-    projections = 2 * gemm(tokens, dim, dim) + 2 * gemm(text, dim, context_dim) + gemm(tokens, heads, dim)
+def _text_attention(tokens: int, dim: int, heads: int, text: int, context_dim: int, kv_projected: bool) -> PassFlops:
+    """`kv_projected` False: the pass reads text keys/values another pass projected (shared within an evaluation)."""
+    kv = 2 * gemm(text, dim, context_dim) if kv_projected else 0
+    projections = 2 * gemm(tokens, dim, dim) + kv + gemm(tokens, heads, dim)
     return PassFlops(projections, 2 * gemm(tokens, text, dim))
 
 
@@ -111,17 +113,19 @@ def pass_flops(
     skip_audio_self_attn_blocks: tuple[int, ...] = (),
     disable_a2v_cross_attn: bool = False,
     disable_v2a_cross_attn: bool = False,
+    text_kv_projected: bool = True,
 ) -> PassFlops:
-    """FLOPs of one transformer call with the given pass options (the keyword names match `PassSpec`)."""
+    """FLOPs of one transformer call with the given pass options (the keyword names match `PassSpec`);
+    `text_kv_projected` False leaves out the text key/value projections of a pass that reads shared ones."""
     n, m, t = shape.video_tokens, shape.audio_tokens, shape.text_tokens
     d = dims
     blocks: list[PassFlops] = []
     for index in range(d.layers):
         parts = [
             _self_attention(n, d.video_dim, d.video_heads, index in skip_video_self_attn_blocks),
-            _text_attention(n, d.video_dim, d.video_heads, t, d.video_context_dim),
+            _text_attention(n, d.video_dim, d.video_heads, t, d.video_context_dim, text_kv_projected),
             _self_attention(m, d.audio_dim, d.audio_heads, index in skip_audio_self_attn_blocks),
-            _text_attention(m, d.audio_dim, d.audio_heads, t, d.audio_context_dim),
+            _text_attention(m, d.audio_dim, d.audio_heads, t, d.audio_context_dim, text_kv_projected),
             PassFlops(2 * gemm(n, d.video_ffn_dim, d.video_dim) + 2 * gemm(m, d.audio_ffn_dim, d.audio_dim), 0),
         ]
         if not disable_a2v_cross_attn:
@@ -153,7 +157,7 @@ def dims_from_config(config) -> TransformerDims:
     )
 
 
-def spec_flops(config, grid, text_tokens: int, spec, *, batch: int = 1) -> PassFlops:
+def spec_flops(config, grid, text_tokens: int, spec, *, batch: int = 1, text_kv_projected: bool = True) -> PassFlops:
     """FLOPs of the pass `spec` (a `PassSpec`) on `grid` (a `LatentGrid`) for the model `config`."""
     shape = PassShape(grid.num_video_tokens, grid.num_audio_tokens, text_tokens, batch)
-    return pass_flops(dims_from_config(config), shape, **spec.model_kwargs())
+    return pass_flops(dims_from_config(config), shape, **spec.model_kwargs(), text_kv_projected=text_kv_projected)

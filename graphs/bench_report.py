@@ -7,8 +7,9 @@ Column meanings (units in the headers):
   `graphs.bench_kernels`); GPU busy: kernel time / wall time over a few back-to-back passes;
 - kernel time by class (CUPTI only): GEMM / attention / other (elementwise, norms, copies) ms per pass, from
   the kernels' names (`graphs.bench_kernels.kernel_class`); "other" is what fusion can still remove;
-- TFLOP/s: the analytic FLOPs of the pass (`graphs.bench_flops`) / median time; MFU: that over the bf16 matmul
-  peak measured in the same run (`profiling.timing.matmul_peak_tflops`);
+- TFLOP/s: the analytic FLOPs of the pass (`graphs.bench_flops`; a graph row whose pass reads the text keys/values
+  another pass holds is not charged their projections) / median time; MFU: that over the bf16 matmul peak
+  measured in the same run (`profiling.timing.matmul_peak_tflops`);
 - step ms: median device time of real res2s steps (2 evaluations of the guidance preset's passes, the guidance
   combine and the sampler update) through `pipeline.denoise`; host syncs / step over those steps;
 - warm-up s: compile + capture (+ first runs) of that executor for that shape, excluded from every timing;

@@ -22,6 +22,7 @@ import torch
 
 from graphs.bench_flops import spec_flops
 from graphs.bench_report import PassRow, StepRow
+from graphs.executor import text_kv_roles
 from graphs.cli_console import one_line
 from graphs.run_executors import make_executor, warm_up
 from graphs.bench_kernels import kernel_activity
@@ -80,14 +81,16 @@ def measure_cell(
     tokens = inputs.grid.num_video_tokens
     step_specs = pass_specs_for(plan.guidance)
     all_specs = _union(step_specs, plan.timed_specs)
-    flops = {s.name: spec_flops(inputs.config, inputs.grid, inputs.text_tokens, s).total for s in plan.timed_specs}
-    rows = [PassRow(impl, executor_name, tokens, s.name, flops[s.name]) for s in plan.timed_specs]
+    rows = [PassRow(impl, executor_name, tokens, s.name, _flops(inputs, s, "own")) for s in plan.timed_specs]
     step_row = StepRow(impl, executor_name, tokens, tuple(s.name for s in step_specs))
     progress(f"{impl} {executor_name} @ {tokens} tokens: warm-up")
     try:
         # The peer's compiled rows run its own compile (`bench.run_cells` calls it), not ours.
         executor = make_executor(executor_name, model, progress=progress, share_text_kv=plan.share_text_kv,
                                  precompiled=impl == "diffusers")
+        roles = text_kv_roles(all_specs, getattr(executor, "share_text_kv", False))  # graph executors share
+        for spec, row in zip(plan.timed_specs, rows):
+            row.flops = _flops(inputs, spec, roles[spec.name])
         stats = warm_up(executor, executor_name, all_specs, inputs.conditioning, inputs.video, inputs.audio,
                         progress=progress)
     except Exception as e:  # the whole cell failed
@@ -108,6 +111,13 @@ def measure_cell(
              + (f"{step_row.step.median_ms:.1f} ms" if step_row.step else f"FAILED: {step_row.error}"))
     del executor
     return rows, step_row
+
+
+def _flops(inputs: CellInputs, spec, text_kv_role: str) -> int:
+    """The pass's FLOPs; a pass reading text keys/values another pass holds does not project them (FLOP/s and
+    MFU count the work the pass does)."""
+    projected = not text_kv_role.startswith("consume:")
+    return spec_flops(inputs.config, inputs.grid, inputs.text_tokens, spec, text_kv_projected=projected).total
 
 
 def _union(first: Sequence, second: Sequence) -> tuple:

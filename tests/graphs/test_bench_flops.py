@@ -61,3 +61,16 @@ def test_ltx23_anchor_values():
     stg = pass_flops(dims, PassShape(1536, 126, 1024), skip_video_self_attn_blocks=(28,),
                      skip_audio_self_attn_blocks=(28,))
     assert stg.total < cond_1536.total
+
+
+def test_a_pass_reading_shared_text_kv_does_not_count_their_projections():
+    """Graph rows whose pass reads the text keys/values another pass holds (modality, perturbed) do not project
+    them: 2 GEMMs [text x context_dim] x [context_dim x dim] per stream and block fewer (4.12 TFLOP at ltx2.3)."""
+    dims = dims_from_config(ModelConfig.preset("ltx2.3"))
+    shape = PassShape(1536, 126, 1024)
+    own = pass_flops(dims, shape, disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)
+    shared = pass_flops(dims, shape, disable_a2v_cross_attn=True, disable_v2a_cross_attn=True,
+                        text_kv_projected=False)
+    per_block = 2 * 2 * 1024 * (4096 * 4096 + 2048 * 2048)  # 2 FLOP per MAC x (k and v), both streams
+    assert own.total - shared.total == 48 * per_block and round(per_block * 48 / 1e12, 2) == 4.12
+    assert own.attention == shared.attention
