@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import replace
 
 import torch
@@ -163,7 +164,7 @@ def bench(args, progress: Progress) -> BenchReport:
     return report
 
 
-def attention_plan(args, model, workload: Workload, tokens, report: BenchReport, progress: Progress):
+def attention_plan(args, model, workload: Workload, tokens: Iterable[int], report: BenchReport, progress: Progress):
     """The `prepare(grid)` hook that sets our model's SDPA backend per shape (None: leave "auto")."""
     choice = getattr(args, "attention", "auto")
     if choice == "auto":
@@ -224,7 +225,7 @@ def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress
 
     model = build_model(workload, progress)
     shapes = {t: _shape_inputs(workload, t, args.audio_tokens) for t in tokens}
-    prepare = attention_plan(args, model, workload, shapes, report, progress)
+    prepare = attention_plan(args, model, workload, shapes.keys(), report, progress)
     if getattr(args, "floor", False):
         measure_floors(model, workload, shapes, report, progress, clocks, getattr(args, "floor_seconds", 0.0))
     run_cells("ours", model, executors, shapes, plan, report, progress, prepare=prepare, clocks=clocks)
@@ -275,9 +276,8 @@ def _kernel_note(report: BenchReport) -> str:
 
 
 def main(args, progress: Progress) -> int:
-    """Entry for `ltx2-graphs bench` (called by graphs.cli)."""
-    if args.repeats < 1:
-        raise CommandError(f"--repeats must be >= 1, got {args.repeats}")
+    """Entry for `ltx2-graphs bench` (called by graphs.cli). Exit status 1 when a row failed: the tables and the
+    JSON still come out, with the error in that row, and a script can tell."""
     report = bench(args, progress)
     if args.json != "-":
         print(format_report(report))
@@ -286,4 +286,4 @@ def main(args, progress: Progress) -> int:
     failed = sum(1 for r in report.passes if r.error) + sum(1 for r in report.steps if r.error)
     if failed:
         progress(f"{failed} row(s) failed; see the table")
-    return 0
+    return 1 if failed else 0

@@ -58,7 +58,12 @@ def test_peer_order_runs_compiled_rows_last():
     assert peer_order(("compile+graphs", "eager")) == ("eager", "compile+graphs")
 
 
-def test_failed_rows_are_reported_not_fatal():
+def test_failed_rows_are_reported_not_fatal(monkeypatch, capsys):
+    """A failed row keeps its place in the table and the JSON; the command then exits with status 1."""
+    from types import SimpleNamespace
+
+    import graphs.bench
+
     report = BenchReport("cpu", "CPU", "x", None, "now", "tiny", "float32", 16, 1.0, "hq", 2)
     report.passes.append(PassRow("ours", "eager", 48, "cond", 10, TimingStats.from_samples([1.0, 2.0])))
     report.passes.append(PassRow("diffusers", "compile", 48, "cond", 10, error="CaptureError: boom"))
@@ -66,6 +71,12 @@ def test_failed_rows_are_reported_not_fatal():
     text = format_report(report)
     assert "failed" in text and "boom" in text
     assert json.loads(report.dumps())["passes"][1]["error"] == "CaptureError: boom"
+    monkeypatch.setattr(graphs.bench, "bench", lambda args, progress: report)
+    said = []
+    assert graphs.bench.main(SimpleNamespace(json=None), said.append) == 1
+    assert said == ["2 row(s) failed; see the table"] and "boom" in capsys.readouterr().out
+    report.passes.pop(), report.steps.pop()
+    assert graphs.bench.main(SimpleNamespace(json=None), said.append) == 0
 
 
 @pytest.mark.cuda
