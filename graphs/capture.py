@@ -68,7 +68,7 @@ class PassGraph:
     key: GraphKey
     graph: torch.cuda.CUDAGraph
     outputs: Velocity
-    static: StaticInputs
+    static: StaticInputs  # never read here: it keeps the buffers the graph reads alive as long as the graph
     order: int
     warmup_seconds: float
     capture_seconds: float
@@ -98,9 +98,6 @@ class GraphPool:
         self._graphs: list[torch.cuda.CUDAGraph] = []  # every graph captured into the pool, failed ones too
         self._reserved_delta = 0  # memory_reserved growth across captures (fallback for reserved_bytes)
         self.failed: str | None = None  # why the pool is unusable after a failed capture
-
-    def __len__(self) -> int:
-        return len(self._graphs)
 
     def capture(
         self,
