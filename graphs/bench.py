@@ -38,6 +38,7 @@ from graphs.run_workload import (
     build_model,
     check_executor,
     cpu_threads,
+    fitted_guidance,
     random_conditioning,
     random_latents,
     resolve_workload,
@@ -54,7 +55,6 @@ STEP_COUNT = 2  # res2s steps timed per cell (plus one untimed)
 
 def plan_from_args(args, workload: Workload):
     """(our executors, peer executors, timed specs, step guidance, shapes) from the flags and the device."""
-    from pipeline.guidance import GuidanceConfig
     from pipeline.passes import PassSpec
 
     gpu = workload.device.type == "cuda"
@@ -62,7 +62,8 @@ def plan_from_args(args, workload: Workload):
     peers = () if args.no_peer else (args.peer_executors or (GPU_EXECUTORS if gpu else CPU_EXECUTORS))
     for name in (*executors, *peers):
         check_executor(name, workload.device)
-    stg_blocks = (min(28, workload.config.num_layers - 1),)
+    dev_guidance, _ = fitted_guidance("dev", workload.config.num_layers)  # its STG blocks, fitted to the depth
+    stg_blocks = dev_guidance.stg_blocks
     all_specs = {
         "cond": PassSpec("cond", "positive"),
         "neg": PassSpec("neg", "negative"),
@@ -71,7 +72,7 @@ def plan_from_args(args, workload: Workload):
         "modality": PassSpec("modality", "positive", disable_a2v_cross_attn=True, disable_v2a_cross_attn=True),
     }
     timed = tuple(all_specs[name] for name in (args.passes or DEFAULT_PASSES))
-    guidance, _ = GuidanceConfig.preset(args.guidance).fitted_to(workload.config.num_layers)
+    guidance, _ = fitted_guidance(args.guidance, workload.config.num_layers)
     tokens = args.tokens or (GPU_TOKENS if gpu else CPU_TOKENS)
     return executors, peers, timed, guidance, tokens
 

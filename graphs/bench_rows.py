@@ -121,12 +121,14 @@ def _flops(inputs: CellInputs, spec, text_kv_role: str) -> int:
 
 
 def _union(first: Sequence, second: Sequence) -> tuple:
-    seen, out = set(), []
+    """The specs of both, each name once; two different specs under one name are an error (the timed pass would
+    never be the one warmed up)."""
+    by_name: dict = {}
     for spec in (*first, *second):
-        if spec.name not in seen:
-            seen.add(spec.name)
-            out.append(spec)
-    return tuple(out)
+        kept = by_name.setdefault(spec.name, spec)
+        if kept != spec:
+            raise ValueError(f"two different '{spec.name}' passes: {kept} (the step's) and {spec} (timed)")
+    return tuple(by_name.values())
 
 
 def _measure_pass(executor, spec, row: PassRow, inputs: CellInputs, plan: CellPlan, all_specs: tuple,

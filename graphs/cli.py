@@ -64,6 +64,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a rate such as --fps, where 0 means nothing and must not fall back to a default)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def resolution(text: str) -> tuple[int, int]:
     """'WxH' in pixels, each a positive multiple of 32 (the VAE's spatial stride) -> (width, height)."""
     parts = text.lower().split("x")
@@ -181,7 +192,7 @@ def add_shape_flags(parser: argparse.ArgumentParser, *, many_tokens: bool) -> No
     else:
         group.add_argument("--resolution", type=resolution, help="WIDTHxHEIGHT in pixels (multiples of 32)")
         group.add_argument("--frames", type=positive_int, help="number of pixel frames (8k+1 such as 121 is natural)")
-        group.add_argument("--fps", type=non_negative_float, help="frame rate (sets audio length and RoPE time)")
+        group.add_argument("--fps", type=positive_float, help="frame rate (sets audio length and RoPE time)")
         group.add_argument(
             "--tokens", type=positive_int, metavar="N", help="video token count instead of a resolution"
         )
@@ -395,7 +406,8 @@ def build_parser() -> OneLineParser:
     profile.set_defaults(steps=2)
     profile.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (JSON) of the profiled steps")
     profile.add_argument(
-        "--nsys-sqlite", metavar="FILE", help="analyse this nsys sqlite export instead of running anything"
+        "--nsys-sqlite", metavar="FILE", help="analyse this nsys sqlite export instead of running anything (the "
+        "model, shape, guidance and execution flags are then refused: the recorded run fixed them)"
     )
     profile.add_argument(
         "--no-control",

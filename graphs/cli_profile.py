@@ -118,8 +118,53 @@ def _emit(args, reports, *, extra: dict) -> int:
     return 1 if unexpected else 0
 
 
+def loop_flags_given(args) -> list[str]:
+    """The flags of the run being profiled (model, shape, guidance, execution: `graphs.cli.add_loop_flags`) whose
+    value differs from `profile`'s default, as "--flag value". A flag given with its default value is not seen."""
+    from graphs.cli import OneLineParser, add_loop_flags, build_parser
+
+    loop = OneLineParser(add_help=False)
+    add_loop_flags(loop)
+    defaults = vars(build_parser().parse_args(["profile"]))  # profile's own defaults (--steps 2)
+    given = []
+    for dest in vars(loop.parse_args([])):
+        value = getattr(args, dest, defaults[dest])
+        if value != defaults[dest]:
+            flag = "--" + dest.replace("_", "-")
+            given.append(flag if value is True else f"{flag} {_as_typed(dest, value)}")
+    return given
+
+
+def _as_typed(dest: str, value) -> str:
+    """A parsed flag value written back the way it is typed: (960, 544) -> 960x544, (1, 2) -> 1,2, () -> none."""
+    if dest == "resolution":
+        return "x".join(map(str, value))
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def check_mode_flags(args) -> None:
+    """Refuse flags the chosen mode would ignore: silently dropping them would report on another run than the
+    one asked for. File mode analyses what was recorded; live mode always runs the positive control."""
+    if not args.nsys_sqlite:
+        if args.no_control:
+            raise CommandError("--no-control applies to --nsys-sqlite",
+                               hint="drop --no-control: live profiling always runs the positive control")
+        return
+    given = loop_flags_given(args)
+    if given:
+        raise CommandError(
+            f"--nsys-sqlite analyses a recorded export: the run flags {', '.join(given)} would be ignored "
+            "(expected no model, shape, guidance or execution flag with it)",
+            hint="drop them (they belong on the recorded `ltx2-graphs run --nsys` command), or profile live "
+            "without --nsys-sqlite",
+        )
+
+
 def main(args, progress: Progress) -> int:
     """Entry for `ltx2-graphs profile` (called by graphs.cli)."""
+    check_mode_flags(args)
     if args.nsys_sqlite:
         return analyse_file(args, progress)
     return profile_live(args, progress)

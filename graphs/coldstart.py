@@ -33,6 +33,7 @@ from graphs.run_workload import (
     build_model,
     check_executor,
     cpu_threads,
+    fitted_guidance,
     random_conditioning,
     random_latents,
     resolve_workload,
@@ -129,11 +130,10 @@ def phase_seconds(before: dict[str, float], after: dict[str, float]) -> dict[str
 
 
 def pass_specs(guidance_name: str, num_layers: int):
-    """The passes of a guidance preset, its STG blocks fitted to the model's depth (`GuidanceConfig.fitted_to`)."""
-    from pipeline.guidance import GuidanceConfig
+    """The passes of a guidance preset, its STG blocks fitted to the model's depth (`fitted_guidance`)."""
     from pipeline.passes import pass_specs_for
 
-    guidance, _ = GuidanceConfig.preset(guidance_name).fitted_to(num_layers)
+    guidance, _ = fitted_guidance(guidance_name, num_layers)
     return pass_specs_for(guidance)
 
 

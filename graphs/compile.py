@@ -87,8 +87,20 @@ def _unique_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _is_recompile_error(error: BaseException) -> bool:
-    return "fail_on_recompile" in str(error) or type(error).__name__ in ("RecompileError", "FailOnRecompileLimitHit")
+def _is_recompile_error(error: BaseException, *, limit_only: bool = False) -> bool:
+    """Whether dynamo refused to compile: a region reached its recompile limit (`FailOnRecompileLimitHit`, raised
+    under `fail_on_recompile_limit_hit`) or, unless `limit_only`, any recompile was refused (stance
+    "fail_on_recompile": a plain RuntimeError naming the stance; config `error_on_recompile`: `RecompileError`).
+
+    Types are matched by name, so classifying an error imports nothing. The limit is recognised by its type
+    only: a message that merely mentions `recompile_limit` (a config error, say) is not a limit hit, and must not
+    be reported as "too many variants". `compiling()` asks `limit_only`: a recompile refused by an enclosing
+    `frozen()` stance is not its variant budget running out, and passes through to `frozen()`'s own message.
+    """
+    name = type(error).__name__
+    if name == "FailOnRecompileLimitHit":
+        return True
+    return not limit_only and (name == "RecompileError" or "fail_on_recompile" in str(error))
 
 
 class CompiledBlocks:
@@ -193,7 +205,7 @@ class CompiledBlocks:
         except CaptureError:
             raise
         except Exception as e:
-            if type(e).__name__ == "FailOnRecompileLimitHit" or "recompile_limit" in str(e):
+            if _is_recompile_error(e, limit_only=True):
                 now = self.cached_variants()
                 raise self._too_many_variants({r: now[r] for r in self.regions if now[r] >= limit}) from e
             raise

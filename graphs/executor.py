@@ -51,7 +51,7 @@ from graphs.capture import GraphPool, PassGraph, PassOutputs
 from graphs.compile import CompiledBlocks, compile_mode_name
 from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
 from graphs.keys import GraphKey, InputSignature, ModelIdentity, WeightsProbe, explain_miss, pass_options
-from graphs.trees import same_device
+from graphs.trees import paths_off_device
 from pipeline.executor import (Conditioning, EagerExecutor, Velocity, check_host_float, check_specs,
                                validate_conditioning)
 from pipeline.passes import PASS_NAMES, PassSpec
@@ -349,8 +349,8 @@ class GraphExecutor:
 
     def _set_conditioning(self, conditioning: Conditioning) -> None:
         validate_conditioning(conditioning)
-        off = [f"texts[{n!r}].{p}" for n, t in conditioning.texts.items() for p in same_device(t, self.device)]
-        off += [f"rope.{p}" for p in same_device(conditioning.rope, self.device)]
+        off = [f"texts[{n!r}].{p}" for n, t in conditioning.texts.items() for p in paths_off_device(t, self.device)]
+        off += [f"rope.{p}" for p in paths_off_device(conditioning.rope, self.device)]
         if off:
             raise ValueError(f"conditioning tensors {off} are not on the model's device {self.device}")
         self._conditioning = conditioning

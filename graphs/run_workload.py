@@ -20,6 +20,7 @@ import torch
 
 from graphs.cli_console import CommandError, Progress, shorten
 from pipeline.config import LatentGrid, ModelConfig
+from pipeline.guidance import GuidanceConfig
 
 GPU_ONLY_EXECUTORS = ("graphs", "compile+graphs")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -129,7 +130,7 @@ def resolve_workload(args, *, grid: LatentGrid | None = None) -> Workload:
 def grid_from_args(args, *, default_pixels: tuple[int, int, int, float]) -> LatentGrid:
     """The latent grid from --tokens, or from --resolution/--frames/--fps (missing ones from the defaults)."""
     width, height, frames, fps = default_pixels
-    fps = args.fps or fps
+    fps = args.fps if args.fps is not None else fps  # not `or`: a given value is never swapped for the default
     if getattr(args, "tokens", None):
         if args.resolution or args.frames:
             raise CommandError("--tokens cannot be combined with --resolution/--frames", hint="give one of the two")
@@ -140,6 +141,16 @@ def grid_from_args(args, *, default_pixels: tuple[int, int, int, float]) -> Late
     if args.audio_tokens:
         grid = LatentGrid(grid.frames, grid.height, grid.width, args.audio_tokens, grid.fps)
     return grid
+
+
+def fitted_guidance(preset: str, num_layers: int) -> tuple[GuidanceConfig, str | None]:
+    """(the guidance preset `preset` with its STG blocks fitted to a model of `num_layers` layers, the note
+    `GuidanceConfig.fitted_to` gives when it moved them, else None).
+
+    The one place `run`, `bench` and `coldstart` turn a preset name into the passes they warm up and time: the
+    dev preset names block 28 of the 48-layer model, which the tiny and small presets do not have.
+    """
+    return GuidanceConfig.preset(preset).fitted_to(num_layers)
 
 
 def parameter_count(config: ModelConfig) -> int:

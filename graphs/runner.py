@@ -31,6 +31,7 @@ from graphs.run_workload import (
     Workload,
     build_model,
     cpu_threads,
+    fitted_guidance,
     random_conditioning,
     resolve_executor,
     resolve_workload,
@@ -72,6 +73,7 @@ class StageSummary:
     loop_s: float  # wall time of the whole loop, including the final wait
     warmup: WarmupStats
     syncs: SyncCount
+    loop_captures: int | None = None  # graphs captured inside the loop (cache misses), sync check or not
     gpu_busy: float | None = None  # kernel time / loop wall time, when measured
     gpu_busy_source: str = ""  # "cupti" or "cuda events (upper bound)"
     kernels: int | None = None  # kernels launched in the loop (CUPTI only)
@@ -110,9 +112,10 @@ class RunSummary:
         return data
 
 
-def guidance_from_args(args) -> GuidanceConfig:
-    """The guidance preset with any per-modality override flags applied (validated by GuidanceConfig)."""
-    base = GuidanceConfig.preset(args.guidance)
+def guidance_from_args(args, base: GuidanceConfig | None = None) -> GuidanceConfig:
+    """`base` (default: the `--guidance` preset as named) with any per-modality override flags and `--stg-blocks`
+    applied (validated by GuidanceConfig)."""
+    base = GuidanceConfig.preset(args.guidance) if base is None else base
     changed = {}
     for modality in ("video", "audio"):
         params: GuidanceParams = getattr(base, modality)
@@ -131,13 +134,11 @@ def guidance_from_args(args) -> GuidanceConfig:
 
 def options_from_args(args) -> RunOptions:
     workload = resolve_workload(args)
-    guidance = guidance_from_args(args)
+    base, note = fitted_guidance(args.guidance, workload.config.num_layers)
+    guidance = guidance_from_args(args, base)  # --stg-blocks, when given, replaces the fitted blocks
     notes = []
-    layers = workload.config.num_layers
-    if args.stg_blocks is None:  # blocks named explicitly are checked below, never moved
-        guidance, note = guidance.fitted_to(layers)
-        if note:
-            notes.append(f"{workload.preset} preset: {note} (set --stg-blocks to choose)")
+    if note and args.stg_blocks is None:  # blocks named explicitly are checked below, never moved
+        notes.append(f"{workload.preset} preset: {note} (set --stg-blocks to choose)")
     try:
         guidance.validate(workload.config.num_layers)
     except ValueError as e:
@@ -208,7 +209,7 @@ def run_stage(stage: int, options: RunOptions, executor, latents, workload: Work
             )
         step_ms = result.device_step_ms()  # one wait for the last step's event, inside allow_host_sync
     loop_s = time.perf_counter() - started
-    _count_loop_captures(executor, captures_before, syncs)
+    loop_captures = _count_loop_captures(executor, captures_before, syncs)
     if activity.busy_pct is not None:
         busy, busy_source = activity.busy_pct / 100.0, activity.source
     elif on_gpu:
@@ -228,6 +229,7 @@ def run_stage(stage: int, options: RunOptions, executor, latents, workload: Work
         loop_s=loop_s,
         warmup=warmup,
         syncs=syncs,
+        loop_captures=loop_captures,
         gpu_busy=busy,
         gpu_busy_source=busy_source,
         kernels=activity.kernels,
@@ -240,14 +242,21 @@ def _captures(executor) -> int | None:
     return None if stats is None else stats.captures
 
 
-def _count_loop_captures(executor, before: int | None, syncs: SyncCount) -> None:
-    """A graph captured inside the loop (a cache miss) synchronises the host, but through
-    `torch.cuda.synchronize`, which sync debug mode does not see: count it here."""
+def _count_loop_captures(executor, before: int | None, syncs: SyncCount) -> int | None:
+    """Graphs captured inside the loop (cache misses), or None for an executor that does not capture.
+
+    Returned whether or not syncs are checked: each capture stalls the host and inflates its step's time, which
+    a run with `--sync-check off` must still report. A capture synchronises through `torch.cuda.synchronize`,
+    which sync debug mode does not see, so when syncs are counted the captures are added to that count too.
+    """
     after = _captures(executor)
-    if before is None or after is None or after == before or syncs.count is None:
-        return
-    syncs.count += after - before
-    syncs.findings.append(f"{after - before} graph capture(s) inside the loop (cache misses; each synchronises)")
+    if before is None or after is None:
+        return None
+    captured = after - before
+    if captured and syncs.count is not None:
+        syncs.count += captured
+        syncs.findings.append(f"{captured} graph capture(s) inside the loop (cache misses; each synchronises)")
+    return captured
 
 
 def busy_fraction(step_ms, loop_s: float) -> float | None:

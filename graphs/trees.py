@@ -69,6 +69,7 @@ def tree_bytes(tree: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensor_leaves(tree))
 
 
-def same_device(tree: Any, device: torch.device) -> list[str]:
+def paths_off_device(tree: Any, device: torch.device) -> list[str]:
     """Paths of the tensors in `tree` that are not on `device` (empty when all are)."""
     return [path for path, v in leaves(tree) if isinstance(v, Tensor) and v.device != device]
+

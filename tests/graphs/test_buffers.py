@@ -125,5 +125,5 @@ def test_trees_map_keep_structure_and_paths():
     assert paths[:2] == ["video.0", "video.1"] and len(paths) == 8
     doubled = trees.map_tensors(conditioning.rope, lambda t: t * 2)
     assert isinstance(doubled, RopeTables) and torch.equal(doubled.audio[1], conditioning.rope.audio[1] * 2)
-    assert trees.same_device(conditioning.rope, torch.device("cpu")) == []
+    assert trees.paths_off_device(conditioning.rope, torch.device("cpu")) == []
     assert trees.leaves({"b": 1, "a": (2, None)}) == [("a.0", 2), ("a.1", None), ("b", 1)]

@@ -58,6 +58,10 @@ def test_top_level_help_lists_the_commands(capsys):
         (("run", "--executor", "turbo"), "invalid choice"),
         (("run", "--stages", "3"), "1, 2 or 1,2"),
         (("run", "--video-cfg", "-1"), ">= 0"),
+        (("run", "--fps", "0"), "finite number > 0"),
+        (("run", "--fps", "-24"), "finite number > 0"),
+        (("run", "--fps", "nan"), "finite number > 0"),
+        (("coldstart", "--fps", "inf"), "finite number > 0"),
         (("bench", "--tokens", "15x"), "comma-separated"),
         (("bench", "--passes", "cond,uncond"), "subset"),
         (("run", "--tokens", "64", "--resolution", "64x64"), "cannot be combined"),
@@ -108,6 +112,15 @@ def test_defaults_resolve_to_the_cpu_configuration():
     assert options.steps is None and options.stages == (1,) and options.sync_check
     assert w.grid.num_video_tokens == 48 and w.text_tokens == 16
     assert w.overlap_audio is True
+
+
+def test_fps_given_is_the_grid_fps_and_absent_is_the_default():
+    from graphs.run_workload import CPU_DEFAULTS, grid_from_args
+
+    default_pixels = CPU_DEFAULTS[3]
+    for argv, fps in ((["--fps", "0.5"], 0.5), (["--fps", "30"], 30.0), ([], default_pixels[3])):
+        args = build_parser().parse_args(["run", *argv])
+        assert grid_from_args(args, default_pixels=default_pixels).fps == fps, argv
 
 
 def test_no_audio_stream_flag_reaches_the_model():

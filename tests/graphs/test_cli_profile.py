@@ -77,6 +77,38 @@ def test_profile_rejects_a_file_that_is_not_sqlite(capsys, tmp_path):
     assert code == 2 and len(lines) == 1 and "nsys SQLite export" in lines[0]
 
 
+def test_no_control_is_refused_in_live_mode(capsys):
+    code, _, err = run_cli(capsys, "profile", "--no-control")  # before any GPU check: no device needed
+    lines = [line for line in err.splitlines() if not line.startswith("[")]
+    assert code == 2 and len(lines) == 1
+    assert "--no-control applies to --nsys-sqlite" in lines[0] and "hint:" in lines[0]
+
+
+def test_run_flags_are_refused_with_an_export(capsys, tmp_path, export_writer):
+    write_export, make_timeline = export_writer
+    path = tmp_path / "run.sqlite"
+    write_export(path, make_timeline())
+    code, _, err = run_cli(capsys, "profile", "--nsys-sqlite", str(path), "--preset", "small", "--steps", "3",
+                           "--resolution", "64x64", "--no-audio-stream", "--stages", "1,2")
+    lines = [line for line in err.splitlines() if not line.startswith("[")]
+    assert code == 2 and len(lines) == 1
+    for flag in ("--preset small", "--steps 3", "--resolution 64x64", "--no-audio-stream", "--stages 1,2"):
+        assert flag in lines[0], flag
+    # flags at profile's defaults (--steps 2 included) are indistinguishable from absent ones: accepted
+    code, _, err = run_cli(capsys, "profile", "--nsys-sqlite", str(path), "--steps", "2", "--preset", "auto")
+    assert code == 1, err  # analysed (the synthetic run's unexpected syncs give 1)
+
+
+def test_every_loop_flag_is_named_by_its_dest():
+    """`loop_flags_given` writes "--" + dest: true of every model/shape/guidance/execution flag."""
+    from graphs.cli import OneLineParser, add_loop_flags
+
+    loop = OneLineParser(add_help=False)
+    add_loop_flags(loop)
+    for action in loop._actions:
+        assert "--" + action.dest.replace("_", "-") in action.option_strings, action.option_strings
+
+
 @pytest.mark.cuda
 def test_live_profile_on_gpu(capsys, tmp_path):
     pytest.importorskip("cupti")

@@ -91,6 +91,25 @@ def test_dev_guidance_on_a_shallow_preset_uses_its_last_block():
     assert [s.name for s in pass_specs("hq", num_layers=48)] == ["cond", "neg", "modality"]
 
 
+@pytest.mark.parametrize("name", ["hq", "dev"])
+def test_coldstart_and_run_warm_up_the_passes_of_one_fitted_guidance(name):
+    """`fitted_guidance` is the one preset-to-passes path: coldstart's passes and run's guidance both come from it."""
+    from graphs.cli import build_parser
+    from graphs.run_workload import fitted_guidance
+    from graphs.runner import options_from_args
+    from pipeline.passes import pass_specs_for
+
+    options = options_from_args(build_parser().parse_args(["run", "--device", "cpu", "--guidance", name]))
+    layers = options.workload.config.num_layers
+    fitted, note = fitted_guidance(name, layers)
+    assert options.guidance == fitted and max(fitted.stg_blocks, default=0) < layers
+    assert pass_specs(name, layers) == pass_specs_for(options.guidance)
+    assert (note is not None) == (name == "dev")  # the tiny preset lacks dev's block 28
+    explicit = options_from_args(build_parser().parse_args(["run", "--device", "cpu", "--guidance", name,
+                                                            "--stg-blocks", "0"]))
+    assert explicit.guidance.stg_blocks == (0,) and explicit.notes == ()  # named blocks: never moved, no note
+
+
 def test_report_lists_the_phases_and_says_which_were_not_recorded():
     phases = {label: None for label, _ in PHASES}
     phases[PHASES[0][0]] = 12.5

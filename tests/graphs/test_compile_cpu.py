@@ -133,6 +133,41 @@ def test_variant_limit_is_an_error_not_an_eager_fallback(tiny, fresh_dynamo):
             _forward(model, grid, COND, tokens=12)  # two more video attention variants
 
 
+def _exception(type_name: str, message: str) -> Exception:
+    """An exception of a class named like one of dynamo's (the predicate matches types by name)."""
+    return type(type_name, (RuntimeError,), {})(message)
+
+
+@pytest.mark.parametrize("error, limit, any_refusal", [
+    (_exception("FailOnRecompileLimitHit", "Hard failure due to fail_on_recompile_limit_hit"), True, True),
+    (_exception("FailOnRecompileLimitHit", "Hard failure due to fullgraph=True"), True, True),
+    (RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'. filename: 'x.py'"),
+     False, True),
+    (_exception("RecompileError", "Recompiling function forward"), False, True),
+    (ValueError("torch._dynamo.config has no recompile_limit"), False, False),  # mentions the limit, is not a hit
+    (RuntimeError("shape mismatch"), False, False),
+])
+def test_one_recompile_predicate_for_the_variant_limit_and_the_frozen_stance(error, limit, any_refusal):
+    from graphs.compile import _is_recompile_error
+
+    assert _is_recompile_error(error, limit_only=True) is limit  # compiling(): "too many variants"
+    assert _is_recompile_error(error) is any_refusal  # frozen(): "recompile outside warm-up"
+
+
+def test_compiling_reports_only_a_limit_hit_as_too_many_variants(tiny, fresh_dynamo):
+    model, grid = tiny
+    blocks = CompiledBlocks(model, "default", backend="eager")
+    with pytest.raises(ValueError, match="recompile_limit"):  # not turned into a variant-budget error
+        with blocks.compiling():
+            raise ValueError("torch._dynamo.config has no recompile_limit")
+    with blocks.compiling():
+        _forward(model, grid, COND)
+    # compiling() inside frozen(): the stance refuses the new shape; that is frozen's error, not a spent budget
+    with pytest.raises(CaptureError, match="recompile a block outside warm-up"):
+        with blocks.frozen(), blocks.compiling():
+            _forward(model, grid, COND, tokens=12)
+
+
 def test_each_instance_gets_its_own_variant_budget_per_region(tiny, fresh_dynamo):
     """Regions hold different numbers of cached variants (the exchange region one per a2v/v2a setting, the FFN
     regions one); a second instance at a new shape still gets `max_variants` new ones in every region."""

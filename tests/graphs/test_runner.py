@@ -57,6 +57,18 @@ def test_resolution_and_tokens_flags_set_the_grid():
     assert w.grid.num_video_tokens == 24 and w.grid.audio_tokens == 5 and w.text_tokens == 3
 
 
+def test_the_runs_conditioning_is_on_the_workload_device():
+    """`paths_off_device` (what the graph executor checks conditioning with) names the tensors NOT on a device."""
+    from graphs import trees
+    from graphs.run_workload import random_conditioning
+
+    workload = options_from_args(parse("--device", "cpu")).workload
+    conditioning = random_conditioning(workload)
+    assert trees.paths_off_device(conditioning, workload.device) == []
+    tensors = [path for path, v in trees.leaves(conditioning) if isinstance(v, torch.Tensor)]
+    assert tensors and trees.paths_off_device(conditioning, torch.device("meta")) == tensors
+
+
 def test_upsample_2x_repeats_each_latent_into_a_2x2_block():
     grid = LatentGrid(frames=2, height=2, width=3, audio_tokens=4)
     video = torch.arange(2 * 2 * 3, dtype=torch.float32).view(1, -1, 1).expand(1, -1, 2)  # [1, 12, 2]
