@@ -89,6 +89,14 @@ def resolution(text: str) -> tuple[int, int]:
     return width, height
 
 
+def frame_count(text: str) -> int:
+    """A pixel frame count 8k+1 (1, 9, ..., 121): the VAE keeps the first frame and compresses time by 8."""
+    frames = positive_int(text)
+    if (frames - 1) % 8:
+        raise argparse.ArgumentTypeError(f"must be 8k+1 (the VAE's time stride is 8) such as 121, got {frames}")
+    return frames
+
+
 def int_list(text: str) -> tuple[int, ...]:
     """'1536,8160' -> (1536, 8160); every item a positive integer."""
     try:
@@ -191,7 +199,7 @@ def add_shape_flags(parser: argparse.ArgumentParser, *, many_tokens: bool) -> No
         )
     else:
         group.add_argument("--resolution", type=resolution, help="WIDTHxHEIGHT in pixels (multiples of 32)")
-        group.add_argument("--frames", type=positive_int, help="number of pixel frames (8k+1 such as 121 is natural)")
+        group.add_argument("--frames", type=frame_count, help="number of pixel frames, 8k+1 such as 121")
         group.add_argument("--fps", type=positive_float, help="frame rate (sets audio length and RoPE time)")
         group.add_argument(
             "--tokens", type=positive_int, metavar="N", help="video token count instead of a resolution"

@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass
 
 PRESET_NAMES = ("tiny", "small", "ltx2.3")
+# Audio latents per second of video: 16 kHz audio, mel hop 160, audio VAE 4x (ModelConfig's audio_sampling_rate /
+# audio_hop_length / audio_scale_factor, the same in every preset; a test pins the two together).
+AUDIO_LATENTS_PER_SECOND = 25
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,6 @@ class ModelConfig:
     def audio_dim(self) -> int:
         return self.audio_heads * self.audio_head_dim
 
-    @property
-    def audio_latents_per_second(self) -> float:
-        return self.audio_sampling_rate / self.audio_hop_length / self.audio_scale_factor
-
     @classmethod
     def preset(cls, name: str) -> ModelConfig:
         """`tiny` (CPU tests, well under a second), `small` (full widths, 4 layers) or `ltx2.3` (48 layers, ~19B)."""
@@ -95,6 +94,50 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+def audio_tokens_for(num_frames: int, fps: float) -> int:
+    """Audio latent tokens that cover `num_frames` pixel frames at `fps` (`AUDIO_LATENTS_PER_SECOND`, at least 1).
+
+    One rule for `LatentGrid.from_pixels` and `LatentGrid.from_tokens`, so a grid built either way from the same
+    video length has the same audio length (121 frames at 24 fps -> 126 tokens)."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    return max(1, round(AUDIO_LATENTS_PER_SECOND * num_frames / fps))
+
+
+def _shown(value: object) -> str:
+    """A plain Python scalar as its repr, anything else by its type (a device tensor is never read)."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return f"{type(value).__name__} {value!r}"
+    return type(value).__name__
+
+
+def block_indices(value: object, name: str, *, num_layers: int | None = None) -> tuple[int, ...]:
+    """`value` (transformer block indices) as a sorted tuple, or ValueError naming `name`.
+
+    One rule for `PassSpec`, `GuidanceConfig.stg_blocks` and the transformer's forward, so options accepted by
+    one are accepted by the others: any non-string iterable of ints (tuple, list, set, frozenset, range, ...);
+    bools are refused (True is not block 1), as are negative indices, duplicates and, with `num_layers`, blocks
+    past the model's depth. Reads only Python values (an element that is not an int is named by its type, never
+    printed), so the forward can call it without synchronising the host. Lives here, below `passes`,
+    `guidance` and `model`, because `passes` imports `guidance`."""
+    accepted = "a non-string iterable (tuple, list, set, frozenset, range, ...) of ints, bools refused"
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        blocks = tuple(value)  # type: ignore[arg-type]
+    except TypeError:  # not iterable (an int, a 0-d tensor, ...) or a string
+        raise ValueError(f"{name} must be {accepted}, got {_shown(value)}") from None
+    expected = "block indices >= 0" if num_layers is None else f"block indices in [0, {num_layers - 1}]"
+    for b in blocks:
+        if isinstance(b, bool) or not isinstance(b, int):
+            raise ValueError(f"{name} must be {accepted}, got an element {_shown(b)}")
+        if b < 0 or (num_layers is not None and b >= num_layers):
+            raise ValueError(f"{name} contains {b}; expected {expected}")
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"{name} has duplicates: {sorted(blocks)}; expected each block at most once")
+    return tuple(sorted(blocks))
 
 
 # Token counts the benchmarks use, factorised the way the real resolutions are (frames x height x width latents).
@@ -134,13 +177,20 @@ class LatentGrid:
 
     @classmethod
     def from_pixels(cls, *, width: int, height: int, num_frames: int, fps: float = 24.0) -> LatentGrid:
-        """Latent grid of a `width` x `height` x `num_frames` video (8x temporal, 32x spatial VAE; 25 audio
-        latents per second)."""
-        if width < 32 or height < 32 or num_frames < 1:
-            raise ValueError(f"from_pixels: need width, height >= 32 and num_frames >= 1, got "
-                             f"{width}x{height}x{num_frames}")
+        """Latent grid of a `width` x `height` x `num_frames` video (8x temporal, 32x spatial VAE; audio tokens from
+        `audio_tokens_for`).
+
+        Why strict: LTX-2.3 videos are multiples of 32 pixels and 8k+1 frames (the VAE's strides); rounding other
+        sizes down here would silently give the grid of a different video than the one asked for."""
+        for name, value in (("width", width), ("height", height)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 32 or value % 32:
+                raise ValueError(f"from_pixels: {name} must be a positive multiple of 32 (the VAE's spatial "
+                                 f"stride), got {value!r}")
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 8:
+            raise ValueError(f"from_pixels: num_frames must be 8k+1 with k >= 0 (1, 9, 17, ..., 121: the VAE's "
+                             f"temporal stride is 8 after the first frame), got {num_frames!r}")
         return cls(frames=(num_frames - 1) // 8 + 1, height=height // 32, width=width // 32,
-                   audio_tokens=max(1, round(25 * num_frames / fps)), fps=float(fps))
+                   audio_tokens=audio_tokens_for(num_frames, fps), fps=float(fps))
 
     @classmethod
     def from_tokens(cls, num_video_tokens: int, *, audio_tokens: int | None = None, fps: float = 24.0) -> LatentGrid:
@@ -160,5 +210,5 @@ class LatentGrid:
             height = max(d for d in range(1, math.isqrt(rest) + 1) if rest % d == 0)
             width = rest // height
         if audio_tokens is None:
-            audio_tokens = max(1, round(25 * ((frames - 1) * 8 + 1) / fps))
+            audio_tokens = audio_tokens_for((frames - 1) * 8 + 1, fps)
         return cls(frames=frames, height=height, width=width, audio_tokens=audio_tokens, fps=float(fps))

@@ -253,8 +253,9 @@ def denoise_stage1(
 ) -> StageResult:
     """Guided res2s stage 1 from `video` [B, Nv, C] / `audio` [B, Na, C] at sigma = sigmas[0] (pure noise).
 
-    steps: default 15 (ignored when `sigmas` is given; if both are given they must agree). num_tokens: the
-    schedule's token count, default the video's Nv (HQ behaviour; pass 4096 for the non-HQ anchor).
+    steps: default 15; with `sigmas` it may be left out, and if given it must equal len(sigmas) - 1. num_tokens:
+    the schedule's token count, default the video's Nv (HQ behaviour; pass 4096 for the non-HQ anchor); it only
+    shapes the computed schedule, so giving it with `sigmas` is an error.
     guidance: a `GuidanceConfig` or a preset name. seed: the SDE noise streams of this stage. Everything is
     validated on the host before the first step. Never synchronises the host.
     """
@@ -267,6 +268,9 @@ def denoise_stage1(
     config = _model_config(executor)
     if config is not None:
         guidance.validate(config.num_layers)
+    if sigmas is not None and num_tokens is not None:
+        raise ValueError(f"num_tokens={num_tokens!r} has no effect when sigmas are given (it only shapes the "
+                         "computed schedule): pass sigmas or num_tokens, not both")
     if sigmas is None:
         steps = DEFAULT_STAGE1_STEPS if steps is None else steps
         sigmas = ltx2_sigmas(steps, video.shape[1] if num_tokens is None else num_tokens)

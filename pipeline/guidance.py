@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 
 from torch import Tensor
 
+from pipeline.config import block_indices
+
 
 @dataclass(frozen=True)
 class GuidanceParams:
@@ -68,16 +70,7 @@ class GuidanceConfig:
                 raise ValueError(
                     f"GuidanceConfig.{field} must be a GuidanceParams, got {type(getattr(self, field)).__name__}"
                 )
-        blocks = self.stg_blocks
-        if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__"):
-            raise ValueError(f"GuidanceConfig.stg_blocks must be a sequence of ints, got {blocks!r}")
-        blocks = tuple(blocks)
-        for b in blocks:
-            if isinstance(b, bool) or not isinstance(b, int) or b < 0:
-                raise ValueError(f"GuidanceConfig.stg_blocks must hold non-negative ints, got {blocks!r}")
-        if len(set(blocks)) != len(blocks):
-            raise ValueError(f"GuidanceConfig.stg_blocks has duplicates: {blocks!r}")
-        object.__setattr__(self, "stg_blocks", tuple(sorted(blocks)))
+        object.__setattr__(self, "stg_blocks", block_indices(self.stg_blocks, "GuidanceConfig.stg_blocks"))
         if (self.video.needs_perturbed or self.audio.needs_perturbed) and not self.stg_blocks:
             raise ValueError(
                 f"stg is nonzero (video {self.video.stg}, audio {self.audio.stg}) but stg_blocks is empty: "
@@ -93,13 +86,16 @@ class GuidanceConfig:
         return presets[name]
 
     def fitted_to(self, num_layers: int) -> tuple[GuidanceConfig, str | None]:
-        """(this config with STG blocks past the model's depth replaced by its last block, a note saying so or
-        None). Why: the dev preset names block 28 of the 48-layer model; the tiny and small presets have 2 and 4."""
-        if not self.stg_blocks or max(self.stg_blocks) < num_layers:
+        """(this config with the STG blocks past the model's depth replaced by its last block, a note naming those
+        blocks, or None). In-range blocks are kept, and the last block is listed once even when it was named too.
+        Why: the dev preset names block 28 of the 48-layer model; the tiny and small presets have 2 and 4."""
+        missing = [b for b in self.stg_blocks if b >= num_layers]
+        if not missing:
             return self, None
-        note = (f"STG block(s) {list(self.stg_blocks)} do not exist in a model with {num_layers} layers: "
-                f"using block {num_layers - 1}")
-        return replace(self, stg_blocks=(num_layers - 1,)), note
+        kept = {b for b in self.stg_blocks if b < num_layers}
+        note = (f"STG block(s) {missing} do not exist in a model with {num_layers} layers: "
+                f"using block {num_layers - 1} instead")
+        return replace(self, stg_blocks=tuple(sorted(kept | {num_layers - 1}))), note
 
     def validate(self, num_layers: int) -> None:
         """Check the STG blocks against the model depth (only when a perturbed pass will run)."""

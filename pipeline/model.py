@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.attention import CrossAttention, SelfAttention, exchange_attention
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, block_indices
 from pipeline.fused import linear_gelu_tanh
 from pipeline.rope import CosSin, RopeTables
 from pipeline.streams import SEQUENTIAL, AudioStreams, OverlapStreams, SideStreamCache
@@ -98,8 +98,8 @@ class Modulation(NamedTuple):
 
     video: Tensor  # 9 rows: shift/scale/gate of self-attn, FFN, text-cross-attn query
     audio: Tensor  # 9 rows
-    video_prompt: Tensor  # 2 rows: shift/scale of the video text context
-    audio_prompt: Tensor  # 2 rows
+    video_prompt: Tensor | None  # 2 rows: shift/scale of the video text context (None: text_kv given, not read)
+    audio_prompt: Tensor | None  # 2 rows
     video_av: Tensor  # 4 rows: a2v scale, a2v shift, v2a scale, v2a shift (video side)
     audio_av: Tensor  # 4 rows (audio side)
     video_av_gate: Tensor  # 1 row: A2V gate
@@ -288,18 +288,20 @@ class AudioVideoBlock(nn.Module):
             nv, na = rms(v, eps), rms(a, eps)
             v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift = (self.video_av_table[:4] + mod.video_av).unbind(2)
             a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift = (self.audio_av_table[:4] + mod.audio_av).unbind(2)
+            # Each direction's modulated inputs, once and only for the directions that run (A2V: video queries,
+            # audio keys/values; V2A: audio queries, video keys/values).
+            a2v_q = modulate(nv, v_a2v_scale, v_a2v_shift) if a2v else None
+            a2v_kv = modulate(na, a_a2v_scale, a_a2v_shift) if a2v else None
+            v2a_q = modulate(na, a_v2a_scale, a_v2a_shift) if v2a else None
+            v2a_kv = modulate(nv, v_v2a_scale, v_v2a_shift) if v2a else None
             h_video = h_audio = None  # the A2V / V2A outputs, of the directions that run
             if a2v and v2a:  # both directions: same-modality q/k normed and rotated together (one kernel each)
-                h_video, h_audio = exchange_attention(
-                    self.a2v, self.v2a, modulate(nv, v_a2v_scale, v_a2v_shift), modulate(na, a_a2v_scale, a_a2v_shift),
-                    modulate(na, a_v2a_scale, a_v2a_shift), modulate(nv, v_v2a_scale, v_v2a_shift),
-                    rope.video_cross, rope.audio_cross)
+                h_video, h_audio = exchange_attention(self.a2v, self.v2a, a2v_q, a2v_kv, v2a_q, v2a_kv,
+                                                      rope.video_cross, rope.audio_cross)
             elif a2v:
-                h_video = self.a2v(modulate(nv, v_a2v_scale, v_a2v_shift), modulate(na, a_a2v_scale, a_a2v_shift),
-                                   rope.video_cross, rope.audio_cross)
+                h_video = self.a2v(a2v_q, a2v_kv, rope.video_cross, rope.audio_cross)
             else:
-                h_audio = self.v2a(modulate(na, a_v2a_scale, a_v2a_shift), modulate(nv, v_v2a_scale, v_v2a_shift),
-                                   rope.audio_cross, rope.video_cross)
+                h_audio = self.v2a(v2a_q, v2a_kv, rope.audio_cross, rope.video_cross)
             if a2v:
                 v = v + (self.video_av_table[4:] + mod.video_av_gate).squeeze(2) * h_video  # gate [B, 1, Dv]
             if v2a:
@@ -380,8 +382,11 @@ class LTX2Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.video_in.weight.device
 
-    def modulation(self, sigma: Tensor) -> tuple[Modulation, Tensor, Tensor]:
+    def modulation(self, sigma: Tensor, *, prompts: bool = True) -> tuple[Modulation, Tensor, Tensor]:
         """AdaLN outputs for sigma [B] (or [B, Nv] per video token) plus the output-layer embeddings.
+
+        prompts=False leaves out the two prompt AdaLNs (`video_prompt`/`audio_prompt` are None): they only feed the
+        text keys/values, so a forward given `text_kv` never reads them and would launch their kernels for nothing.
 
         LTX-2.3 semantics (the reference pipeline's `use_cross_timestep=True`, `sigma=timestep`): the video
         AdaLN sees the (per-token) video timestep; audio, both prompt AdaLNs and both A2V/V2A AdaLNs see the
@@ -392,13 +397,18 @@ class LTX2Transformer(nn.Module):
         video, video_emb = self.video_time(t_video)
         audio, audio_emb = self.audio_time(t_sample)
         t_gate = t_sample * self.config.cross_attn_gate_scale
+        video_prompt, audio_prompt = self._prompt_modulation(t_sample) if prompts else (None, None)
         mod = Modulation(
-            video=video, audio=audio,
-            video_prompt=self.video_prompt(t_sample)[0], audio_prompt=self.audio_prompt(t_sample)[0],
+            video=video, audio=audio, video_prompt=video_prompt, audio_prompt=audio_prompt,
             video_av=self.video_av(t_sample)[0], audio_av=self.audio_av(t_sample)[0],
             video_av_gate=self.video_av_gate(t_gate)[0], audio_av_gate=self.audio_av_gate(t_gate)[0],
         )
         return mod, video_emb, audio_emb
+
+    def _prompt_modulation(self, t_sample: Tensor) -> tuple[Tensor, Tensor]:
+        """The video and audio prompt AdaLN rows [B, 1, 2, D] (shift, scale of the text context) at the per-sample
+        timestep; the only inputs of the text keys/values besides the contexts and the weights."""
+        return self.video_prompt(t_sample)[0], self.audio_prompt(t_sample)[0]
 
     def _timesteps(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """(video timestep [B, T], per-sample timestep [B, 1]) for sigma [B] or [B, Nv] (see `modulation`)."""
@@ -412,13 +422,15 @@ class LTX2Transformer(nn.Module):
         The cond, perturbed and modality passes of one evaluation read the same text at the same sigma, so one
         call here serves all of them: in LTX-2.3 the prompt AdaLN makes the keys/values depend on sigma, so they
         cannot be kept across steps, but within a step they save the modality and perturbed passes their text
-        key/value projections (profiling/PERF_LOG.md has the measured effect). Never synchronises the host.
+        key/value projections (profiling/PERF_LOG.md has the measured effect). The contexts and sigma are checked
+        as `forward` checks them (metadata only); never synchronises the host.
         """
+        _check_text_inputs(self, video_context, audio_context, sigma)
         if torch.is_grad_enabled():
             raise RuntimeError("text_kv is for inference (its keys are normalised in place): call it under "
                                "torch.no_grad() or torch.inference_mode()")
         _, t_sample = self._timesteps(sigma)
-        video_prompt, audio_prompt = self.video_prompt(t_sample)[0], self.audio_prompt(t_sample)[0]
+        video_prompt, audio_prompt = self._prompt_modulation(t_sample)
         return tuple(block.text_kv(video_context, audio_context, video_prompt, audio_prompt) for block in self.blocks)
 
     def _sdpa_context(self):
@@ -426,25 +438,28 @@ class LTX2Transformer(nn.Module):
         return contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
 
     def forward(self, video: Tensor, audio: Tensor, video_context: Tensor, audio_context: Tensor, sigma: Tensor,
-                rope: RopeTables, *, skip_video_self_attn_blocks: Sequence[int] = (),
-                skip_audio_self_attn_blocks: Sequence[int] = (), disable_a2v_cross_attn: bool = False,
+                rope: RopeTables, *, skip_video_self_attn_blocks: Iterable[int] = (),
+                skip_audio_self_attn_blocks: Iterable[int] = (), disable_a2v_cross_attn: bool = False,
                 disable_v2a_cross_attn: bool = False,
                 text_kv: Sequence[BlockTextKV] | None = None) -> tuple[Tensor, Tensor]:
         """Velocity (video [B, Nv, 128], audio [B, Na, 128]) for one guidance pass. Never synchronises the host.
 
-        sigma: float32 [B] (or [B, Nv] per video token). skip_*_self_attn_blocks: STG block indices (value
-        pass-through there). disable_a2v/v2a_cross_attn: drop that sublayer and its residual in every block.
+        sigma: float32 [B] (or [B, Nv] per video token). skip_*_self_attn_blocks: STG block indices, any non-string
+        iterable of ints (`pipeline.config.block_indices`; value pass-through there). disable_a2v/v2a_cross_attn:
+        drop that sublayer and its residual in every block.
         text_kv: `self.text_kv(video_context, audio_context, sigma)` computed ahead, to share between passes
         (the caller keeps it matched to the contexts and sigma); None computes it inside each block.
         """
+        # Normalised once (any iterable of ints, e.g. a one-shot generator, is read here and nowhere else).
+        layers = self.config.num_layers
+        skip_v = block_indices(skip_video_self_attn_blocks, "skip_video_self_attn_blocks", num_layers=layers)
+        skip_a = block_indices(skip_audio_self_attn_blocks, "skip_audio_self_attn_blocks", num_layers=layers)
         validate_inputs(self, video, audio, video_context, audio_context, sigma, rope,
-                        skip_video_self_attn_blocks=skip_video_self_attn_blocks,
-                        skip_audio_self_attn_blocks=skip_audio_self_attn_blocks,
+                        skip_video_self_attn_blocks=skip_v, skip_audio_self_attn_blocks=skip_a,
                         disable_a2v_cross_attn=disable_a2v_cross_attn, disable_v2a_cross_attn=disable_v2a_cross_attn,
                         text_kv=text_kv)
-        skip_v, skip_a = frozenset(skip_video_self_attn_blocks), frozenset(skip_audio_self_attn_blocks)
         eps = 1e-6  # the output LayerNorm's eps is fixed in the reference
-        mod, video_emb, audio_emb = self.modulation(sigma)
+        mod, video_emb, audio_emb = self.modulation(sigma, prompts=text_kv is None)
         v = self.video_in(video)  # [B, Nv, Dv]
         a = self.audio_in(audio)  # [B, Na, Da]
         streams = self._streams()
@@ -480,17 +495,24 @@ def _check_tensor(name: str, t: object, shape: tuple[int | None, ...], dtype: to
         raise ValueError(f"{name} is on {t.device}, expected the model's device {device}")
 
 
-def _check_blocks(name: str, blocks: object, num_layers: int) -> None:
-    if not isinstance(blocks, (tuple, list, frozenset, set)):
-        raise ValueError(f"{name} must be a tuple of block indices, got {type(blocks).__name__}")
-    for i in blocks:
-        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers:
-            raise ValueError(f"{name} contains {i!r}; expected block indices in [0, {num_layers - 1}]")
+def _check_text_inputs(model: LTX2Transformer, video_context: Tensor, audio_context: Tensor, sigma: Tensor, *,
+                       batch: int | None = None, video_tokens: int | None = None) -> None:
+    """The text contexts (model dtype and device, the model's context widths, one batch size B) and sigma (float32
+    [B], or [B, Nv] per video token). `batch`/`video_tokens` pin B and Nv when the latents are known (forward);
+    `text_kv` has no latents, so there B is the contexts' and Nv any. Metadata only: never synchronises."""
+    c, dtype, device = model.config, model.dtype, model.device
+    _check_tensor("video_context", video_context, (batch, None, c.video_context_dim), dtype, device)
+    b = video_context.shape[0]
+    _check_tensor("audio_context", audio_context, (b, None, c.audio_context_dim), dtype, device)
+    if isinstance(sigma, Tensor) and sigma.ndim == 2:
+        _check_tensor("sigma", sigma, (b, video_tokens), torch.float32, device)
+    else:
+        _check_tensor("sigma", sigma, (b,), torch.float32, device)
 
 
 def validate_inputs(model: LTX2Transformer, video: Tensor, audio: Tensor, video_context: Tensor,
                     audio_context: Tensor, sigma: Tensor, rope: RopeTables, *,
-                    skip_video_self_attn_blocks: Sequence[int] = (), skip_audio_self_attn_blocks: Sequence[int] = (),
+                    skip_video_self_attn_blocks: Iterable[int] = (), skip_audio_self_attn_blocks: Iterable[int] = (),
                     disable_a2v_cross_attn: bool = False, disable_v2a_cross_attn: bool = False,
                     text_kv: Sequence[BlockTextKV] | None = None) -> None:
     """Raise ValueError (naming the argument, the value seen and the expected one) for any malformed input.
@@ -502,12 +524,7 @@ def validate_inputs(model: LTX2Transformer, video: Tensor, audio: Tensor, video_
     b, nv = video.shape[:2]
     _check_tensor("audio", audio, (b, None, c.audio_in_channels), dtype, device)
     na = audio.shape[1]
-    _check_tensor("video_context", video_context, (b, None, c.video_context_dim), dtype, device)
-    _check_tensor("audio_context", audio_context, (b, None, c.audio_context_dim), dtype, device)
-    if isinstance(sigma, Tensor) and sigma.ndim == 2:
-        _check_tensor("sigma", sigma, (b, nv), torch.float32, device)
-    else:
-        _check_tensor("sigma", sigma, (b,), torch.float32, device)
+    _check_text_inputs(model, video_context, audio_context, sigma, batch=b, video_tokens=nv)
     if not isinstance(rope, RopeTables):
         raise ValueError(f"rope must be RopeTables (pipeline.rope.build_rope_tables), got {type(rope).__name__}")
     if rope.batch_size not in (1, b):
@@ -519,8 +536,9 @@ def validate_inputs(model: LTX2Transformer, video: Tensor, audio: Tensor, video_
     for name, pair, n, heads, r in tables:
         for t in pair:
             _check_tensor(f"rope.{name}", t, (rope.batch_size, n, heads, r), torch.float32, device)
-    _check_blocks("skip_video_self_attn_blocks", skip_video_self_attn_blocks, c.num_layers)
-    _check_blocks("skip_audio_self_attn_blocks", skip_audio_self_attn_blocks, c.num_layers)
+    for name, blocks in (("skip_video_self_attn_blocks", skip_video_self_attn_blocks),
+                         ("skip_audio_self_attn_blocks", skip_audio_self_attn_blocks)):
+        block_indices(blocks, name, num_layers=c.num_layers)
     for name, flag in (("disable_a2v_cross_attn", disable_a2v_cross_attn),
                        ("disable_v2a_cross_attn", disable_v2a_cross_attn)):
         if not isinstance(flag, bool):

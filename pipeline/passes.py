@@ -18,22 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.config import block_indices
 from pipeline.guidance import GuidanceConfig, GuidanceParams
 
 PASS_NAMES = ("cond", "neg", "perturbed", "modality")  # also the fixed execution order
 TEXT_KEYS = ("positive", "negative")
-
-
-def _block_tuple(value: object, field: str) -> tuple[int, ...]:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"PassSpec.{field} must be a tuple of block indices, got {value!r}")
-    blocks = tuple(value)  # type: ignore[arg-type]
-    for b in blocks:
-        if isinstance(b, bool) or not isinstance(b, int) or b < 0:
-            raise ValueError(f"PassSpec.{field} must hold non-negative ints, got {blocks!r}")
-    if len(set(blocks)) != len(blocks):
-        raise ValueError(f"PassSpec.{field} has duplicates: {blocks!r}")
-    return tuple(sorted(blocks))
 
 
 @dataclass(frozen=True)
@@ -54,7 +43,7 @@ class PassSpec:
             raise ValueError(f"PassSpec.text must be one of {TEXT_KEYS}, got {self.text!r}")
         for field in ("skip_video_self_attn_blocks", "skip_audio_self_attn_blocks"):
             # Normalised to a sorted tuple so equal options give equal (and equally hashed) specs.
-            object.__setattr__(self, field, _block_tuple(getattr(self, field), field))
+            object.__setattr__(self, field, block_indices(getattr(self, field), f"PassSpec.{field}"))
         for field in ("disable_a2v_cross_attn", "disable_v2a_cross_attn"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"PassSpec.{field} must be a bool, got {getattr(self, field)!r}")

@@ -8,7 +8,7 @@ terminal (`sigma_next == 0`) and whether the bongmath anchor refinement runs (`h
 Device side: `sde_step`, `bongmath_anchor` and `res2s_step` only combine tensors with those Python
 numbers. None of them reads a tensor value on the host, so they never synchronise the host: there is no
 `.item()`, no NaN clean-up with boolean masks and no `bool(tensor)` branch (the reference's
-`(sigma_up == 0).any()` check becomes the caller's `terminal` flag).
+`(sigma_up == 0).any()` check becomes the host flag `Res2sStep.terminal`, which `res2s_step` branches on).
 
 Precision: as in the reference, the latent update runs in float64 (anchor, eps, midpoint, SDE mix); the
 model sees the midpoint cast back to the latents' dtype. The cost is a handful of elementwise float64
@@ -164,24 +164,21 @@ def plan_res2s(
 def sde_step(
     x: Tensor,
     x_det: Tensor,
-    noise: Tensor | None,
+    noise: Tensor,
     *,
     sigma: float,
     sigma_next: float,
-    terminal: bool,
     eta: float = DEFAULT_ETA,
 ) -> Tensor:
-    """One SDE step from `x` at `sigma` towards the deterministic target `x_det` at `sigma_next`.
+    """One SDE step from `x` at `sigma` towards the deterministic target `x_det` at `sigma_next` > 0.
 
     `eps = (x - x_det) / (sigma - sigma_next)`; `x_new = alpha * (x - sigma*eps + sigma_down*eps) +
-    sigma_up * noise`. `terminal` is decided by the caller from the host schedule: a terminal step returns
-    `x_det` (no noise, no coefficients). Runs in the dtype of its inputs (float64 in the loop); never
+    sigma_up * noise`. A step to 0 is terminal and never comes here: `res2s_step` returns the first x0 for it
+    (`Res2sStep.terminal`, decided on the host). Runs in the dtype of its inputs (float64 in the loop); never
     synchronises the host.
     """
-    if terminal:
-        return x_det
-    if noise is None:
-        raise ValueError("noise is required for a non-terminal SDE step (got None)")
+    if not isinstance(noise, Tensor):
+        raise ValueError(f"noise must be a Tensor shaped like x, got {type(noise).__name__}")
     alpha, sigma_down, sigma_up = sde_coefficients(sigma_next, eta)
     eps = (x - x_det) / (sigma - sigma_next)
     x0 = x - sigma * eps
@@ -218,7 +215,7 @@ def res2s_step(latents: Latents, step: Res2sStep, denoise: DenoiseFn, noise: Noi
     eps1 = [d - x for d, x in zip(d1, anchors, strict=True)]
     sub_noise = noise("substep", latents)
     x_mid = [
-        sde_step(x, x + (h * a21) * e, n, sigma=step.sigma, sigma_next=sigma_mid, terminal=False, eta=step.eta)
+        sde_step(x, x + (h * a21) * e, n, sigma=step.sigma, sigma_next=sigma_mid, eta=step.eta)
         for x, e, n in zip(anchors, eps1, sub_noise, strict=True)
     ]
     if step.bongmath:
@@ -230,7 +227,7 @@ def res2s_step(latents: Latents, step: Res2sStep, denoise: DenoiseFn, noise: Noi
     out = []
     for x, e1, d, n, like in zip(anchors, eps1, d2, step_noise, latents, strict=True):
         x_det = x + h * (b1 * e1 + b2 * (d.double() - x))
-        x_next = sde_step(x, x_det, n, sigma=step.sigma, sigma_next=step.sigma_next, terminal=False, eta=step.eta)
+        x_next = sde_step(x, x_det, n, sigma=step.sigma, sigma_next=step.sigma_next, eta=step.eta)
         out.append(x_next.to(like.dtype))
     return tuple(out)
 

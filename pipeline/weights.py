@@ -3,8 +3,8 @@
 Every parameter of `LTX2Transformer` maps to one or more named tensors of the other format; fused parameters
 (self-attention [q | k | v | gate], cross-attention [q | gate] and [k | v]) map to row ranges. Loading reads one
 tensor at a time (safetensors `safe_open`) and copies it into its (slice of the) parameter, so it never needs
-twice the model's memory; every key is checked (names and shapes) before anything is copied, and all problems are
-reported in one error. Only safetensors are read (never pickle).
+twice the model's memory; every key is checked (names, shapes and dtypes, from the safetensors header) before
+anything is copied, and all problems are reported in one error. Only safetensors are read (never pickle).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ OFFICIAL_PREFIX = "model.diffusion_model."
 OFFICIAL_IGNORED = ("video_embeddings_connector.", "audio_embeddings_connector.")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+# Source dtypes (safetensors header names) a weight may have: the copy into the model casts them, which is only
+# meaningful between full floating types. Ints, bools and float8 (which needs its scales) would be cast silently.
+LOADABLE_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 class KeySource(NamedTuple):
@@ -39,7 +42,7 @@ KeyMap = dict[str, tuple[KeySource, ...]]  # our parameter name -> its sources, 
 
 
 class WeightLoadError(ValueError):
-    """Missing, unexpected or mis-shaped checkpoint tensors (all listed in the message)."""
+    """Missing, unexpected, mis-shaped or mis-typed checkpoint tensors (all listed in the message)."""
 
 
 # Module names per format: (ours, diffusers, official). Fused attention modules are expanded in `_key_map`.
@@ -154,7 +157,7 @@ def _targets(model: torch.nn.Module, key_map: KeyMap) -> dict[str, tuple[str, tu
     return out
 
 
-def _problem_report(missing, unexpected, misshaped) -> str:
+def _problem_report(missing, unexpected, misshaped, mistyped) -> str:
     lines = []
     if missing:
         lines.append(f"{len(missing)} missing: " + ", ".join(f"{n} {list(s)}" for n, s in missing))
@@ -163,6 +166,9 @@ def _problem_report(missing, unexpected, misshaped) -> str:
     if misshaped:
         lines.append(f"{len(misshaped)} mis-shaped: " + ", ".join(
             f"{n} {list(s)} (expected {list(e)})" for n, s, e in misshaped))
+    if mistyped:
+        lines.append(f"{len(mistyped)} mis-typed: " + ", ".join(f"{n} {d}" for n, d in mistyped)
+                     + f" (expected one of {', '.join(LOADABLE_DTYPES)})")
     return "; ".join(lines)
 
 
@@ -170,24 +176,27 @@ def _load(model: torch.nn.Module, files: list[Path], key_map: KeyMap, rename) ->
     """Check every tensor of `files` (renamed by `rename`, None = ignore) against `key_map`, then copy them in."""
     targets = _targets(model, key_map)
     seen: set[str] = set()
-    unexpected, misshaped, plan = [], [], []
+    unexpected, misshaped, mistyped, plan = [], [], [], []
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for key in f.keys():
                 name = rename(key)
                 if name is None:
                     continue
-                shape = tuple(f.get_slice(key).get_shape())
+                header = f.get_slice(key)  # shape and dtype from the header; no data read
+                shape, dtype = tuple(header.get_shape()), header.get_dtype()
                 if name not in targets:
                     unexpected.append((key, shape))
                     continue
                 seen.add(name)
                 if shape != targets[name][2]:
                     misshaped.append((key, shape, targets[name][2]))
+                if dtype not in LOADABLE_DTYPES:
+                    mistyped.append((key, dtype))
                 plan.append((path, key, name))
     missing = [(n, t[2]) for n, t in targets.items() if n not in seen]
-    if missing or unexpected or misshaped:
-        report = _problem_report(missing, unexpected, misshaped)
+    if missing or unexpected or misshaped or mistyped:
+        report = _problem_report(missing, unexpected, misshaped, mistyped)
         raise WeightLoadError(f"checkpoint does not match the model ({report}); nothing was loaded")
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -226,11 +235,30 @@ def diffusers_weight_files(path: str | os.PathLike) -> list[Path]:
                 return [folder / DIFFUSERS_WEIGHTS]
         raise ValueError(f"path {str(path)!r} holds neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX}")
     if path.name.endswith(".index.json"):
-        weight_map = json.loads(path.read_text())["weight_map"]
-        return [path.parent / name for name in sorted(set(weight_map.values()))]
+        return [path.parent / name for name in sorted(set(_index_weight_map(path).values()))]
     if path.suffix == ".safetensors" and path.is_file():
         return [path]
     raise ValueError(f"path {str(path)!r} is not a .safetensors file, an .index.json or a directory of them")
+
+
+def _index_weight_map(path: Path) -> dict[str, str]:
+    """The "weight_map" (tensor name -> shard file name) of a sharded checkpoint's index JSON, or ValueError naming
+    the file: a truncated or foreign index should say which file is wrong, not raise a bare KeyError."""
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"index {str(path)!r} is not valid JSON ({e}); expected a diffusers index with a "
+                         '"weight_map" object') from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values()):
+        return weight_map
+    if not isinstance(index, dict):
+        seen = f"a JSON {type(index).__name__}"
+    elif "weight_map" not in index:
+        seen = f"an object with keys {sorted(index)}"
+    else:
+        seen = f'a "weight_map" that is a {type(weight_map).__name__}, or has non-string file names'
+    raise ValueError(f'index {str(path)!r} has no "weight_map" object (tensor name -> shard file name); got {seen}')
 
 
 def load_diffusers_transformer(model: torch.nn.Module, path: str | os.PathLike) -> None:

@@ -62,6 +62,7 @@ def test_top_level_help_lists_the_commands(capsys):
         (("run", "--fps", "-24"), "finite number > 0"),
         (("run", "--fps", "nan"), "finite number > 0"),
         (("coldstart", "--fps", "inf"), "finite number > 0"),
+        (("run", "--frames", "10"), "--frames: must be 8k+1"),
         (("bench", "--tokens", "15x"), "comma-separated"),
         (("bench", "--passes", "cond,uncond"), "subset"),
         (("run", "--tokens", "64", "--resolution", "64x64"), "cannot be combined"),

@@ -307,6 +307,8 @@ def _bad_inputs(tiny):
         (dict(conditioning=pos_only), "'negative' text"),
         (dict(executor=object()), "PassExecutor"),
         (dict(num_tokens=0), "num_tokens"),
+        (dict(sigmas=[1.0, 0.5, 0.0], num_tokens=4096), "num_tokens=4096 has no effect when sigmas are given"),
+        (dict(sigmas=[1.0, 0.5, 0.0], steps=2, num_tokens=12), "pass sigmas or num_tokens, not both"),
     ], executor
 
 

@@ -106,11 +106,11 @@ def test_config_validation():
     stg = GuidanceParams(stg=1.0)
     with pytest.raises(ValueError, match="stg_blocks is empty"):
         GuidanceConfig(video=stg)
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match=r"GuidanceConfig.stg_blocks contains -1; expected block indices >= 0"):
         GuidanceConfig(video=stg, stg_blocks=(-1,))
-    with pytest.raises(ValueError, match="duplicates"):
+    with pytest.raises(ValueError, match="GuidanceConfig.stg_blocks has duplicates"):
         GuidanceConfig(video=stg, stg_blocks=(3, 3))
-    with pytest.raises(ValueError, match="sequence"):
+    with pytest.raises(ValueError, match="GuidanceConfig.stg_blocks must be a non-string iterable .* got int 28"):
         GuidanceConfig(video=stg, stg_blocks=28)
     with pytest.raises(ValueError, match="GuidanceParams"):
         GuidanceConfig(video={"cfg": 3.0})
@@ -158,3 +158,21 @@ def test_fitted_to_moves_out_of_range_stg_blocks_to_the_last_block():
     assert "28" in note and "block 3" in note
     hq = GuidanceConfig.preset("hq")  # no STG blocks: nothing to fit
     assert hq.fitted_to(2) == (hq, None)
+
+
+@pytest.mark.parametrize("blocks, layers, fitted, missing", [
+    ((1, 28), 4, (1, 3), "[28]"),  # block 1 exists: kept, and not named in the note
+    ((1, 28, 40), 4, (1, 3), "[28, 40]"),  # two missing blocks become one last block
+    ((3, 28), 4, (3,), "[28]"),  # the last block named too: listed once
+    ((0, 1), 2, (0, 1), None),  # all in range: unchanged
+])
+def test_fitted_to_keeps_in_range_blocks_and_names_only_the_missing_ones(blocks, layers, fitted, missing):
+    config = GuidanceConfig(video=GuidanceParams(stg=1.0), stg_blocks=blocks)
+    got, note = config.fitted_to(layers)
+    assert got.stg_blocks == fitted
+    got.validate(layers)
+    if missing is None:
+        assert got is config and note is None
+        return
+    assert note == (f"STG block(s) {missing} do not exist in a model with {layers} layers: "
+                    f"using block {layers - 1} instead")

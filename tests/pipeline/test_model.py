@@ -169,6 +169,29 @@ def test_exchange_attention_is_the_two_cross_attentions(tiny):
         exchange_attention(block.a2v, other, v, a, a2, v2, rope.video_cross, rope.audio_cross)
 
 
+def test_exchange_directions_are_independent(tiny):
+    """Both directions read the same pre-update snapshot, so one direction alone is bitwise that direction's part
+    of both together (on CPU `exchange_attention` is bitwise the two calls) and the other stream passes through:
+    each branch of `exchange_and_video_ffn` modulates only the inputs of the directions that run."""
+    from pipeline.model import PendingTextResidual
+
+    block, rope = tiny.blocks[1], build_rope_tables(tiny.config, GRID, device="cpu")
+    x = random_inputs(tiny.config, GRID, seed=13)
+    gen = torch.Generator().manual_seed(13)
+    v, text = (torch.randn(1, GRID.num_video_tokens, tiny.config.video_dim, generator=gen) for _ in range(2))
+    a = torch.randn(1, GRID.audio_tokens, tiny.config.audio_dim, generator=gen)
+    with torch.no_grad():
+        mod = tiny.modulation(x.sigma)[0]
+        out = {(a2v, v2a): block.exchange_and_video_ffn(PendingTextResidual(v, text), a, mod, rope, a2v, v2a)
+               for a2v in (True, False) for v2a in (True, False)}
+    both, a2v_only, v2a_only, neither = out[True, True], out[True, False], out[False, True], out[False, False]
+    assert torch.equal(a2v_only[0].x, both[0].x) and torch.equal(a2v_only[0].ffn_out, both[0].ffn_out)
+    assert a2v_only[1] is a and neither[1] is a
+    assert torch.equal(v2a_only[1], both[1]) and not torch.equal(v2a_only[1], a)
+    assert torch.equal(v2a_only[0].x, neither[0].x) and torch.equal(v2a_only[0].ffn_out, neither[0].ffn_out)
+    assert not torch.equal(both[0].x, neither[0].x)
+
+
 def test_skip_lists_are_independent(tiny):
     rope = build_rope_tables(tiny.config, GRID, device="cpu")
     x = random_inputs(tiny.config, GRID, seed=4)
@@ -235,6 +258,7 @@ class _OpRecorder(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("options", [{}, dict(skip_video_self_attn_blocks=(0,), skip_audio_self_attn_blocks=(1,)),
+                                     dict(skip_video_self_attn_blocks=range(2), skip_audio_self_attn_blocks=[1]),
                                      dict(disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)])
 def test_forward_has_no_host_sync_ops(tiny, options):
     rope = build_rope_tables(tiny.config, GRID, device="cpu")
@@ -290,6 +314,95 @@ def test_shared_text_kv_changes_no_bit(tiny):
     with torch.no_grad():
         other = tiny.text_kv(x.video_context, x.audio_context, x.sigma * 0.5)
     assert not torch.equal(run(tiny, x, rope)[0], run(tiny, x, rope, text_kv=other)[0])
+
+
+def test_forward_with_text_kv_skips_the_prompt_adalns(tiny):
+    """The prompt AdaLNs only feed the text keys/values: a forward reading `text_kv` does not run them (fewer
+    kernels per reading pass), and its result is bitwise that of a forward that runs them."""
+    rope = build_rope_tables(tiny.config, GRID, device="cpu")
+    x = random_inputs(tiny.config, GRID, batch=2, seed=14)
+    calls = []
+    hooks = [module.register_forward_hook(lambda *_, name=name: calls.append(name))
+             for name, module in (("video_prompt", tiny.video_prompt), ("audio_prompt", tiny.audio_prompt))]
+    try:
+        with torch.no_grad():
+            text_kv = tiny.text_kv(x.video_context, x.audio_context, x.sigma)
+        assert calls == ["video_prompt", "audio_prompt"]  # once for every block
+        calls.clear()
+        shared = run(tiny, x, rope, text_kv=text_kv)
+        assert calls == []
+        own = run(tiny, x, rope)
+        assert calls == ["video_prompt", "audio_prompt"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(own[0], shared[0]) and torch.equal(own[1], shared[1])
+    with torch.no_grad():
+        full, skipped = tiny.modulation(x.sigma)[0], tiny.modulation(x.sigma, prompts=False)[0]
+    assert skipped.video_prompt is None and skipped.audio_prompt is None
+    for field in full._fields:
+        if field not in ("video_prompt", "audio_prompt"):
+            assert torch.equal(getattr(full, field), getattr(skipped, field)), field
+
+
+def _bad_text_kv_inputs(config):
+    x = random_inputs(config, GRID, batch=2, seed=15)
+    args = dict(video_context=x.video_context, audio_context=x.audio_context, sigma=x.sigma)
+    per_token = x.sigma[:1, None].expand(1, GRID.num_video_tokens)
+    return args, {
+        r"video_context has shape \[2, 8, 5\], expected \[\*, \*, 32\]": dict(video_context=x.video_context[..., :5]),
+        r"video_context is on meta": dict(video_context=x.video_context.to("meta")),
+        r"audio_context has shape \[1, 8, 16\], expected \[2, \*, 16\]": dict(audio_context=x.audio_context[:1]),
+        r"audio_context has dtype torch.bfloat16, expected torch.float32":
+            dict(audio_context=x.audio_context.to(torch.bfloat16)),
+        r"sigma has shape \[1\], expected \[2\]": dict(sigma=x.sigma[:1]),
+        r"sigma has shape \[1, 18\], expected \[2, \*\]": dict(sigma=per_token),
+        r"sigma has dtype torch.float64, expected torch.float32": dict(sigma=x.sigma.double()),
+        r"sigma must be a torch.Tensor, got float": dict(sigma=0.5),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_text_kv_inputs(ModelConfig.preset("tiny"))[1]))
+def test_text_kv_validates_contexts_and_sigma_as_forward_does(tiny, case):
+    """Checked before any work (the prompt AdaLNs do not run), from metadata only; sigma's batch is the contexts'."""
+    args, cases = _bad_text_kv_inputs(tiny.config)
+    args.update(cases[case])
+    calls = []
+    hook = tiny.video_prompt.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match=case):
+            tiny.text_kv(**args)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_text_kv_checks_read_no_device_value(tiny):
+    x = random_inputs(tiny.config, GRID, batch=2, seed=16)
+    per_token = x.sigma[:, None].expand(2, GRID.num_video_tokens).contiguous()
+    for sigma in (x.sigma, per_token):
+        recorder = _OpRecorder()
+        with torch.no_grad(), recorder:
+            tiny.text_kv(x.video_context, x.audio_context, sigma)
+        assert recorder.found == []
+
+
+def test_forward_takes_block_indices_as_any_iterable(tiny):
+    """One rule (`pipeline.config.block_indices`) for forward, PassSpec and GuidanceConfig: any non-string
+    iterable of ints; a one-shot generator is read once."""
+    rope = build_rope_tables(tiny.config, GRID, device="cpu")
+    x = random_inputs(tiny.config, GRID, seed=17)
+    want = run(tiny, x, rope, skip_video_self_attn_blocks=(0, 1), skip_audio_self_attn_blocks=(1,))
+    for video, audio in (([1, 0], [1]), (range(2), {1}), (frozenset({0, 1}), iter([1])),
+                         ((b for b in (1, 0)), range(1, 2))):
+        got = run(tiny, x, rope, skip_video_self_attn_blocks=video, skip_audio_self_attn_blocks=audio)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (video, audio)
+    with pytest.raises(ValueError, match=r"skip_audio_self_attn_blocks contains 2; expected block indices in \[0, 1\]"):
+        run(tiny, x, rope, skip_audio_self_attn_blocks=range(3))
+    with pytest.raises(ValueError, match="skip_video_self_attn_blocks must be a non-string iterable"):
+        run(tiny, x, rope, skip_video_self_attn_blocks="01")
+    with pytest.raises(ValueError, match="skip_video_self_attn_blocks has duplicates"):
+        run(tiny, x, rope, skip_video_self_attn_blocks=[1, 1])
 
 
 def test_text_kv_is_inference_only(tiny):

@@ -36,9 +36,11 @@ def test_specs_are_hashable_and_normalised():
     [
         ({"name": "uncond"}, "name"),
         ({"name": "cond", "text": "neutral"}, "text"),
-        ({"name": "cond", "skip_video_self_attn_blocks": (-1,)}, "non-negative"),
-        ({"name": "cond", "skip_audio_self_attn_blocks": (2, 2)}, "duplicates"),
-        ({"name": "cond", "skip_audio_self_attn_blocks": 2}, "tuple"),
+        ({"name": "cond", "skip_video_self_attn_blocks": (-1,)}, "skip_video_self_attn_blocks contains -1"),
+        ({"name": "cond", "skip_audio_self_attn_blocks": (2, 2)}, "skip_audio_self_attn_blocks has duplicates"),
+        ({"name": "cond", "skip_audio_self_attn_blocks": 2}, "skip_audio_self_attn_blocks must be a non-string"),
+        ({"name": "cond", "skip_audio_self_attn_blocks": "12"}, "must be a non-string iterable .* got str '12'"),
+        ({"name": "cond", "skip_video_self_attn_blocks": (True,)}, "bools refused.* got an element bool True"),
         ({"name": "cond", "disable_a2v_cross_attn": 1}, "bool"),
     ],
 )

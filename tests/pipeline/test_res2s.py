@@ -242,16 +242,20 @@ def test_terminal_step_is_one_evaluation():
         torch.testing.assert_close(g, toy_denoise(t, 0.1))
 
 
-def test_sde_step_terminal_returns_target():
+def test_sde_step_needs_noise_and_a_nonzero_landing_sigma():
+    """A step to 0 is terminal and handled by res2s_step (no SDE step); every SDE step injects noise."""
     x, x_det = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
-    assert sde_step(x, x_det, None, sigma=0.1, sigma_next=0.0, terminal=True) is x_det
-    with pytest.raises(ValueError, match="noise"):
-        sde_step(x, x_det, None, sigma=0.5, sigma_next=0.2, terminal=False)
+    with pytest.raises(ValueError, match="noise must be a Tensor shaped like x, got NoneType"):
+        sde_step(x, x_det, None, sigma=0.5, sigma_next=0.2)
+    with pytest.raises(ValueError, match=r"sigma_next must be in \(0, 1\] for an SDE step, got 0.0"):
+        sde_step(x, x_det, torch.randn_like(x), sigma=0.1, sigma_next=0.0)
+    with pytest.raises(TypeError, match="terminal"):  # the parameter is gone: terminal steps never get here
+        sde_step(x, x_det, torch.randn_like(x), sigma=0.5, sigma_next=0.2, terminal=False)
 
 
 def test_sde_step_eta_zero_is_deterministic_target():
     x, x_det = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
-    out = sde_step(x, x_det, torch.randn_like(x), sigma=0.6, sigma_next=0.3, terminal=False, eta=0.0)
+    out = sde_step(x, x_det, torch.randn_like(x), sigma=0.6, sigma_next=0.3, eta=0.0)
     torch.testing.assert_close(out, x_det, rtol=1e-14, atol=1e-14)
 
 

@@ -53,7 +53,7 @@ def test_matches_formula(steps, tokens):
     if tokens is not None and tokens > 8160:
         return  # float32 itself is off by ~4e-4 there (1 - s' ~ 1e-6 at mu ~ 12): float64 is the reference
     for a, b in zip(got, reference_float32(steps, tokens), strict=True):
-        assert abs(a - b) < 1e-6
+        assert abs(a - b) < 5e-7  # a few float32 ulps (2.6e-7 measured at 15 steps, 8160 tokens): the docstring's bound
 
 
 @pytest.mark.parametrize("steps,tokens", CASES)

@@ -166,6 +166,54 @@ def test_all_problems_reported_in_one_error(tmp_path):
     assert isinstance(info.value, ValueError)
 
 
+def test_non_float_and_float8_sources_are_mis_typed(tmp_path):
+    """copy_ would cast ints, bools or float8 into the parameters silently: the header's dtype is checked with the
+    names and shapes, and every problem lands in the one error (nothing copied)."""
+    int_key, fp8_key = (f"{OFFICIAL_PREFIX}proj_out.weight", f"{OFFICIAL_PREFIX}transformer_blocks.0.attn1.to_q.bias")
+    shaped_key = f"{OFFICIAL_PREFIX}transformer_blocks.1.ff.net.2.bias"
+
+    def edit(s):
+        s[int_key] = s[int_key].to(torch.int32)
+        s[fp8_key] = s[fp8_key].to(torch.float8_e4m3fn)
+        s[shaped_key] = torch.ones(3, dtype=torch.bool)  # mis-shaped and mis-typed: listed under both
+
+    model = build_model(TINY, device="cpu", dtype=torch.float32, seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightLoadError) as info:
+        load_official_checkpoint(model, _checkpoint_with(tmp_path, edit))
+    message = str(info.value)
+    assert f"1 mis-shaped: {shaped_key} [3] (expected [32])" in message
+    assert (f"3 mis-typed: {int_key} I32, {fp8_key} F8_E4M3, {shaped_key} BOOL "  # the file's (sorted) key order
+            "(expected one of F16, BF16, F32, F64)") in message
+    assert model.weights_version == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_half_precision_sources_still_load(tmp_path):
+    state = official_state_dict(build_model(TINY, device="cpu", dtype=torch.float32, seed=1))
+    state = {k: v.to(torch.bfloat16 if i % 2 else torch.float16) for i, (k, v) in enumerate(state.items())}
+    save_file(state, tmp_path / "half.safetensors")
+    model = build_model(TINY, device="cpu", dtype=torch.float32, seed=2)
+    load_official_checkpoint(model, tmp_path / "half.safetensors")
+    assert model.weights_version == 1
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"metadata": {}}', r"has no \"weight_map\" object .*got an object with keys \['metadata'\]"),
+    ('{"weight_map": ["a.safetensors"]}', r"got a \"weight_map\" that is a list"),
+    ('{"weight_map": {"x": 1}}', "or has non-string file names"),
+    ('["weight_map"]', "got a JSON list"),
+    ('{"weight_map": ', "is not valid JSON"),
+])
+def test_malformed_index_names_the_file(tmp_path, text, match):
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(text)
+    for path in (index, tmp_path):
+        with pytest.raises(ValueError, match=match) as info:
+            diffusers_weight_files(path)
+        assert str(index) in str(info.value)
+
+
 def test_bad_paths(tmp_path):
     with pytest.raises(ValueError, match="holds neither"):
         load_diffusers_transformer(build_model(TINY, device="cpu", dtype=torch.float32), tmp_path)
