@@ -83,7 +83,9 @@ def test_bench_floor_flag_refused_on_cpu(capsys):
 @pytest.mark.cuda
 def test_floor_on_the_gpu_is_kernel_time_below_the_peak():
     """Rates under the measured matmul peak; a big GEMM's graph time matches its eager time (launch cost
-    negligible there); a small attention call's graph time is below its eager, launch-bound time."""
+    negligible there); a small attention call's graph time is below its eager, launch-bound time. The eager GEMM
+    is timed over as many calls as the floor's (200): a short burst runs above the clock the card holds under its
+    power cap (0.265 vs 0.306 ms on an H200 with 20 calls), which is not what this compares."""
     from profiling.timing import matmul_peak_tflops, time_cuda
 
     model = build_model(ModelConfig.preset("small"), device="cuda", dtype=torch.bfloat16)
@@ -96,7 +98,7 @@ def test_floor_on_the_gpu_is_kernel_time_below_the_peak():
                if k.kind == "attention")
     by_name = dict(zip((k.name for k in floor.kernels), floor.ms))
     fc1 = next(k for k in floor.kernels if k.name == "video_ff.fc1")
-    eager_fc1 = time_cuda(_gemm_call(fc1, model.device, torch.bfloat16), warmup=3, repeats=20).median_ms
+    eager_fc1 = time_cuda(_gemm_call(fc1, model.device, torch.bfloat16), warmup=20, repeats=200).median_ms
     assert by_name["video_ff.fc1"] == pytest.approx(eager_fc1, rel=0.15)
     small = next(k for k in floor.kernels if k.name == "audio text cross-attention")
     backend = floor.backends[floor.kernels.index(small)]
