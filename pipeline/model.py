@@ -46,10 +46,21 @@ def modulate(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+def timestep_sinusoid(timestep: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, T] float32 timestep, already scaled (sigma * 1000) -> its 256 sinusoids [B, T, 256] (cos | sin) in
+    `dtype`: the input of every `AdaLNSingle`. Separate so that the AdaLNs fed the same timestep share one
+    (`LTX2Transformer.modulation`: 8 small kernels each, launched before the first block of every pass)."""
+    half = torch.arange(128, dtype=torch.float32, device=timestep.device)
+    freqs = torch.exp(half * (-math.log(10000.0) / 128))  # [128]
+    angles = timestep.float().unsqueeze(-1) * freqs  # [B, T, 128]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype)  # [B, T, 256]
+
+
 class AdaLNSingle(nn.Module):
     """PixArt adaLN-single: timestep -> 256 sinusoids -> fc1 -> SiLU -> fc2 (the embedding) -> SiLU -> proj.
 
-    Returns (rows of modulation [B, T, rows, D], embedding [B, T, D]); T is 1 per sample or the token count.
+    Takes the sinusoids (`timestep_sinusoid`), which the AdaLNs fed one timestep share; returns (rows of
+    modulation [B, T, rows, D], embedding [B, T, D]); T is 1 per sample or the token count.
     """
 
     def __init__(self, dim: int, rows: int):
@@ -59,13 +70,9 @@ class AdaLNSingle(nn.Module):
         self.fc2 = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, rows * dim)
 
-    def forward(self, timestep: Tensor) -> tuple[Tensor, Tensor]:
-        # timestep [B, T] float32, already scaled (sigma * 1000)
-        half = torch.arange(128, dtype=torch.float32, device=timestep.device)
-        freqs = torch.exp(half * (-math.log(10000.0) / 128))  # [128]
-        angles = timestep.float().unsqueeze(-1) * freqs  # [B, T, 128]
-        sinusoid = torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.fc1.weight.dtype)  # [B, T, 256]
-        emb = self.fc2(F.silu(self.fc1(sinusoid)))  # [B, T, D]
+    def forward(self, sinusoid: Tensor) -> tuple[Tensor, Tensor]:
+        """sinusoid [B, T, 256] (`timestep_sinusoid`; cast to this module's dtype if in another)."""
+        emb = self.fc2(F.silu(self.fc1(sinusoid.to(self.fc1.weight.dtype))))  # [B, T, D]
         mod = self.proj(F.silu(emb))  # [B, T, rows * D]
         return mod.unflatten(-1, (self.rows, -1)), emb  # [B, T, rows, D], [B, T, D]
 
@@ -394,21 +401,26 @@ class LTX2Transformer(nn.Module):
         tokens' sigma when some are clean conditioning tokens), taken on the device.
         """
         t_video, t_sample = self._timesteps(sigma)
-        video, video_emb = self.video_time(t_video)
-        audio, audio_emb = self.audio_time(t_sample)
-        t_gate = t_sample * self.config.cross_attn_gate_scale
-        video_prompt, audio_prompt = self._prompt_modulation(t_sample) if prompts else (None, None)
+        # One set of sinusoids per distinct timestep, shared by the AdaLNs it feeds (bitwise what each would make).
+        s_video = timestep_sinusoid(t_video, self.dtype)
+        s_sample = s_video if t_sample is t_video else timestep_sinusoid(t_sample, self.dtype)
+        s_gate = timestep_sinusoid(t_sample * self.config.cross_attn_gate_scale, self.dtype)
+        video, video_emb = self.video_time(s_video)
+        audio, audio_emb = self.audio_time(s_sample)
+        video_prompt, audio_prompt = self._prompt_modulation(s_sample) if prompts else (None, None)
         mod = Modulation(
             video=video, audio=audio, video_prompt=video_prompt, audio_prompt=audio_prompt,
-            video_av=self.video_av(t_sample)[0], audio_av=self.audio_av(t_sample)[0],
-            video_av_gate=self.video_av_gate(t_gate)[0], audio_av_gate=self.audio_av_gate(t_gate)[0],
+            video_av=self.video_av(s_sample)[0], audio_av=self.audio_av(s_sample)[0],
+            video_av_gate=self.video_av_gate(s_gate)[0],
+            audio_av_gate=self.audio_av_gate(s_gate)[0],
         )
         return mod, video_emb, audio_emb
 
-    def _prompt_modulation(self, t_sample: Tensor) -> tuple[Tensor, Tensor]:
-        """The video and audio prompt AdaLN rows [B, 1, 2, D] (shift, scale of the text context) at the per-sample
-        timestep; the only inputs of the text keys/values besides the contexts and the weights."""
-        return self.video_prompt(t_sample)[0], self.audio_prompt(t_sample)[0]
+    def _prompt_modulation(self, s_sample: Tensor) -> tuple[Tensor, Tensor]:
+        """The video and audio prompt AdaLN rows [B, 1, 2, D] (shift, scale of the text context) from the
+        per-sample timestep's sinusoids; the only inputs of the text keys/values besides the contexts and the
+        weights."""
+        return self.video_prompt(s_sample)[0], self.audio_prompt(s_sample)[0]
 
     def _timesteps(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """(video timestep [B, T], per-sample timestep [B, 1]) for sigma [B] or [B, Nv] (see `modulation`)."""
@@ -430,7 +442,7 @@ class LTX2Transformer(nn.Module):
             raise RuntimeError("text_kv is for inference (its keys are normalised in place): call it under "
                                "torch.no_grad() or torch.inference_mode()")
         _, t_sample = self._timesteps(sigma)
-        video_prompt, audio_prompt = self._prompt_modulation(t_sample)
+        video_prompt, audio_prompt = self._prompt_modulation(timestep_sinusoid(t_sample, self.dtype))
         return tuple(block.text_kv(video_context, audio_context, video_prompt, audio_prompt) for block in self.blocks)
 
     def _sdpa_context(self):

@@ -345,6 +345,44 @@ def test_forward_with_text_kv_skips_the_prompt_adalns(tiny):
             assert torch.equal(getattr(full, field), getattr(skipped, field)), field
 
 
+def test_adalns_fed_one_timestep_share_its_sinusoids(tiny):
+    """`modulation` builds the sinusoids once per distinct timestep (2 with per-sample sigma: the sample's and the
+    A2V/V2A gates'; 3 with per-token sigma) instead of once per AdaLN (8), and every row is bitwise what each
+    AdaLN makes from its own timestep."""
+    from pipeline.model import timestep_sinusoid
+
+    class CountCos(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.cos = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.cos += func is torch.ops.aten.cos.default
+            return func(*args, **(kwargs or {}))
+
+    x = random_inputs(tiny.config, GRID, batch=2, seed=16)
+    per_token = torch.rand(2, GRID.num_video_tokens, generator=torch.Generator().manual_seed(0))
+    for sigma, distinct in ((x.sigma, 2), (per_token, 3)):
+        with torch.no_grad(), CountCos() as counter:
+            mod, video_emb, audio_emb = tiny.modulation(sigma)
+        assert counter.cos == distinct
+        t_video, t_sample = tiny._timesteps(sigma)
+        t_gate = t_sample * tiny.config.cross_attn_gate_scale
+
+        def own(adaln, t):  # each AdaLN from its own timestep, as before the sharing
+            return adaln(timestep_sinusoid(t, tiny.dtype))[0]
+
+        with torch.no_grad():
+            expected = {"video": own(tiny.video_time, t_video), "audio": own(tiny.audio_time, t_sample),
+                        "video_prompt": own(tiny.video_prompt, t_sample),
+                        "audio_prompt": own(tiny.audio_prompt, t_sample),
+                        "video_av": own(tiny.video_av, t_sample), "audio_av": own(tiny.audio_av, t_sample),
+                        "video_av_gate": own(tiny.video_av_gate, t_gate),
+                        "audio_av_gate": own(tiny.audio_av_gate, t_gate)}
+        for field, value in expected.items():
+            assert torch.equal(getattr(mod, field), value), field
+
+
 def _bad_text_kv_inputs(config):
     x = random_inputs(config, GRID, batch=2, seed=15)
     args = dict(video_context=x.video_context, audio_context=x.audio_context, sigma=x.sigma)
