@@ -84,10 +84,11 @@ def measure_cell(
     rows = [PassRow(impl, executor_name, tokens, s.name, _flops(inputs, s, "own")) for s in plan.timed_specs]
     step_row = StepRow(impl, executor_name, tokens, tuple(s.name for s in step_specs))
     progress(f"{impl} {executor_name} @ {tokens} tokens: warm-up")
+    precompiled = impl == "diffusers" and "compile" in executor_name  # its own compile_repeated_blocks
     try:
         # The peer's compiled rows run its own compile (`bench.run_cells` calls it), not ours.
         executor = make_executor(executor_name, model, progress=progress, share_text_kv=plan.share_text_kv,
-                                 precompiled=impl == "diffusers")
+                                 precompiled=precompiled)
         roles = text_kv_roles(all_specs, getattr(executor, "share_text_kv", False))  # graph executors share
         for spec, row in zip(plan.timed_specs, rows):
             row.flops = _flops(inputs, spec, roles[spec.name])
@@ -101,7 +102,8 @@ def measure_cell(
         progress(f"{impl} {executor_name} @ {tokens} tokens: FAILED in warm-up: {message}")
         return rows, step_row
     step_row.warmup_s, step_row.captures = stats.seconds, stats.captures
-    step_row.compiles, step_row.pool_bytes = stats.compiles, stats.pool_bytes
+    # A precompiled peer compiles inside its own library during warm-up, uncounted here: "-", not 0.
+    step_row.compiles, step_row.pool_bytes = None if precompiled else stats.compiles, stats.pool_bytes
     for spec, row in zip(plan.timed_specs, rows):
         _measure_pass(executor, spec, row, inputs, plan, all_specs, clocks)
         progress(f"{impl} {executor_name} @ {tokens} tokens: pass {spec.name} "

@@ -19,10 +19,12 @@ A key that is not cached is a miss, handled by the miss policy:
   "capture" (default): capture it now (captures during the first run are silent, later misses warn once);
   "strict": raise `GraphMissError` naming the fields that differ from the nearest cached key;
   "eager": run that pass eagerly (warn once).
-Nothing ever replays a graph for inputs it was not captured with. When the weights change (a load, an in-place
-edit, a swapped module) and no cached graph matches the new ones, every graph is dropped with its pool before the
-next captures (policies "capture" and "eager"; "strict" keeps them and raises): graphs for weights the model no
-longer has can never be hit again, and each set holds ~1-2 GB at `ltx2.3` scale.
+Nothing ever replays a graph for inputs it was not captured with. When the weights change (a load or an in-place
+edit: `weights_version` or the parameters' version counters moved) and no cached graph was captured for the new
+ones, every graph is dropped with its pool before the next captures (in `run` under policies "capture" and
+"eager", and in `warmup`; `run` under "strict" keeps them and raises): each set holds ~1-2 GB at `ltx2.3` scale.
+Tensor addresses alone do not drop anything: they can come back (a peer model switching between grids rebinds
+its coordinate buffers, and switching back hits again).
 
 Sync contract: once every key is captured (`warmup`), `run` and `replay_only` never synchronise the host:
 two device copies, one `fill_` with a host float, one graph launch per pass, host metadata reads. Captures
@@ -90,6 +92,12 @@ class GraphStats:
 def graphs_supported(device: torch.device) -> bool:
     """Whether CUDA graphs can be captured on `device` (only CUDA devices)."""
     return device.type == "cuda"
+
+
+def _same_weights(a, b) -> bool:
+    """The same loaded weights: what a load or an in-place edit moves (`WeightsState.version`, `param_versions`),
+    ignoring where the tensors live (`storage`), which can return to a cached value."""
+    return (a.version, a.param_versions) == (b.version, b.param_versions)
 
 
 def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, str]:
@@ -216,7 +224,8 @@ class GraphExecutor:
                 self._warn_once("cpu", f"CUDA graphs need a CUDA device (model on {self.device}); running every "
                                        "pass eagerly (miss_policy='eager')")
                 return {s.name: self._eager_pass(s, video, audio, sigma) for s in specs}
-            keyed, static = self._prepare(video, audio, sigma, specs, conditioning)
+            keyed, static = self._prepare(video, audio, sigma, specs, conditioning,
+                                          drop_stale=self.miss_policy != "strict")  # strict keeps them to explain
             if self.miss_policy == "strict":
                 missing = [key for _, key in keyed if key not in self._graphs]
                 if missing:
@@ -266,7 +275,7 @@ class GraphExecutor:
             sigma = check_host_float(sigma)
             if not self.graphs_enabled:
                 return 0.0
-            keyed, static = self._prepare(video_like, audio_like, sigma, specs, conditioning)
+            keyed, static = self._prepare(video_like, audio_like, sigma, specs, conditioning, drop_stale=True)
             seconds = 0.0
             for spec, key in keyed:
                 graph = self._graphs.get(key)
@@ -388,11 +397,13 @@ class GraphExecutor:
         return static
 
     def _prepare(
-        self, video: Tensor, audio: Tensor, sigma: float, specs: tuple[PassSpec, ...], conditioning: Conditioning
+        self, video: Tensor, audio: Tensor, sigma: float, specs: tuple[PassSpec, ...], conditioning: Conditioning,
+        *, drop_stale: bool,
     ) -> tuple[list[tuple[PassSpec, GraphKey]], StaticInputs]:
-        """Keys of `specs` in replay order, and the static inputs loaded with this evaluation's values."""
+        """Keys of `specs` in replay order, and the static inputs loaded with this evaluation's values.
+        `drop_stale`: drop every graph first when the weights changed since all of them (module docstring)."""
         weights = self._weights()  # once per evaluation, not per pass
-        if self._graphs and self.miss_policy != "strict" and all(k.weights != weights for k in self._graphs):
+        if drop_stale and self._graphs and not any(_same_weights(k.weights, weights) for k in self._graphs):
             self._warn_once("weights", f"the model's weights changed since its {len(self._graphs)} graph(s) were "
                                        "captured: dropping them and their pool before capturing again")
             self._drop_graphs()

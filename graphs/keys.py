@@ -162,7 +162,7 @@ class WeightsProbe:
     Walking the module tree (`model.parameters()`) costs ~10 ms for a 48-block model; the probe walks it once
     and keeps each parameter's slot (its module's `_parameters` dict and name), so a parameter replaced by
     assignment or `load_state_dict(assign=True)` is still seen, at ~1 us per parameter. It also keeps the tree's
-    layout (each module's children and parameter/buffer names) and walks again when that changed: a submodule
+    layout (each module's children and parameter/buffer counts) and walks again when that changed: a submodule
     swapped in (`model.video_out = nn.Linear(...)`, an adapter wrapping a Linear) brings parameters the old slots
     never see, and a graph would go on reading the old module's weights.
     """
@@ -174,8 +174,9 @@ class WeightsProbe:
     def _walk(self) -> None:
         modules = list(self.model.modules())
         self._layout = [(m, dict(m._modules), len(m._parameters), len(m._buffers)) for m in modules]
-        self._params = [(m._parameters, n) for m in modules for n, p in m._parameters.items() if p is not None]
-        self._buffers = [(m._buffers, n) for m in modules for n, b in m._buffers.items() if b is not None]
+        # Every slot, None ones too: a bias set later on a Linear built without one is read at its slot.
+        self._params = [(m._parameters, n) for m in modules for n in m._parameters]
+        self._buffers = [(m._buffers, n) for m in modules for n in m._buffers]
 
     def _layout_changed(self) -> bool:
         """Children swapped, added or removed, or parameters/buffers added or removed (a rename keeping the count

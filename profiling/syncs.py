@@ -84,11 +84,12 @@ class HostSyncError(RuntimeError):
 
 
 def user_frame() -> tuple[str, str]:
-    """``("file:line", source text)`` of the first frame outside torch, this package and contextlib."""
+    """``("file:line", source text)`` of the first frame outside torch, this package, contextlib and warnings (a
+    finding made from a warning hook is called through ``warnings.warn``)."""
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIP_DIRS) and os.path.basename(filename) != "contextlib.py":
+        if not filename.startswith(_SKIP_DIRS) and os.path.basename(filename) not in ("contextlib.py", "warnings.py"):
             return f"{filename}:{frame.f_lineno}", linecache.getline(filename, frame.f_lineno).strip()
         frame = frame.f_back
     return "<unknown>", ""
@@ -289,6 +290,7 @@ def cuda_sync_debug(mode: str | int = "error") -> Iterator[bool]:
 # keeps out the one-time "Synchronization debug mode is a prototype feature" notice that torch emits the first time
 # the mode is set in a process (counted as a sync, it made the first benchmark cell report one).
 SYNC_DEBUG_WARNING = "called a synchronizing CUDA operation"
+_SYNC_DEBUG_NOTICE = "Synchronization debug mode is a prototype feature"  # torch, once, when the mode is first set
 
 
 @contextmanager
@@ -296,11 +298,13 @@ def sync_debug_warnings(on_sync: Callable[[str, str, int], None]) -> Iterator[bo
     """`cuda_sync_debug("warn")` for the block, each sync warning handed to `on_sync(message, filename, lineno)`
     as it is raised (so the stack still holds the user's line), every one of them (filter "always"). Every other
     warning goes on to the usual filters and display: a catch-all recorder would hide them (a graph-cache miss
-    warned once inside a timed loop would never be seen). Yields what `cuda_sync_debug` yields."""
+    warned once inside a timed loop would never be seen). Torch's one-time notice that the mode is a prototype,
+    raised when the mode is set, is dropped. Yields what `cuda_sync_debug` yields."""
     with ExitStack() as stack:
-        active = stack.enter_context(cuda_sync_debug("warn"))
         stack.enter_context(warnings.catch_warnings())  # restores the filters and showwarning
+        warnings.filterwarnings("ignore", message=f".*{_SYNC_DEBUG_NOTICE}")
         warnings.filterwarnings("always", message=f".*{SYNC_DEBUG_WARNING}")
+        active = stack.enter_context(cuda_sync_debug("warn"))
         forward = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):

@@ -187,6 +187,10 @@ def test_swapped_submodule_is_seen():
     scale = model.video_in._buffers.pop("scale")
     model.video_in.register_buffer("renamed", scale)  # same count, another name
     assert probe() == WeightsProbe(model)()
+    linear = nn.Linear(2, 2, bias=False)  # a None slot that later holds a tensor
+    probe, before = WeightsProbe(linear), WeightsProbe(linear)()
+    linear.bias = nn.Parameter(torch.zeros(2))
+    assert probe() != before and probe() == WeightsProbe(linear)()
 
 
 def test_probe_tolerates_inference_tensors():

@@ -37,5 +37,6 @@ def test_sync_debug_warnings_are_counted_and_other_warnings_still_shown():
                           "synchronizing operations", UserWarning)
     assert result.detector == "cuda-sync-debug" and result.count == 2
     assert "synchronizing" in result.findings[0]
-    # The rest reach the caller (a graph-cache miss warned inside a timed loop must not vanish).
-    assert [str(w.message)[:20] for w in shown] == ["something unrelated", "Synchronization debu"]
+    # The rest reach the caller (a graph-cache miss warned inside a timed loop must not vanish); torch's
+    # prototype notice is dropped.
+    assert [str(w.message) for w in shown] == ["something unrelated"]

@@ -2,6 +2,7 @@
 the GPU checks (sync debug mode, the 19B preset against diffusers)."""
 
 import gc
+import math
 import time
 
 import pytest
@@ -327,7 +328,7 @@ def test_forward_with_text_kv_skips_the_prompt_adalns(tiny):
     try:
         with torch.no_grad():
             text_kv = tiny.text_kv(x.video_context, x.audio_context, x.sigma)
-        assert calls == ["video_prompt", "audio_prompt"]  # once for every block
+        assert calls == ["video_prompt", "audio_prompt"]  # once in all, shared by every block
         calls.clear()
         shared = run(tiny, x, rope, text_kv=text_kv)
         assert calls == []
@@ -349,8 +350,6 @@ def test_adalns_fed_one_timestep_share_its_sinusoids(tiny):
     """`modulation` builds the sinusoids once per distinct timestep (2 with per-sample sigma: the sample's and the
     A2V/V2A gates'; 3 with per-token sigma) instead of once per AdaLN (8), and every row is bitwise what each
     AdaLN makes from its own timestep."""
-    from pipeline.model import timestep_sinusoid
-
     class CountCos(TorchDispatchMode):
         def __init__(self):
             super().__init__()
@@ -369,8 +368,10 @@ def test_adalns_fed_one_timestep_share_its_sinusoids(tiny):
         t_video, t_sample = tiny._timesteps(sigma)
         t_gate = t_sample * tiny.config.cross_attn_gate_scale
 
-        def own(adaln, t):  # each AdaLN from its own timestep, as before the sharing
-            return adaln(timestep_sinusoid(t, tiny.dtype))[0]
+        def own(adaln, t):  # each AdaLN from its own timestep, the formula written out as before the sharing
+            freqs = torch.exp(torch.arange(128, dtype=torch.float32) * (-math.log(10000.0) / 128))
+            angles = t.float().unsqueeze(-1) * freqs
+            return adaln(torch.cat([angles.cos(), angles.sin()], dim=-1).to(tiny.dtype))[0]
 
         with torch.no_grad():
             expected = {"video": own(tiny.video_time, t_video), "audio": own(tiny.audio_time, t_sample),

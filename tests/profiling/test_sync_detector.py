@@ -347,3 +347,17 @@ def test_cuda_sync_debug_errors_and_restores():
         with allow_host_sync("deliberate"):
             s.item()  # relaxed inside the allow block
     assert torch.cuda.get_sync_debug_mode() == before
+
+
+def test_a_sync_warning_is_located_at_the_users_line():
+    """The pytest plugin turns each sync-debug warning into a finding while `warnings.warn` is on the stack:
+    `user_frame` skips it (and torch, and this package) to name the line that made the call."""
+    import warnings
+
+    from profiling.pytest_plugin import _SyncDebugWarnings
+    from profiling.syncs import SYNC_DEBUG_WARNING
+
+    with _SyncDebugWarnings() as hook:
+        warnings.warn(SYNC_DEBUG_WARNING, UserWarning)  # the user's line
+    (finding,) = hook.findings
+    assert "test_sync_detector.py:" in finding.location and "warnings.warn(SYNC_DEBUG_WARNING" in finding.code
