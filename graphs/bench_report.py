@@ -17,7 +17,8 @@ Column meanings (units in the headers):
 - clocks (GPU, `profiling.gpu_clocks`): median and lowest SM clock, median board power, and the share of
   samples the driver held the clocks down for power or heat, over each row's timed calls (its warm-up calls
   included, plus the last sample before them). A row run at a power-capped clock is slower than the same code
-  on a cooler or higher-limit card;
+  on a cooler or higher-limit card; M cycles (median ms x median SM MHz) compares rows of different cards better
+  than ms (the clock median moves in 15 MHz steps: ~1%);
 - against the floor (`--floor`, `graphs.bench_floor`): each cond/neg pass row next to the sum of its shape's GEMM
   and attention calls timed alone, and that sum moved to the row's SM clock (floor ms x floor MHz / row MHz):
   under the power cap the floor's kernels and the pass run at different clocks, and GEMM-bound time scales with
@@ -188,7 +189,7 @@ def clock_table(report: BenchReport) -> str | None:
         return None
     limits = report.card_limits
     headers = ["impl", "executor", "tokens", "row", "samples", "SM MHz", "lowest", "power W", "power-capped",
-               "thermal"]
+               "thermal", "M cycles"]
     if limits:
         headers[5] += f" (max {limits.sm_max_mhz:.0f})"
         if limits.power_limit_w is not None:
@@ -196,9 +197,11 @@ def clock_table(report: BenchReport) -> str | None:
     body = []
     for r, what in rows:
         c = r.clocks
+        stats = r.timing if isinstance(r, PassRow) else r.step
+        cycles = None if stats is None else stats.median_ms * c.sm_mhz_median / 1e3  # ms x MHz = k cycles
         body.append([r.impl, r.executor, r.video_tokens, what, c.samples, f"{c.sm_mhz_median:.0f}",
                      f"{c.sm_mhz_min:.0f}", _num(c.power_w_median, ".0f"), f"{c.power_capped_pct:.0f}%",
-                     f"{c.thermal_pct:.0f}%"])
+                     f"{c.thermal_pct:.0f}%", _num(cycles, ".1f")])
     return tabulate(body, headers=headers, tablefmt="github")
 
 

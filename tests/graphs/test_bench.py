@@ -137,6 +137,7 @@ def test_report_shows_clocks_only_when_sampled():
     text = format_report(report)
     assert "SM MHz (max 1980)" in text and "power W (limit 700)" in text
     assert text.count(" 1560 |") == 2 and "| 100% " in text and "samples" in text
+    assert "M cycles" in text and "134.2" in text  # 86.0 ms x 1560 MHz (the step row has no timing: "-")
     assert report.to_json()["passes"][0]["clocks"]["sm_mhz_median"] == 1560.0
     assert report.to_json()["card_limits"] == {"sm_max_mhz": 1980.0, "power_limit_w": 700.0}
     report.card_limits = CardLimits(1980.0, None)  # a board that reports no power limit
