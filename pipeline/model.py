@@ -467,7 +467,6 @@ class LTX2Transformer(nn.Module):
         skip_v = block_indices(skip_video_self_attn_blocks, "skip_video_self_attn_blocks", num_layers=layers)
         skip_a = block_indices(skip_audio_self_attn_blocks, "skip_audio_self_attn_blocks", num_layers=layers)
         validate_inputs(self, video, audio, video_context, audio_context, sigma, rope,
-                        skip_video_self_attn_blocks=skip_v, skip_audio_self_attn_blocks=skip_a,
                         disable_a2v_cross_attn=disable_a2v_cross_attn, disable_v2a_cross_attn=disable_v2a_cross_attn,
                         text_kv=text_kv)
         eps = 1e-6  # the output LayerNorm's eps is fixed in the reference
@@ -524,10 +523,10 @@ def _check_text_inputs(model: LTX2Transformer, video_context: Tensor, audio_cont
 
 def validate_inputs(model: LTX2Transformer, video: Tensor, audio: Tensor, video_context: Tensor,
                     audio_context: Tensor, sigma: Tensor, rope: RopeTables, *,
-                    skip_video_self_attn_blocks: Iterable[int] = (), skip_audio_self_attn_blocks: Iterable[int] = (),
                     disable_a2v_cross_attn: bool = False, disable_v2a_cross_attn: bool = False,
                     text_kv: Sequence[BlockTextKV] | None = None) -> None:
-    """Raise ValueError (naming the argument, the value seen and the expected one) for any malformed input.
+    """Raise ValueError (naming the argument, the value seen and the expected one) for any malformed input (the
+    STG block indices are checked where `forward` normalises them, `block_indices`).
 
     Reads only tensor metadata (shape, dtype, device) and Python values: never synchronises.
     """
@@ -548,9 +547,6 @@ def validate_inputs(model: LTX2Transformer, video: Tensor, audio: Tensor, video_
     for name, pair, n, heads, r in tables:
         for t in pair:
             _check_tensor(f"rope.{name}", t, (rope.batch_size, n, heads, r), torch.float32, device)
-    for name, blocks in (("skip_video_self_attn_blocks", skip_video_self_attn_blocks),
-                         ("skip_audio_self_attn_blocks", skip_audio_self_attn_blocks)):
-        block_indices(blocks, name, num_layers=c.num_layers)
     for name, flag in (("disable_a2v_cross_attn", disable_a2v_cross_attn),
                        ("disable_v2a_cross_attn", disable_v2a_cross_attn)):
         if not isinstance(flag, bool):
