@@ -39,6 +39,7 @@ from graphs.run_workload import (
     check_executor,
     cpu_threads,
     fitted_guidance,
+    quantize,
     random_conditioning,
     random_latents,
     resolve_workload,
@@ -224,12 +225,21 @@ def _add_floor_clocks(data: dict, ms: tuple[float, ...], windows: list[tuple[flo
 def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress, clocks) -> None:
     from graphs import diffusers_adapter as peer_lib
 
-    model = build_model(workload, progress)
+    bf16 = replace(workload, fp8=False)  # `--fp8`: our bf16 rows first, then the same weights quantized
+    model = build_model(bf16, progress)
     shapes = {t: _shape_inputs(workload, t, args.audio_tokens) for t in tokens}
     prepare = attention_plan(args, model, workload, shapes.keys(), report, progress)
     if getattr(args, "floor", False):
         measure_floors(model, workload, shapes, report, progress, clocks, getattr(args, "floor_seconds", 0.0))
     run_cells("ours", model, executors, shapes, plan, report, progress, prepare=prepare, clocks=clocks)
+    if workload.fp8:
+        _fp8_rows(model, executors, shapes, plan, report, progress, prepare, clocks)
+        if peers:  # the peer needs the bf16 weights the quantization released: the same seed or file again
+            del model
+            torch.compiler.reset()  # compiled code of our blocks may still reference their tensors
+            peer_lib.free_cuda_memory()
+            progress("rebuilding the bf16 model (same weights) for the peer")
+            model = build_model(bf16, progress)
     model.attention_backend = "auto"  # the peer copy is built from our weights, not our settings
     if peers:
         peer = _build_peer(model, workload, report, progress)
@@ -237,6 +247,39 @@ def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress
         peer_lib.free_cuda_memory()
         run_cells("diffusers", peer, peer_order(peers), shapes, plan, report, progress, prepare=peer.prepare,
                   clocks=clocks)
+
+
+def _fp8_rows(model, executors, shapes: dict[int, CellInputs], plan: CellPlan, report: BenchReport,
+              progress: Progress, prepare, clocks) -> None:
+    """`--fp8`: quantize our model in place, then measure its cond output against bf16's and its rows
+    ("ours-fp8") on the same weights and inputs."""
+    from pipeline.fp8 import output_error
+
+    before = _cond_outputs(model, shapes, plan)
+    quantize(model, progress)
+    torch.compiler.reset()  # our compiled regions of the bf16 model: nothing of them serves the FP8 one
+    after = _cond_outputs(model, shapes, plan)
+    for tokens in shapes:
+        for stream, ref, out in zip(("video", "audio"), before[tokens], after[tokens]):
+            report.fp8_error.append({"video_tokens": tokens, "stream": stream, **output_error(out, ref)})
+    del before, after
+    run_cells("ours-fp8", model, executors, shapes, plan, report, progress, prepare=prepare, clocks=clocks)
+    report.notes.append("ours-fp8: the video and text projections in e4m3 (pipeline/fp8.py); its FLOP/s and MFU "
+                        "count the same FLOPs against the bf16 matmul peak")
+
+
+def _cond_outputs(model, shapes: dict[int, CellInputs], plan: CellPlan) -> dict[int, tuple]:
+    """Per shape, the eager cond pass's (video, audio) velocity at sigma 0.5 (`--fp8`'s accuracy check)."""
+    from pipeline.executor import EagerExecutor
+    from pipeline.passes import pass_specs_for
+
+    spec = next(s for s in pass_specs_for(plan.guidance) if s.name == "cond")
+    executor, outputs = EagerExecutor(model), {}
+    with torch.no_grad():
+        for tokens, inputs in shapes.items():
+            executor.set_conditioning(inputs.conditioning)
+            outputs[tokens] = tuple(executor.run(inputs.video, inputs.audio, 0.5, (spec,))["cond"])
+    return outputs
 
 
 def _build_peer(model, workload: Workload, report: BenchReport, progress: Progress):

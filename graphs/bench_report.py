@@ -38,7 +38,7 @@ from profiling.timing import TimingStats
 
 @dataclass
 class PassRow:
-    impl: str  # "ours" | "diffusers"
+    impl: str  # "ours" | "ours-fp8" | "diffusers"
     executor: str
     video_tokens: int
     pass_name: str
@@ -90,6 +90,7 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)
     floors: list[dict] = field(default_factory=list)  # `--floor`: Floor.to_json() + "clocks" per shape
     card_limits: CardLimits | None = None  # the card's max SM clock and power limit, when they were read
+    fp8_error: list[dict] = field(default_factory=list)  # `--fp8`: the FP8 model's cond output against bf16's
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -238,6 +239,18 @@ def floor_table(report: BenchReport) -> str | None:
     return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)  # keep the decimals shown
 
 
+def fp8_error_table(report: BenchReport) -> str | None:
+    """`--fp8`: per shape and stream, the FP8 model's eager cond output against the bf16 model's (same inputs)."""
+    from tabulate import tabulate
+
+    if not report.fp8_error:
+        return None
+    headers = ["tokens", "stream", "relative error", "cosine"]
+    body = [[e["video_tokens"], e["stream"], f"{e['relative_error']:.2e}", f"{e['cosine']:.5f}"]
+            for e in report.fp8_error]
+    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
+
+
 def format_report(report: BenchReport) -> str:
     head = (
         f"{report.card} | torch {report.torch_version} | diffusers {report.diffusers_version or 'not installed'} | "
@@ -260,6 +273,10 @@ def format_report(report: BenchReport) -> str:
     if against_floor:
         parts += ["", "against the kernel floor (GEMM + attention calls alone; GEMM-bound time scaled by clock):",
                   against_floor]
+    fp8 = fp8_error_table(report)
+    if fp8:
+        parts += ["", f"FP8 against {report.dtype} (eager cond pass at sigma 0.5, same weights and inputs; "
+                  f"||fp8 - {report.dtype}|| / ||{report.dtype}||):", fp8]
     if report.notes:
         parts += ["", *[f"note: {n}" for n in report.notes]]
     return "\n".join(parts)

@@ -176,6 +176,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "small kernels overlap the video work; the results are bitwise the same)",
     )
     group.add_argument(
+        "--fp8",
+        action="store_true",
+        help="FP8 (e4m3) GEMMs for the projections of video and text tokens: per-channel weight scales, per-token "
+        "input scales (pipeline/fp8.py). About 1.9x the bf16 GEMM rate on Hopper, at the cost of precision: a "
+        "speed/quality trade, not parity (bench --fp8 reports the error against bf16). Default: bf16 everywhere",
+    )
+    group.add_argument(
         "--no-shared-text-kv",
         action="store_true",
         help="graph executors: every pass projects its own text keys/values (default: the passes of one "

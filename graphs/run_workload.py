@@ -90,6 +90,7 @@ class Workload:
     weights: str | None = None
     overlap_audio: bool = True  # the audio chain on a side CUDA stream (pipeline/streams.py)
     share_text_kv: bool = True  # graph executors: passes of one text share its keys/values (graphs/executor.py)
+    fp8: bool = False  # e4m3 GEMMs for the video and text projections (pipeline/fp8.py)
 
     def describe(self) -> str:
         g = self.grid
@@ -100,6 +101,7 @@ class Workload:
             f"{g.num_audio_tokens} audio, {self.text_tokens} text"
             + ("" if self.overlap_audio else ", audio on the video stream")
             + ("" if self.share_text_kv else ", text K/V per pass")
+            + (", FP8 projections" if self.fp8 else "")
         )
 
 
@@ -124,7 +126,22 @@ def resolve_workload(args, *, grid: LatentGrid | None = None) -> Workload:
         weights=args.weights,
         overlap_audio=not getattr(args, "no_audio_stream", False),
         share_text_kv=not getattr(args, "no_shared_text_kv", False),
+        fp8=_fp8_flag(args, device, dtype_name),
     )
+
+
+def _fp8_flag(args, device: torch.device, dtype_name: str) -> bool:
+    """`--fp8`, refused where it cannot run or could not pay: e4m3 GEMMs need a Hopper (sm_90) or newer GPU."""
+    if not getattr(args, "fp8", False):
+        return False
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise CommandError(f"--fp8 needs FP8 tensor cores (sm_89 or newer); {name} has none",
+                           hint="drop --fp8")
+    if device.type == "cuda" and dtype_name != "bf16":
+        raise CommandError(f"--fp8 on a GPU needs a bf16 model (the row-wise FP8 GEMMs write bf16), got --dtype "
+                           f"{dtype_name}", hint="use --dtype bf16 (or auto) with --fp8")
+    return True
 
 
 def grid_from_args(args, *, default_pixels: tuple[int, int, int, float]) -> LatentGrid:
@@ -185,8 +202,18 @@ def build_model(workload: Workload, progress: Progress) -> torch.nn.Module:
         model = model_lib.build_model(workload.config, device=workload.device, dtype=workload.dtype, seed=workload.seed)
     model.eval().requires_grad_(False)
     model.overlap_audio = workload.overlap_audio
+    if workload.fp8:
+        quantize(model, progress)
     progress("model ready")
     return model
+
+
+def quantize(model: torch.nn.Module, progress: Progress) -> None:
+    """The video and text projections to e4m3 in place (`pipeline.fp8.quantize_fp8`), with a progress line."""
+    from pipeline.fp8 import quantize_fp8
+
+    count = quantize_fp8(model)
+    progress(f"{count} projections quantized to FP8 (e4m3, per-channel weight and per-token input scales)")
 
 
 def load_weights(workload: Workload) -> torch.nn.Module:

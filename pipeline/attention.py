@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.fp8 import project_rows
 from pipeline.fused import rms_norm_, rms_norm_rope_qk
 from pipeline.rope import CosSin, apply_split_rope
 
@@ -55,7 +56,7 @@ class SelfAttention(nn.Module):
     def value_passthrough(self, x: Tensor) -> Tensor:
         """STG-perturbed output: `out(gate * v)`, computing only the [v | gate] rows of the fused projection."""
         i = self.inner
-        vg = F.linear(x, self.qkvg.weight[2 * i:], self.qkvg.bias[2 * i:])  # [B, N, I + H]
+        vg = project_rows(self.qkvg, x, 2 * i)  # [B, N, I + H]
         v, g = vg.split([i, self.heads], dim=-1)
         return gated_output(self.out, v.unflatten(-1, (self.heads, self.head_dim)), g)
 

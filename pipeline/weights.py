@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from pipeline.config import ModelConfig
+from pipeline.fp8 import is_quantized
 
 OFFICIAL_PREFIX = "model.diffusion_model."
 # Inside the DiT prefix of single-file checkpoints but not part of the DiT (text connectors run outside it).
@@ -143,8 +144,16 @@ def diffusers_key_map(config: ModelConfig) -> KeyMap:
     return _key_map(config, "diffusers")
 
 
+def _check_not_quantized(model: torch.nn.Module) -> None:
+    """Checkpoints map bf16 Linears; a model whose projections are e4m3 (`pipeline.fp8`) has no such weights."""
+    if is_quantized(model):
+        raise WeightLoadError("the model's projections are FP8 (pipeline.fp8.quantize_fp8): load or export its "
+                              "weights before quantizing")
+
+
 def _targets(model: torch.nn.Module, key_map: KeyMap) -> dict[str, tuple[str, tuple[int, int] | None, tuple]]:
     """Their name -> (our parameter name, rows, expected shape)."""
+    _check_not_quantized(model)
     params = dict(model.named_parameters())
     if set(params) != set(key_map):
         raise AssertionError(f"key map out of sync with the model: {sorted(set(params) ^ set(key_map))[:10]}")
@@ -279,6 +288,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 def iter_mapped_tensors(model: torch.nn.Module, key_map: KeyMap) -> Iterator[tuple[str, Tensor]]:
     """(their name, view of our parameter) for every tensor of the other format; views, no copies."""
+    _check_not_quantized(model)
     params = dict(model.named_parameters())
     for ours, sources in key_map.items():
         p = params[ours].detach()

@@ -52,6 +52,23 @@ def test_cpu_bench_without_peer_and_json_to_stdout(capsys):
     assert {r["impl"] for r in data["passes"]} == {"ours"} and len(data["passes"]) == 1
 
 
+def test_cpu_bench_fp8_rows_beside_ours_and_the_peer(capsys, tmp_path):
+    """`--fp8`: our rows, then the same weights quantized ("ours-fp8") with their cond output against the
+    unquantized model's, then the peer, rebuilt unquantized from the same seed."""
+    pytest.importorskip("diffusers")
+    data, table = bench_json(capsys, tmp_path, "--device", "cpu", "--preset", "tiny", "--repeats", "1",
+                             "--warmup", "1", "--passes", "cond", "--fp8")
+    rows = {r["impl"]: r for r in data["passes"]}
+    assert set(rows) == {"ours", "ours-fp8", "diffusers"} and all(r["error"] is None for r in rows.values())
+    assert rows["ours-fp8"]["flops"] == rows["ours"]["flops"]
+    assert [(e["video_tokens"], e["stream"]) for e in data["fp8_error"]] == [(48, "video"), (48, "audio")]
+    for e in data["fp8_error"]:
+        assert 1e-3 < e["relative_error"] < 0.1 and e["cosine"] > 0.99, e
+    assert "FP8 against float32" in table and "ours-fp8" in table
+    assert {r["impl"] for r in data["steps"]} == {"ours", "ours-fp8", "diffusers"}
+    assert all(r["syncs_per_step"] == 0 for r in data["steps"] if r["impl"] != "diffusers")
+
+
 def test_peer_order_runs_compiled_rows_last():
     assert peer_order(("compile+graphs", "eager", "compile", "graphs")) == ("eager", "graphs", "compile",
                                                                             "compile+graphs")

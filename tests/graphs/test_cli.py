@@ -134,6 +134,16 @@ def test_no_audio_stream_flag_reaches_the_model():
         assert build_model(workload, progress=lambda line: None).overlap_audio is expected
 
 
+def test_fp8_flag_quantizes_the_model():
+    from graphs.run_workload import build_model, resolve_workload
+    from pipeline.fp8 import is_quantized
+
+    for argv, expected in ((["run", "--device", "cpu"], False), (["run", "--device", "cpu", "--fp8"], True)):
+        workload = resolve_workload(build_parser().parse_args(argv))
+        assert workload.fp8 is expected and ("FP8" in workload.describe()) is expected
+        assert is_quantized(build_model(workload, progress=lambda line: None)) is expected
+
+
 def test_no_shared_text_kv_flag_reaches_the_graph_executor(monkeypatch):
     import graphs.executor
     from graphs.run_executors import make_executor

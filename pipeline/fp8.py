@@ -1,0 +1,147 @@
+"""FP8 (e4m3) GEMMs for the projections that read video or text tokens: `Float8Linear`, `quantize_fp8`.
+
+Why: the GEMMs are ~85% of a pass, and on Hopper an e4m3 GEMM with per-row scales ran at ~1,285 TFLOP/s where
+the same bf16 GEMM ran at ~690 (H200, 8160 x 4096 x 16384; profiling/PERF_LOG.md). The 8160-token targets lie
+below the bf16 kernel floor, so only fewer or cheaper FLOPs reach them. This is an opt-in mode (`--fp8`): the
+default model stays bf16, and its parity with eager is unchanged.
+
+Scaling (`torch._scaled_mm`'s row-wise mode on CUDA; off CUDA the same product of the dequantized operands in
+float32): one float32 scale per weight row (output channel), computed once
+by `quantize_fp8`; one per activation row (token), computed in the forward from the row's absolute maximum. That
+max is a reduction over the row the producing kernel already reads (the norm + modulation before a projection,
+the GELU before fc2), so inductor fuses it there; eager runs it as separate kernels. The bias is added in the
+GEMM epilogue, the output is in the model dtype (bf16 on CUDA; float32 too on CPU, for tests).
+
+Which projections: those whose rows are video tokens or text tokens (`FP8_PROJECTIONS`). The audio chain's
+(126 rows at every video size) stay bf16: at that height a GEMM is bound by its weight reads, and the row-wise
+FP8 kernels measured no faster there, slower for half the shapes. The AdaLN MLPs and the input/output
+projections stay bf16 too (a few rows, or a few channels).
+
+Numerics: e4m3 keeps 3 mantissa bits. On random data one GEMM is ~3.8e-2 off the float64 product, against
+~1.7e-3 for bf16 operands (same measurement). A whole forward drifts further from the bf16 model; the benchmark
+(`ltx2-graphs bench --fp8`) reports the cond output's error and cosine against bf16 at each shape. Real
+checkpoints behave better than random weights, but check the videos: this is a speed/quality trade, not parity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+_AMAX_FLOOR = 1e-12  # rows below this share its scale (coarser steps for them, never a division by zero)
+_ALIGN = 16  # the CUDA kernels need both GEMM widths to be multiples of 16
+
+# Per block: the linears whose inputs are video tokens or text tokens (see the module docstring).
+FP8_PROJECTIONS = (
+    "video_self.qkvg", "video_self.out",
+    "video_text.q_gate", "video_text.out", "video_text.kv", "audio_text.kv",
+    "a2v.q_gate", "a2v.out", "v2a.kv",
+    "video_ff.fc1", "video_ff.fc2",
+)
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., K] -> (e4m3 [..., K], float32 scales [..., 1]) with x ~= q * scale, one scale per row (its absolute
+    max maps to 448). The clamp guards a rounding of max / scale just above 448, which e4m3 would make NaN."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_AMAX_FLOOR) / E4M3_MAX
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+class Float8Linear(nn.Module):
+    """A Linear whose weight is stored in e4m3 with one float32 scale per output channel; the input is quantized
+    per row in the forward (`quantize_rows`) and multiplied by `torch._scaled_mm`. Built by `from_linear`.
+
+    The output rows are padded to a multiple of 16 with zero weights (the CUDA kernels need it; the LTX-2.3 widths
+    already are) and the padding is sliced off the output. `project_rows` gives the STG value pass-through the
+    rows it needs without touching the others."""
+
+    def __init__(self, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, out_features: int,
+                 out_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.out_dtype = weight.shape[1], out_features, out_dtype
+        self.register_buffer("weight", weight)  # [N rounded up to 16, K] e4m3
+        self.register_buffer("weight_scale", weight_scale)  # [1, N rounded up] float32
+        self.register_buffer("bias", bias)  # [N rounded up] model dtype, or None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Float8Linear:
+        """Quantize `linear`'s weight per output channel (its bias stays in its dtype)."""
+        n, k = linear.weight.shape
+        if k % _ALIGN:
+            raise ValueError(f"Float8Linear: in_features must be a multiple of {_ALIGN}, got {k}")
+        pad = -n % _ALIGN
+        with torch.no_grad():
+            q, scale = quantize_rows(F.pad(linear.weight, (0, 0, 0, pad)))  # [N', K], [N', 1]
+            bias = None if linear.bias is None else F.pad(linear.bias, (0, pad))
+        return cls(q, scale.view(1, -1).contiguous(), bias, n, linear.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project_rows(x, 0)
+
+    def project_rows(self, x: Tensor, start: int) -> Tensor:
+        """The output features [start:] of `self(x)`, computing only those rows of the weight. `start` must be a
+        multiple of 16 (the kernels' alignment) and below out_features."""
+        if start % _ALIGN or not 0 <= start < self.out_features:
+            raise ValueError(f"Float8Linear.project_rows: start must be a multiple of {_ALIGN} in "
+                             f"[0, {self.out_features}), got {start}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Float8Linear: input has {x.shape[-1]} features, expected {self.in_features}")
+        q, scale = quantize_rows(x.reshape(-1, self.in_features))
+        weight, weight_scale = self.weight[start:], self.weight_scale[:, start:]
+        bias = None if self.bias is None else self.bias[start:]
+        if q.is_cuda:
+            out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale, bias=bias,
+                                   out_dtype=self.out_dtype)
+        else:  # the same product in float32 (CPU `_scaled_mm` takes only per-tensor scales in some releases)
+            out = F.linear(q.float() * scale, weight.float() * weight_scale.t(), None if bias is None else bias.float())
+            out = out.to(self.out_dtype)
+        out = out.view(*x.shape[:-1], -1)
+        return out if out.shape[-1] == self.out_features - start else out[..., : self.out_features - start]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3, per-channel scales"
+
+
+def project_rows(linear: nn.Module, x: Tensor, start: int) -> Tensor:
+    """The output features [start:] of `linear(x)` for an `nn.Linear` or a `Float8Linear`, computing only those
+    rows of the weight (the STG value pass-through needs [v | gate] of the fused q/k/v/gate projection)."""
+    if isinstance(linear, Float8Linear):
+        return linear.project_rows(x, start)
+    return F.linear(x, linear.weight[start:], None if linear.bias is None else linear.bias[start:])
+
+
+def output_error(out: Tensor, ref: Tensor) -> dict[str, float]:
+    """||out - ref|| / ||ref|| and the cosine of the two, in float64: how far an FP8 output is from bf16's."""
+    o, r = out.double().flatten(), ref.double().flatten()
+    return {"relative_error": ((o - r).norm() / r.norm()).item(), "cosine": F.cosine_similarity(o, r, dim=0).item()}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any module of `model` is a `Float8Linear`."""
+    return any(isinstance(m, Float8Linear) for m in model.modules())
+
+
+@torch.no_grad()
+def quantize_fp8(model: nn.Module) -> int:
+    """Replace the `FP8_PROJECTIONS` of every block of an `LTX2Transformer` by `Float8Linear`s, in place; returns
+    how many were replaced. The bf16 weights they held are released (unless referenced elsewhere). Load weights
+    first: the checkpoint loaders refuse a quantized model. A model quantized twice is an error (its weights are
+    already e4m3)."""
+    if is_quantized(model):
+        raise ValueError("quantize_fp8: the model is already quantized")
+    allowed = (torch.bfloat16,) if model.device.type == "cuda" else (torch.bfloat16, torch.float32)
+    if model.dtype not in allowed:
+        raise ValueError(f"quantize_fp8: the model dtype must be {' or '.join(str(d) for d in allowed)} on "
+                         f"{model.device.type} (the row-wise FP8 GEMMs write bf16 on CUDA), got {model.dtype}")
+    count = 0
+    for block in model.blocks:
+        for path in FP8_PROJECTIONS:
+            owner_name, leaf = path.split(".")
+            owner = getattr(block, owner_name)
+            setattr(owner, leaf, Float8Linear.from_linear(getattr(owner, leaf)))
+            count += 1
+    model.weights_version += 1  # graph keys include it: no graph of the bf16 weights replays
+    return count

@@ -1,0 +1,227 @@
+"""The FP8 projections (`pipeline.fp8`): the e4m3 Linear against its float64 definition and against the Linear
+it replaces, the quantization of a model, and (GPU) the same under compile + CUDA graphs, synchronisation-free.
+
+The definition: with row scales s_x (per token) and s_w (per output channel), out = (q_x s_x) (q_w s_w)^T + b,
+where q are the e4m3 values. Against that, the GEMM is exact up to its float32 accumulation and the output's
+rounding; against the unquantized Linear it is off by e4m3's 3 mantissa bits (~4e-2 on random data)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import LatentGrid, ModelConfig
+from pipeline.fp8 import (
+    E4M3,
+    FP8_PROJECTIONS,
+    Float8Linear,
+    is_quantized,
+    output_error,
+    project_rows,
+    quantize_fp8,
+    quantize_rows,
+)
+from pipeline.model import build_model
+from pipeline.rope import build_rope_tables
+from pipeline.weights import WeightLoadError, load_weights, save_diffusers_transformer
+from tests.pipeline.reference import random_inputs, relative_error
+
+GRID = LatentGrid(frames=3, height=2, width=3, audio_tokens=7)
+
+
+def dequantized_reference(layer: Float8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The float64 value `layer(x)` computes: both operands rebuilt from their e4m3 values and row scales."""
+    q, scale = quantize_rows(x.reshape(-1, layer.in_features))
+    xs = q.double() * scale.double()
+    ws = layer.weight.double() * layer.weight_scale.double().t()
+    out = xs @ ws.t() + (0 if layer.bias is None else layer.bias.double())
+    return out[:, : layer.out_features].view(*x.shape[:-1], layer.out_features)
+
+
+def random_linear(k: int, n: int, *, dtype=torch.float32, device="cpu", seed=0, bias=True) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(k, n, bias=bias).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.normal_(0, k ** -0.5)
+    return linear
+
+
+def check_linear(linear: nn.Linear, x: torch.Tensor, *, exact_tol: float) -> Float8Linear:
+    layer = Float8Linear.from_linear(linear)
+    out = layer(x)
+    assert out.shape == (*x.shape[:-1], linear.out_features) and out.dtype == x.dtype
+    assert relative_error(out, dequantized_reference(layer, x)) < exact_tol
+    err = relative_error(out, linear(x))  # e4m3's rounding on random data
+    assert 5e-3 < err < 6e-2, err
+    return layer
+
+
+@pytest.mark.parametrize("n", [64, 98])  # 98: padded to 112 rows, sliced off the output
+@pytest.mark.parametrize("bias", [True, False])
+def test_float8_linear_is_its_definition_and_near_the_linear(n, bias):
+    linear = random_linear(32, n, bias=bias, seed=n)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(n))
+    layer = check_linear(linear, x, exact_tol=1e-6)
+    assert layer.weight.dtype == E4M3 and layer.weight.shape == (-(-n // 16) * 16, 32)
+    assert layer.weight_scale.shape == (1, layer.weight.shape[0]) and layer.weight_scale.dtype == torch.float32
+
+
+def test_project_rows_is_the_slice_of_the_full_output():
+    linear = random_linear(32, 98, seed=3)
+    layer = Float8Linear.from_linear(linear)
+    x = torch.randn(4, 32)
+    for start in (0, 16, 64, 96):
+        torch.testing.assert_close(project_rows(layer, x, start), layer(x)[..., start:], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(project_rows(linear, x, start), linear(x)[..., start:])
+    for bad in (8, -16, 98, 112):
+        with pytest.raises(ValueError, match=f"start must be a multiple of 16 in \\[0, 98\\), got {bad}"):
+            layer.project_rows(x, bad)
+
+
+def test_float8_linear_refuses_widths_and_inputs_it_cannot_multiply():
+    with pytest.raises(ValueError, match="in_features must be a multiple of 16, got 24"):
+        Float8Linear.from_linear(nn.Linear(24, 32))
+    layer = Float8Linear.from_linear(nn.Linear(32, 32))
+    with pytest.raises(ValueError, match="input has 16 features, expected 32"):
+        layer(torch.randn(3, 16))
+
+
+def test_quantize_rows_is_safe_at_the_edges():
+    """An all-zero row quantizes to zeros (no 0/0); a huge or small row keeps its relative precision, its largest
+    value mapped to +-448 (e4m3's max), never past it (which would be NaN); a row under 1e-12 is quantized on the
+    fixed scale 1e-12 / 448 (coarser, never a division by zero)."""
+    x = torch.stack([torch.zeros(32), torch.randn(32) * 1e30, torch.randn(32) * 1e-8, torch.randn(32),
+                     torch.full((32,), 1e-14)])
+    q, scale = quantize_rows(x)
+    assert torch.isfinite(q.float()).all() and (q[0].float() == 0).all()
+    assert scale[4].item() == pytest.approx(1e-12 / 448) and (q[4].float() * scale[4] - 1e-14).abs().max() < 1e-15
+    assert q.float().abs().amax(dim=-1)[1:4].eq(448).all()
+    back = q.float() * scale
+    for row in (1, 2, 3):
+        assert relative_error(back[row], x[row]) < 4e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_model_stays_near_the_model(dtype):
+    """Every FP8 projection of every block is replaced; the forward's outputs stay within a few percent of the
+    unquantized model's, on every pass kind (STG value pass-through and the exchange switches included)."""
+    model = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=dtype, seed=0)
+    rope = build_rope_tables(model.config, GRID, device="cpu")
+    x = random_inputs(model.config, GRID, batch=2, seed=4, dtype=dtype)
+    passes = [{}, dict(skip_video_self_attn_blocks=(0,), skip_audio_self_attn_blocks=(1,)),
+              dict(disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)]
+
+    def outputs():
+        with torch.no_grad():
+            return [model(x.video, x.audio, x.video_context, x.audio_context, x.sigma, rope, **p) for p in passes]
+
+    before, version = outputs(), model.weights_version
+    assert quantize_fp8(model) == len(FP8_PROJECTIONS) * model.config.num_layers
+    assert is_quantized(model) and model.weights_version == version + 1  # no graph of the old weights replays
+    assert isinstance(model.blocks[1].video_ff.fc2, Float8Linear)
+    assert type(model.blocks[1].audio_ff.fc2) is nn.Linear  # the audio tokens' projections stay
+    for b, a in zip(before, outputs()):
+        for ref, out in zip(b, a):
+            error = output_error(out, ref)
+            assert error["relative_error"] < 6e-2 and error["cosine"] > 0.998, error
+
+
+def test_quantize_fp8_refusals(tmp_path):
+    model = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=torch.float32, seed=0)
+    save_diffusers_transformer(model, tmp_path / "ckpt")
+    quantize_fp8(model)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_fp8(model)
+    with pytest.raises(WeightLoadError, match="load or export its weights before quantizing"):
+        load_weights(model, tmp_path / "ckpt")
+    with pytest.raises(WeightLoadError, match="before quantizing"):
+        save_diffusers_transformer(model, tmp_path / "again")
+    half = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=torch.float16, seed=0)
+    with pytest.raises(ValueError, match="model dtype must be torch.bfloat16 or torch.float32 on cpu"):
+        quantize_fp8(half)
+
+
+def test_quantized_forward_has_no_host_sync_ops():
+    from tests.pipeline.test_model import _OpRecorder
+
+    model = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=torch.float32, seed=0)
+    quantize_fp8(model)
+    rope = build_rope_tables(model.config, GRID, device="cpu")
+    x = random_inputs(model.config, GRID, seed=6)
+    recorder = _OpRecorder()
+    with torch.no_grad(), recorder:
+        model(x.video, x.audio, x.video_context, x.audio_context, x.sigma, rope, skip_video_self_attn_blocks=(1,))
+    assert recorder.found == []
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------------
+
+def _needs_fp8_gpu():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a GPU with FP8 tensor cores (sm_89 or newer)")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m, k, n", [(37, 64, 98), (1536, 4096, 12320), (126, 2048, 4096)])
+def test_float8_linear_on_the_gpu_is_its_definition(m, k, n):
+    _needs_fp8_gpu()
+    linear = random_linear(k, n, dtype=torch.bfloat16, device="cuda", seed=m)
+    x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16)
+    check_linear(linear, x, exact_tol=5e-3)  # bf16 output rounding
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
+def test_fp8_graphs_compile_and_no_host_sync():
+    """The `small` preset quantized: graph replays (no compile) equal eager bitwise; compile + graphs stays as
+    close to eager FP8 as FP8 is to bf16; a graph captured before quantizing is never replayed after it; the warm
+    loop makes no host sync."""
+    _needs_fp8_gpu()
+    from graphs.executor import GraphExecutor
+    from pipeline.denoise import denoise_stage1
+    from pipeline.executor import EagerExecutor
+    from pipeline.guidance import GuidanceConfig
+    from pipeline.passes import pass_specs_for
+    from profiling.syncs import cuda_sync_debug, detect_host_syncs
+    from tests.graphs.helpers import make_conditioning, make_latents
+
+    grid = LatentGrid(frames=2, height=4, width=6, audio_tokens=13)
+    hq = pass_specs_for(GuidanceConfig.preset("hq"))
+    model = build_model(ModelConfig.preset("small"), device="cuda", dtype=torch.bfloat16, seed=0)
+    cond = make_conditioning(model.config, grid, device="cuda", text_tokens=16, seed=1)
+    video, audio = make_latents(model.config, grid, device="cuda", seed=2)
+
+    def passes(executor):
+        if hasattr(executor, "set_conditioning"):
+            executor.set_conditioning(cond)
+        with torch.no_grad():
+            return executor.run(video, audio, 0.5, hq)
+
+    bf16_eager = passes(EagerExecutor(model))
+    graphs = GraphExecutor(model, miss_policy="capture")
+    graphs.warmup(hq, video, audio, conditioning=cond)
+    captures = graphs.stats.captures
+    quantize_fp8(model)
+    fp8_eager = passes(EagerExecutor(model))
+    fp8_graphs = passes(graphs)  # the bf16 graphs are keyed on the old weights version: captured again
+    assert graphs.stats.captures == captures + len(hq)
+    for name in fp8_eager:
+        for out, ref in zip(fp8_graphs[name], fp8_eager[name]):
+            assert torch.equal(out, ref), name
+    compiled = GraphExecutor(model, compile="default")
+    fp8_compiled = passes(compiled)
+    for name in fp8_eager:
+        for out, ref, bf16 in zip(fp8_compiled[name], fp8_eager[name], bf16_eager[name]):
+            fp8_error = output_error(ref, bf16)["relative_error"]
+            assert 1e-3 < fp8_error < 0.1, (name, fp8_error)
+            assert output_error(out, ref)["relative_error"] <= max(fp8_error, 1e-2), name
+    strict = GraphExecutor(model, miss_policy="strict", compile="default")
+    strict.warmup(hq, video, audio, conditioning=cond)
+    with cuda_sync_debug("error"), detect_host_syncs(mode="raise"):
+        result = denoise_stage1(strict, cond, video, audio, seed=3, steps=2, guidance="hq", quiet=True)
+    assert strict.stats.misses == 0 and torch.isfinite(result.video).all()
+    del model, graphs, compiled, strict
+    torch.cuda.empty_cache()
