@@ -14,13 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.fp8 import project_rows
+from pipeline.fp8 import Float8Linear, project_rows
 from pipeline.fused import rms_norm_, rms_norm_rope_qk
 from pipeline.rope import CosSin, apply_split_rope
 
 
-def gated_output(out: nn.Linear, heads: Tensor, gate_logits: Tensor) -> Tensor:
-    """`out(heads * 2 sigmoid(gate))`: heads [B, N, H, D], gate_logits [B, N, H] -> [B, N, dim]."""
+def gated_output(out: nn.Module, heads: Tensor, gate_logits: Tensor) -> Tensor:
+    """`out(heads * 2 sigmoid(gate))`: heads [B, N, H, D], gate_logits [B, N, H] -> [B, N, dim]. An FP8 `out`
+    (`pipeline.fp8`) gates and quantizes its input in one kernel."""
+    if isinstance(out, Float8Linear):
+        return out.of_gated_heads(heads, gate_logits)
     gates = 2.0 * torch.sigmoid(gate_logits)  # [B, N, H]
     return out((heads * gates.unsqueeze(-1)).flatten(2))  # [B, N, H * D] -> [B, N, dim]
 

@@ -50,6 +50,54 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
+_TRITON_MAX_COLS = 16384  # pipeline.fp8_triton holds one row per program in registers
+
+
+@torch.library.custom_op("ltx2::gelu_quantize_rows", mutates_args=())
+def _gelu_quantize_rows_op(rows: Tensor) -> tuple[Tensor, Tensor]:
+    from pipeline.fp8_triton import gelu_quantize_rows as kernel
+
+    return kernel(rows, _AMAX_FLOOR, E4M3_MAX)
+
+
+@_gelu_quantize_rows_op.register_fake
+def _(rows: Tensor) -> tuple[Tensor, Tensor]:
+    return rows.new_empty(rows.shape, dtype=E4M3), rows.new_empty((rows.shape[0], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("ltx2::gated_heads_quantize_rows", mutates_args=())
+def _gated_heads_quantize_rows_op(heads: Tensor, gate_logits: Tensor) -> tuple[Tensor, Tensor]:
+    from pipeline.fp8_triton import gated_heads_quantize_rows as kernel
+
+    return kernel(heads, gate_logits, _AMAX_FLOOR, E4M3_MAX)
+
+
+@_gated_heads_quantize_rows_op.register_fake
+def _(heads: Tensor, gate_logits: Tensor) -> tuple[Tensor, Tensor]:
+    b, n, h, d = heads.shape
+    return heads.new_empty((b * n, h * d), dtype=E4M3), heads.new_empty((b * n, 1), dtype=torch.float32)
+
+
+def gated_heads_quantize_rows(heads: Tensor, gate_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """`quantize_rows` of `heads * 2 sigmoid(gate_logits)` flattened to [B * N, H * D] (heads [B, N, H, D],
+    gate_logits [B, N, H]): on CUDA one Triton kernel reading each row once (pipeline/fp8_triton.py; inductor
+    splits it into a reduction and a pointwise kernel), elsewhere the formula. The FP8 output projection's input
+    (`Float8Linear.of_gated_heads`)."""
+    if heads.is_cuda and heads.stride(-1) == 1 and heads.shape[-2] * heads.shape[-1] <= _TRITON_MAX_COLS:
+        return _gated_heads_quantize_rows_op(heads, gate_logits)
+    gated = heads * (2.0 * torch.sigmoid(gate_logits)).unsqueeze(-1)
+    return quantize_rows(gated.reshape(-1, heads.shape[-2] * heads.shape[-1]))
+
+
+def gelu_quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`quantize_rows(gelu(x, approximate="tanh"))` for x [M, K]: on CUDA one Triton kernel that reads each row
+    once (pipeline/fp8_triton.py; inductor's fusion of the two reads and computes it twice), elsewhere the
+    formula. The FP8 fc2's input (`Float8Linear.of_gelu`)."""
+    if x.is_cuda and x.shape[-1] <= _TRITON_MAX_COLS and x.stride(-1) == 1:
+        return _gelu_quantize_rows_op(x)
+    return quantize_rows(F.gelu(x, approximate="tanh"))
+
+
 class Float8Linear(nn.Module):
     """A Linear whose weight is stored in e4m3 with one float32 scale per output channel; the input is quantized
     per row in the forward (`quantize_rows`) and multiplied by `torch._scaled_mm`. Built by `from_linear`.
@@ -87,9 +135,33 @@ class Float8Linear(nn.Module):
         if start % _ALIGN or not 0 <= start < self.out_features:
             raise ValueError(f"Float8Linear.project_rows: start must be a multiple of {_ALIGN} in "
                              f"[0, {self.out_features}), got {start}")
+        self._check_width(x)
+        q, scale = quantize_rows(x.reshape(-1, self.in_features))
+        return self._project(q, scale, x.shape[:-1], start)
+
+    def of_gelu(self, h: Tensor) -> Tensor:
+        """`self(gelu(h, approximate="tanh"))`: the GELU and the input's quantization in one pass
+        (`gelu_quantize_rows`). The FFN's fc2 under FP8, where the bf16 model has the GELU in fc1's epilogue."""
+        self._check_width(h)
+        q, scale = gelu_quantize_rows(h.reshape(-1, self.in_features))
+        return self._project(q, scale, h.shape[:-1], 0)
+
+    def of_gated_heads(self, heads: Tensor, gate_logits: Tensor) -> Tensor:
+        """`self((heads * 2 sigmoid(gate_logits)).flatten(2))` for heads [B, N, H, D], gate_logits [B, N, H]: the
+        gates and the input's quantization in one pass (`gated_heads_quantize_rows`). An attention's output
+        projection under FP8 (`pipeline.attention.gated_output`)."""
+        b, n, h, d = heads.shape
+        if h * d != self.in_features:
+            raise ValueError(f"Float8Linear: heads give {h} x {d} features, expected {self.in_features}")
+        q, scale = gated_heads_quantize_rows(heads, gate_logits)
+        return self._project(q, scale, torch.Size((b, n)), 0)
+
+    def _check_width(self, x: Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Float8Linear: input has {x.shape[-1]} features, expected {self.in_features}")
-        q, scale = quantize_rows(x.reshape(-1, self.in_features))
+
+    def _project(self, q: Tensor, scale: Tensor, lead: torch.Size, start: int) -> Tensor:
+        """The GEMM of quantized rows q [M, K] (scales [M, 1]) with weight rows [start:], shaped [*lead, N']."""
         weight, weight_scale = self.weight[start:], self.weight_scale[:, start:]
         bias = None if self.bias is None else self.bias[start:]
         if q.is_cuda:
@@ -98,7 +170,7 @@ class Float8Linear(nn.Module):
         else:  # the same product in float32 (CPU `_scaled_mm` takes only per-tensor scales in some releases)
             out = F.linear(q.float() * scale, weight.float() * weight_scale.t(), None if bias is None else bias.float())
             out = out.to(self.out_dtype)
-        out = out.view(*x.shape[:-1], -1)
+        out = out.view(*lead, -1)
         return out if out.shape[-1] == self.out_features - start else out[..., : self.out_features - start]
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.attention import CrossAttention, SelfAttention, exchange_attention
 from pipeline.config import ModelConfig, block_indices
+from pipeline.fp8 import Float8Linear
 from pipeline.fused import linear_gelu_tanh
 from pipeline.rope import CosSin, RopeTables
 from pipeline.streams import SEQUENTIAL, AudioStreams, OverlapStreams, SideStreamCache
@@ -78,7 +79,8 @@ class AdaLNSingle(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """fc2(gelu_tanh(fc1(x))); on CUDA the GELU runs in fc1's cuBLASLt epilogue (`pipeline.fused`)."""
+    """fc2(gelu_tanh(fc1(x))); on CUDA the GELU runs in fc1's cuBLASLt epilogue (`pipeline.fused`), or, with an
+    FP8 fc2 (`pipeline.fp8`), in the kernel that quantizes fc2's input."""
 
     def __init__(self, dim: int, mult: int):
         super().__init__()
@@ -86,6 +88,8 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(mult * dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.fc2, Float8Linear):
+            return self.fc2.of_gelu(self.fc1(x))
         return self.fc2(linear_gelu_tanh(x, self.fc1))
 
 

@@ -81,6 +81,19 @@ def test_project_rows_is_the_slice_of_the_full_output():
             layer.project_rows(x, bad)
 
 
+def test_fused_inputs_are_the_linear_of_their_formula():
+    """`of_gelu` and `of_gated_heads` (one kernel each on CUDA) compute the projection of their formula."""
+    gen = torch.Generator().manual_seed(5)
+    fc2 = Float8Linear.from_linear(random_linear(64, 48, seed=5))
+    h = torch.randn(2, 7, 64, generator=gen)
+    torch.testing.assert_close(fc2.of_gelu(h), fc2(torch.nn.functional.gelu(h, approximate="tanh")))
+    heads, logits = torch.randn(2, 7, 4, 16, generator=gen), torch.randn(2, 7, 4, generator=gen)
+    gated = (heads * (2.0 * torch.sigmoid(logits)).unsqueeze(-1)).flatten(2)
+    torch.testing.assert_close(fc2.of_gated_heads(heads, logits), fc2(gated))
+    with pytest.raises(ValueError, match="heads give 4 x 8 features, expected 64"):
+        fc2.of_gated_heads(heads[..., :8], logits)
+
+
 def test_float8_linear_refuses_widths_and_inputs_it_cannot_multiply():
     with pytest.raises(ValueError, match="in_features must be a multiple of 16, got 24"):
         Float8Linear.from_linear(nn.Linear(24, 32))
@@ -171,6 +184,47 @@ def test_float8_linear_on_the_gpu_is_its_definition(m, k, n):
     linear = random_linear(k, n, dtype=torch.bfloat16, device="cuda", seed=m)
     x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16)
     check_linear(linear, x, exact_tol=5e-3)  # bf16 output rounding
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m, n", [(37, 98), (300, 4096), (129, 16384)])
+def test_gelu_quantize_kernel_is_the_formula(m, n):
+    """The one-pass Triton GELU + quantization against the formula (GELU in bf16, then `quantize_rows`): equal
+    within the bf16 rounding the kernel skips; large inputs saturate tanh without NaN."""
+    _needs_fp8_gpu()
+    from pipeline.fp8 import gelu_quantize_rows
+
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) * 3
+    x[0, :4] = torch.tensor([60.0, -60.0, 0.0, 1e-3])  # tanh saturated both ways, zero, tiny
+    q, scale = gelu_quantize_rows(x)
+    assert q.dtype == E4M3 and q.shape == (m, n) and scale.shape == (m, 1) and torch.isfinite(q.float()).all()
+    rq, rscale = quantize_rows(torch.nn.functional.gelu(x, approximate="tanh"))
+    torch.testing.assert_close(scale, rscale, rtol=1e-2, atol=0)
+    exact = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    assert relative_error(q.double() * scale, rq.double() * rscale) < 1e-2
+    assert relative_error(q.double() * scale, exact) < 4e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("b, n, h, d, layout", [(1, 37, 3, 24, "bhnd"), (2, 300, 32, 128, "bhnd"),
+                                                (1, 129, 32, 64, "bnhd")])
+def test_gated_heads_quantize_kernel_is_the_formula(b, n, h, d, layout):
+    """The one-pass Triton gates + quantization against the formula, on heads laid out as SDPA returns them (a
+    [B, H, N, D] buffer seen as [B, N, H, D]) or contiguous, gate logits a column slice of a wider projection."""
+    _needs_fp8_gpu()
+    from pipeline.fp8 import gated_heads_quantize_rows
+
+    heads = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) if layout == "bhnd" else \
+        torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(b, n, 3 * h, device="cuda", dtype=torch.bfloat16)[..., h: 2 * h] * 4
+    q, scale = gated_heads_quantize_rows(heads, logits)
+    assert q.shape == (b * n, h * d) and scale.shape == (b * n, 1) and torch.isfinite(q.float()).all()
+    gated = (heads * (2.0 * torch.sigmoid(logits)).unsqueeze(-1)).reshape(b * n, h * d)
+    rq, rscale = quantize_rows(gated)
+    torch.testing.assert_close(scale, rscale, rtol=1e-2, atol=0)
+    exact = (heads.double() * (2.0 * torch.sigmoid(logits.double())).unsqueeze(-1)).reshape(b * n, h * d)
+    assert relative_error(q.double() * scale, rq.double() * rscale) < 1e-2
+    assert relative_error(q.double() * scale, exact) < 4e-2
 
 
 @pytest.mark.cuda
