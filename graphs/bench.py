@@ -4,7 +4,9 @@ with diffusers' `LTX2VideoTransformer3DModel` (same weights) as peer rows.
 Order of work, and why:
 1. measure the bf16 matmul peak (the MFU denominator) before any model exists;
 2. build our model once (seeded random weights, or `--weights`) and, per executor and shape, measure a cell
-   (`graphs.bench_rows`); each executor is dropped after its cell so graph pools do not pile up;
+   (`graphs.bench_rows`); each executor is dropped after its cell so graph pools do not pile up. `--fp8` then
+   quantizes that model in place for the "ours-fp8" rows (`pipeline.fp8`) and builds the bf16 model again for
+   the peer;
 3. peer rows: diffusers' transformer gets our weights under its names (`pipeline.weights`). The ltx2.3 preset is
    ~38 GB in bf16, so two copies plus activations do not fit an 80 GB card: when a second copy would not fit
    in free GPU memory, our weights are first copied to CPU memory, our model is freed, and the peer
@@ -29,9 +31,9 @@ from dataclasses import replace
 
 import torch
 
-from graphs.bench_report import BenchReport, format_report
+from graphs.bench_report import BenchReport, StepRow, format_report
 from graphs.bench_rows import CellInputs, CellPlan, measure_cell
-from graphs.cli_console import CommandError, Progress, emit_json
+from graphs.cli_console import CommandError, Progress, emit_json, one_line
 from graphs.run_executors import EXECUTOR_NAMES
 from graphs.run_workload import (
     Workload,
@@ -234,12 +236,13 @@ def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress
     run_cells("ours", model, executors, shapes, plan, report, progress, prepare=prepare, clocks=clocks)
     if workload.fp8:
         _fp8_rows(model, executors, shapes, plan, report, progress, prepare, clocks)
-        if peers:  # the peer needs the bf16 weights the quantization released: the same seed or file again
-            del model
-            torch.compiler.reset()  # compiled code of our blocks may still reference their tensors
-            peer_lib.free_cuda_memory()
-            progress("rebuilding the bf16 model (same weights) for the peer")
-            model = build_model(bf16, progress)
+    del prepare  # its closure holds our model, which the peer rows must not keep alive
+    if workload.fp8 and peers:  # the peer needs the bf16 weights the quantization released: same seed or file
+        del model
+        torch.compiler.reset()  # compiled code of our blocks may still reference their tensors
+        peer_lib.free_cuda_memory()
+        progress("rebuilding the bf16 model (same weights) for the peer")
+        model = build_model(bf16, progress)
     model.attention_backend = "auto"  # the peer copy is built from our weights, not our settings
     if peers:
         peer = _build_peer(model, workload, report, progress)
@@ -252,13 +255,20 @@ def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress
 def _fp8_rows(model, executors, shapes: dict[int, CellInputs], plan: CellPlan, report: BenchReport,
               progress: Progress, prepare, clocks) -> None:
     """`--fp8`: quantize our model in place, then measure its cond output against bf16's and its rows
-    ("ours-fp8") on the same weights and inputs."""
+    ("ours-fp8") on the same weights and inputs. A failure before the rows (quantization, the error check) fails
+    one "ours-fp8" step row per shape: the rows measured so far still come out, and the bench exits 1."""
     from pipeline.fp8 import output_error
 
-    before = _cond_outputs(model, shapes, plan)
-    quantize(model, progress)
-    torch.compiler.reset()  # our compiled regions of the bf16 model: nothing of them serves the FP8 one
-    after = _cond_outputs(model, shapes, plan)
+    try:
+        before = _cond_outputs(model, shapes, plan)
+        torch.compiler.reset()  # our compiled regions of the bf16 model (and the weights they pin) serve no FP8 one
+        quantize(model, progress)
+        after = _cond_outputs(model, shapes, plan)
+    except Exception as e:
+        message = one_line(f"{type(e).__name__}: {e}")
+        progress(f"ours-fp8: FAILED before its rows: {message}")
+        report.steps += [StepRow("ours-fp8", "-", tokens, (), error=message) for tokens in shapes]
+        return
     for tokens in shapes:
         for stream, ref, out in zip(("video", "audio"), before[tokens], after[tokens]):
             report.fp8_error.append({"video_tokens": tokens, "stream": stream, **output_error(out, ref)})

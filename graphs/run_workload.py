@@ -131,13 +131,14 @@ def resolve_workload(args, *, grid: LatentGrid | None = None) -> Workload:
 
 
 def _fp8_flag(args, device: torch.device, dtype_name: str) -> bool:
-    """`--fp8`, refused where it cannot run or could not pay: e4m3 GEMMs need a Hopper (sm_90) or newer GPU."""
+    """`--fp8`, refused where it cannot run (`pipeline.fp8.fp8_unsupported`; on CPU it runs, in float32 math)."""
+    from pipeline.fp8 import fp8_unsupported
+
     if not getattr(args, "fp8", False):
         return False
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        raise CommandError(f"--fp8 needs FP8 tensor cores (sm_89 or newer); {name} has none",
-                           hint="drop --fp8")
+    reason = fp8_unsupported(device)
+    if reason:
+        raise CommandError(f"--fp8: {reason}", hint="drop --fp8")
     if device.type == "cuda" and dtype_name != "bf16":
         raise CommandError(f"--fp8 on a GPU needs a bf16 model (the row-wise FP8 GEMMs write bf16), got --dtype "
                            f"{dtype_name}", hint="use --dtype bf16 (or auto) with --fp8")

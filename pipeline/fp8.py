@@ -7,10 +7,12 @@ default model stays bf16, and its parity with eager is unchanged.
 
 Scaling (`torch._scaled_mm`'s row-wise mode on CUDA; off CUDA the same product of the dequantized operands in
 float32): one float32 scale per weight row (output channel), computed once
-by `quantize_fp8`; one per activation row (token), computed in the forward from the row's absolute maximum. That
-max is a reduction over the row the producing kernel already reads (the norm + modulation before a projection,
-the GELU before fc2), so inductor fuses it there; eager runs it as separate kernels. The bias is added in the
-GEMM epilogue, the output is in the model dtype (bf16 on CUDA; float32 too on CPU, for tests).
+by `quantize_fp8`; one per activation row (token), computed in the forward from the row's absolute maximum. Under
+compile, inductor fuses that maximum and the cast into the kernel that produces the row (the norm + modulation
+before a projection), in a second loop over the row. The FFN's GELU before fc2 and the attention gates before each
+output projection are computed and quantized by Triton kernels of ours instead, in one read of the row
+(`gelu_quantize_rows`, `gated_heads_quantize_rows`; pipeline/fp8_triton.py), eager or compiled. The bias is added
+in the GEMM epilogue, the output is in the model dtype (bf16 on CUDA; float32 too on CPU, for tests).
 
 Which projections: those whose rows are video tokens or text tokens (`FP8_PROJECTIONS`). The audio chain's
 (126 rows at every video size) stay bf16: at that height a GEMM is bound by its weight reads, and the row-wise
@@ -41,6 +43,19 @@ FP8_PROJECTIONS = (
     "a2v.q_gate", "a2v.out", "v2a.kv",
     "video_ff.fc1", "video_ff.fc2",
 )
+
+
+def fp8_unsupported(device: torch.device | str) -> str | None:
+    """Why `device` cannot run the FP8 projections, or None when it can: CUDA needs FP8 tensor cores (sm_89 or
+    newer; measured on sm_90, H100/H200). CPU runs the same product in float32 (for tests: no faster)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}) has no FP8 tensor cores; FP8 needs "
+                "sm_89 or newer (Ada, Hopper)")
+    return None
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,7 +125,7 @@ class Float8Linear(nn.Module):
                  out_dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features, self.out_dtype = weight.shape[1], out_features, out_dtype
-        self.register_buffer("weight", weight)  # [N rounded up to 16, K] e4m3
+        self.register_buffer("weight_e4m3", weight)  # [N rounded up to 16, K] (not `weight`: no bf16 loads)
         self.register_buffer("weight_scale", weight_scale)  # [1, N rounded up] float32
         self.register_buffer("bias", bias)  # [N rounded up] model dtype, or None
 
@@ -125,6 +140,15 @@ class Float8Linear(nn.Module):
             q, scale = quantize_rows(F.pad(linear.weight, (0, 0, 0, pad)))  # [N', K], [N', 1]
             bias = None if linear.bias is None else F.pad(linear.bias, (0, pad))
         return cls(q, scale.view(1, -1).contiguous(), bias, n, linear.weight.dtype)
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the module; a cast (`.to(dtype)`, `.half()`) would turn the e4m3 weights and their
+        float32 scales into other values without a word: refused before anything changes."""
+        probe = fn(torch.empty(0, dtype=E4M3, device=self.weight_e4m3.device))
+        if probe.dtype != E4M3:
+            raise ValueError(f"Float8Linear: its e4m3 weights cannot be cast to {probe.dtype}; cast the model before "
+                             "quantize_fp8")
+        return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.project_rows(x, 0)
@@ -153,6 +177,9 @@ class Float8Linear(nn.Module):
         b, n, h, d = heads.shape
         if h * d != self.in_features:
             raise ValueError(f"Float8Linear: heads give {h} x {d} features, expected {self.in_features}")
+        if gate_logits.shape != heads.shape[:3]:
+            raise ValueError(f"Float8Linear: gate_logits has shape {list(gate_logits.shape)}, expected "
+                             f"{list(heads.shape[:3])} (one logit per token and head)")
         q, scale = gated_heads_quantize_rows(heads, gate_logits)
         return self._project(q, scale, torch.Size((b, n)), 0)
 
@@ -162,7 +189,7 @@ class Float8Linear(nn.Module):
 
     def _project(self, q: Tensor, scale: Tensor, lead: torch.Size, start: int) -> Tensor:
         """The GEMM of quantized rows q [M, K] (scales [M, 1]) with weight rows [start:], shaped [*lead, N']."""
-        weight, weight_scale = self.weight[start:], self.weight_scale[:, start:]
+        weight, weight_scale = self.weight_e4m3[start:], self.weight_scale[:, start:]
         bias = None if self.bias is None else self.bias[start:]
         if q.is_cuda:
             out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale, bias=bias,
@@ -203,17 +230,21 @@ def quantize_fp8(model: nn.Module) -> int:
     first: the checkpoint loaders refuse a quantized model. A model quantized twice is an error (its weights are
     already e4m3)."""
     if is_quantized(model):
-        raise ValueError("quantize_fp8: the model is already quantized")
+        raise ValueError("quantize_fp8 needs an unquantized model; this one is already quantized")
+    reason = fp8_unsupported(model.device)
+    if reason:
+        raise ValueError(f"quantize_fp8: {reason}")
     allowed = (torch.bfloat16,) if model.device.type == "cuda" else (torch.bfloat16, torch.float32)
     if model.dtype not in allowed:
         raise ValueError(f"quantize_fp8: the model dtype must be {' or '.join(str(d) for d in allowed)} on "
                          f"{model.device.type} (the row-wise FP8 GEMMs write bf16 on CUDA), got {model.dtype}")
-    count = 0
-    for block in model.blocks:
-        for path in FP8_PROJECTIONS:
-            owner_name, leaf = path.split(".")
-            owner = getattr(block, owner_name)
-            setattr(owner, leaf, Float8Linear.from_linear(getattr(owner, leaf)))
-            count += 1
+    sites = [(f"blocks.{i}.{path}", getattr(block, path.split(".")[0]), path.split(".")[1])
+             for i, block in enumerate(model.blocks) for path in FP8_PROJECTIONS]
+    for name, owner, leaf in sites:  # every width checked before the first swap: all or nothing
+        k = getattr(owner, leaf).in_features
+        if k % _ALIGN:
+            raise ValueError(f"quantize_fp8: {name} has in_features {k}; FP8 needs a multiple of {_ALIGN}")
+    for _, owner, leaf in sites:
+        setattr(owner, leaf, Float8Linear.from_linear(getattr(owner, leaf)))
     model.weights_version += 1  # graph keys include it: no graph of the bf16 weights replays
-    return count
+    return len(sites)

@@ -26,9 +26,6 @@ from torch import Tensor
 
 from pipeline.rms_norm_triton import _on_device_of
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-
-
 @triton.jit
 def _gelu_quantize_rows(x_ptr, q_ptr, scale_ptr, row_stride, n_cols, amax_floor, fp8_max,
                         BLOCK: tl.constexpr):
@@ -36,7 +33,7 @@ def _gelu_quantize_rows(x_ptr, q_ptr, scale_ptr, row_stride, n_cols, amax_floor,
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi) (x + 0.044715 x^3)
     tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0  # saturates to +-1 without overflow (exp -> inf or 0)
     g = 0.5 * x * (1.0 + tanh)
     scale = tl.maximum(tl.max(tl.abs(g), axis=0), amax_floor) / fp8_max

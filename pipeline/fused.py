@@ -51,11 +51,9 @@ def _(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def linear_gelu_tanh(x: Tensor, linear: torch.nn.Module) -> Tensor:
-    """`gelu(linear(x), approximate="tanh")`, fused into the GEMM epilogue on CUDA for an `nn.Linear` (see the
-    module docstring). Other modules (`pipeline.fp8.Float8Linear`) run the plain formula: under compile inductor
-    fuses that GELU with the next projection's FP8 quantization."""
-    if x.is_cuda and type(linear) is torch.nn.Linear and linear.bias is not None:
+def linear_gelu_tanh(x: Tensor, linear: torch.nn.Linear) -> Tensor:
+    """`gelu(linear(x), approximate="tanh")`, fused into the GEMM epilogue on CUDA (see the module docstring)."""
+    if x.is_cuda and isinstance(linear, torch.nn.Linear) and linear.bias is not None:
         return _linear_gelu_tanh_op(x, linear.weight, linear.bias)
     return F.gelu(linear(x), approximate="tanh")
 

@@ -69,6 +69,22 @@ def test_cpu_bench_fp8_rows_beside_ours_and_the_peer(capsys, tmp_path):
     assert all(r["syncs_per_step"] == 0 for r in data["steps"] if r["impl"] != "diffusers")
 
 
+def test_a_failed_fp8_quantization_keeps_the_rows_measured_before(monkeypatch, capsys):
+    import graphs.bench
+
+    def broken(model, progress):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(graphs.bench, "quantize", broken)
+    code = main(["bench", "--device", "cpu", "--no-peer", "--fp8", "--repeats", "1", "--warmup", "1", "--passes",
+                 "cond", "--quiet", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert [r["impl"] for r in data["passes"]] == ["ours"] and data["passes"][0]["error"] is None
+    failed = [r for r in data["steps"] if r["impl"] == "ours-fp8"]
+    assert len(failed) == 1 and "CUDA out of memory (simulated)" in failed[0]["error"]
+
+
 def test_peer_order_runs_compiled_rows_last():
     assert peer_order(("compile+graphs", "eager", "compile", "graphs")) == ("eager", "graphs", "compile",
                                                                             "compile+graphs")

@@ -11,7 +11,7 @@ from graphs.executor import GraphExecutor
 from pipeline.config import LatentGrid, ModelConfig
 from pipeline.denoise import denoise_stage1
 from pipeline.executor import EagerExecutor
-from pipeline.fp8 import output_error, quantize_fp8
+from pipeline.fp8 import fp8_unsupported, output_error, quantize_fp8
 from pipeline.guidance import GuidanceConfig
 from pipeline.model import build_model
 from pipeline.passes import pass_specs_for
@@ -26,8 +26,8 @@ def test_fp8_graphs_compile_and_no_host_sync():
     """The `small` preset quantized: graph replays (no compile) equal eager bitwise; compile + graphs stays as
     close to eager FP8 as FP8 is to bf16; a graph captured before quantizing is never replayed after it; the warm
     loop makes no host sync."""
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("needs a GPU with FP8 tensor cores (sm_89 or newer)")
+    if fp8_unsupported("cuda"):
+        pytest.skip(fp8_unsupported("cuda"))
     grid = LatentGrid(frames=2, height=4, width=6, audio_tokens=13)
     hq = pass_specs_for(GuidanceConfig.preset("hq"))
     model = build_model(ModelConfig.preset("small"), device="cuda", dtype=torch.bfloat16, seed=0)

@@ -17,6 +17,7 @@ from pipeline.fp8 import (
     E4M3,
     FP8_PROJECTIONS,
     Float8Linear,
+    fp8_unsupported,
     is_quantized,
     output_error,
     project_rows,
@@ -35,7 +36,7 @@ def dequantized_reference(layer: Float8Linear, x: torch.Tensor) -> torch.Tensor:
     """The float64 value `layer(x)` computes: both operands rebuilt from their e4m3 values and row scales."""
     q, scale = quantize_rows(x.reshape(-1, layer.in_features))
     xs = q.double() * scale.double()
-    ws = layer.weight.double() * layer.weight_scale.double().t()
+    ws = layer.weight_e4m3.double() * layer.weight_scale.double().t()
     out = xs @ ws.t() + (0 if layer.bias is None else layer.bias.double())
     return out[:, : layer.out_features].view(*x.shape[:-1], layer.out_features)
 
@@ -64,8 +65,8 @@ def test_float8_linear_is_its_definition_and_near_the_linear(n, bias):
     linear = random_linear(32, n, bias=bias, seed=n)
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(n))
     layer = check_linear(linear, x, exact_tol=1e-6)
-    assert layer.weight.dtype == E4M3 and layer.weight.shape == (-(-n // 16) * 16, 32)
-    assert layer.weight_scale.shape == (1, layer.weight.shape[0]) and layer.weight_scale.dtype == torch.float32
+    assert layer.weight_e4m3.dtype == E4M3 and layer.weight_e4m3.shape == (-(-n // 16) * 16, 32)
+    assert layer.weight_scale.shape == (1, layer.weight_e4m3.shape[0]) and layer.weight_scale.dtype == torch.float32
 
 
 def test_project_rows_is_the_slice_of_the_full_output():
@@ -91,6 +92,23 @@ def test_fused_inputs_are_the_linear_of_their_formula():
     torch.testing.assert_close(fc2.of_gated_heads(heads, logits), fc2(gated))
     with pytest.raises(ValueError, match="heads give 4 x 8 features, expected 64"):
         fc2.of_gated_heads(heads[..., :8], logits)
+    with pytest.raises(ValueError, match=r"gate_logits has shape \[2, 1, 4\], expected \[2, 7, 4\]"):
+        fc2.of_gated_heads(heads, logits[:, :1])
+
+
+def test_float8_linear_moves_but_refuses_a_cast():
+    """`.to(device)` keeps the e4m3 weights; a dtype cast (the model's `.to(bfloat16)`, `.half()`) would rewrite
+    them and their scales into other numbers: refused, nothing changed. A bf16 state dict does not load either
+    (the e4m3 weights are not named `weight`)."""
+    layer = Float8Linear.from_linear(random_linear(32, 32))
+    before = layer.weight_e4m3.clone()
+    assert layer.to("cpu").weight_e4m3.dtype == E4M3
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        with pytest.raises(ValueError, match="e4m3 weights cannot be cast to torch.(bfloat16|float16|float32)"):
+            cast(layer)
+    assert torch.equal(layer.weight_e4m3.view(torch.uint8), before.view(torch.uint8))
+    with pytest.raises(RuntimeError, match="Missing key.*weight_e4m3"):
+        layer.load_state_dict(random_linear(32, 32).state_dict())
 
 
 def test_float8_linear_refuses_widths_and_inputs_it_cannot_multiply():
@@ -99,6 +117,17 @@ def test_float8_linear_refuses_widths_and_inputs_it_cannot_multiply():
     layer = Float8Linear.from_linear(nn.Linear(32, 32))
     with pytest.raises(ValueError, match="input has 16 features, expected 32"):
         layer(torch.randn(3, 16))
+
+
+def test_fp8_support_is_decided_by_the_compute_capability(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Card")
+    for capability, supported in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        reason = fp8_unsupported(torch.device("cuda"))
+        assert (reason is None) is supported
+        if not supported:
+            assert f"Card (sm_{capability[0]}{capability[1]}) has no FP8 tensor cores" in reason
+    assert fp8_unsupported("cpu") is None
 
 
 def test_quantize_rows_is_safe_at_the_edges():
@@ -145,7 +174,7 @@ def test_quantize_fp8_refusals(tmp_path):
     model = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=torch.float32, seed=0)
     save_diffusers_transformer(model, tmp_path / "ckpt")
     quantize_fp8(model)
-    with pytest.raises(ValueError, match="already quantized"):
+    with pytest.raises(ValueError, match="needs an unquantized model; this one is already quantized"):
         quantize_fp8(model)
     with pytest.raises(WeightLoadError, match="load or export its weights before quantizing"):
         load_weights(model, tmp_path / "ckpt")
@@ -154,6 +183,11 @@ def test_quantize_fp8_refusals(tmp_path):
     half = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=torch.float16, seed=0)
     with pytest.raises(ValueError, match="model dtype must be torch.bfloat16 or torch.float32 on cpu"):
         quantize_fp8(half)
+    odd = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=torch.float32, seed=0)
+    odd.blocks[1].video_ff.fc2 = nn.Linear(72, 32)  # a width the FP8 kernels cannot take, in the last block
+    with pytest.raises(ValueError, match="blocks.1.video_ff.fc2 has in_features 72; FP8 needs a multiple of 16"):
+        quantize_fp8(odd)
+    assert not is_quantized(odd)  # checked before the first swap: nothing half-done
 
 
 def test_quantized_forward_has_no_host_sync_ops():
@@ -172,8 +206,9 @@ def test_quantized_forward_has_no_host_sync_ops():
 # ---- GPU ------------------------------------------------------------------------------------------------------
 
 def _needs_fp8_gpu():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("needs a GPU with FP8 tensor cores (sm_89 or newer)")
+    reason = fp8_unsupported("cuda")
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.mark.cuda
