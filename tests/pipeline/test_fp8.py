@@ -235,8 +235,10 @@ def test_gelu_quantize_kernel_is_the_formula(m, n):
     rq, rscale = quantize_rows(torch.nn.functional.gelu(x, approximate="tanh"))
     torch.testing.assert_close(scale, rscale, rtol=1e-2, atol=0)
     exact = torch.nn.functional.gelu(x.double(), approximate="tanh")
-    assert relative_error(q.double() * scale, rq.double() * rscale) < 1e-2
-    assert relative_error(q.double() * scale, exact) < 4e-2
+    # Norm-wise errors: a bf16 rounding moves some values across an e4m3 rounding boundary, one e4m3 step (up to
+    # 1/8 of the row maximum) each, so max-wise errors say little. On CPU the two roundings differ by ~0.5%.
+    assert output_error(q.double() * scale, rq.double() * rscale)["relative_error"] < 1.5e-2
+    assert output_error(q.double() * scale, exact)["relative_error"] < 3.5e-2
 
 
 @pytest.mark.cuda
@@ -257,5 +259,6 @@ def test_gated_heads_quantize_kernel_is_the_formula(b, n, h, d, layout):
     rq, rscale = quantize_rows(gated)
     torch.testing.assert_close(scale, rscale, rtol=1e-2, atol=0)
     exact = (heads.double() * (2.0 * torch.sigmoid(logits.double())).unsqueeze(-1)).reshape(b * n, h * d)
-    assert relative_error(q.double() * scale, rq.double() * rscale) < 1e-2
-    assert relative_error(q.double() * scale, exact) < 4e-2
+    # Norm-wise, as above; the formula rounds twice to bf16 (gates, product): ~1.4% apart on CPU.
+    assert output_error(q.double() * scale, rq.double() * rscale)["relative_error"] < 3e-2
+    assert output_error(q.double() * scale, exact)["relative_error"] < 3.5e-2
