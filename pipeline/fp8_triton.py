@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pipeline.rms_norm_triton import _on_device_of
+from pipeline.rms_norm_triton import on_device_of
+
 
 @triton.jit
 def _gelu_quantize_rows(x_ptr, q_ptr, scale_ptr, row_stride, n_cols, amax_floor, fp8_max,
@@ -68,7 +69,7 @@ def gated_heads_quantize_rows(heads: Tensor, gate_logits: Tensor, amax_floor: fl
     b, n, h, d = heads.shape
     q = torch.empty((b * n, h * d), dtype=torch.float8_e4m3fn, device=heads.device)
     scale = torch.empty((b * n, 1), dtype=torch.float32, device=heads.device)
-    with _on_device_of(heads):
+    with on_device_of(heads):
         _gated_heads_quantize_rows[(b * n,)](heads, gate_logits, q, scale, n, h, d, *heads.stride()[:3],
                                              *gate_logits.stride(), amax_floor, fp8_max,
                                              BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d),
@@ -84,7 +85,7 @@ def gelu_quantize_rows(rows: Tensor, amax_floor: float, fp8_max: float) -> tuple
     q = torch.empty((m, n), dtype=torch.float8_e4m3fn, device=rows.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=rows.device)
     block = triton.next_power_of_2(n)
-    with _on_device_of(rows):
+    with on_device_of(rows):
         _gelu_quantize_rows[(m,)](rows, q, scale, rows.stride(0), n, amax_floor, fp8_max, BLOCK=block,
                                   num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
     return q, scale

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 
-def _on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
+def on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device. CPU tensors only reach here under Triton's interpreter
     (TRITON_INTERPRET=1, tests/pipeline/test_triton_interpret.py)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -80,7 +80,7 @@ def rms_norm_rope_qk(q: Tensor, wq: Tensor, k: Tensor, wk: Tensor, eps: float, c
     table_batch_stride = 0 if cos.shape[0] == 1 else cos.stride(0)
     q_out = torch.empty((m, n_cols), dtype=q.dtype, device=q.device)
     k_out = torch.empty((m, n_cols), dtype=k.dtype, device=k.device)
-    with _on_device_of(q):
+    with on_device_of(q):
         _rms_norm_rope_qk[(m,)](q, q.stride(0), wq, k, k.stride(0), wk, q_out, k_out, cos, sin, tokens,
                                 table_batch_stride, heads, r, eps, BLOCK_H=triton.next_power_of_2(heads),
                                 BLOCK_R=triton.next_power_of_2(r), num_warps=8 if n_cols >= 4096 else 4)
@@ -91,6 +91,6 @@ def rms_norm_rows_inplace(rows: Tensor, weight: Tensor, eps: float) -> None:
     """rows [M, N] (stride(1) == 1), weight [N] on the same CUDA device; N <= 16384 (`fused.rms_norm_` checks)."""
     m, n = rows.shape
     block = triton.next_power_of_2(n)
-    with _on_device_of(rows):
+    with on_device_of(rows):
         _rms_norm_rows_inplace[(m,)](rows, weight, rows.stride(0), n, eps, BLOCK=block,
                                      num_warps=8 if block >= 4096 else 4)
