@@ -221,7 +221,8 @@ def test_floor_seconds_needs_the_floor(capsys):
 
 def test_report_sets_cond_and_neg_rows_against_the_floor_at_their_clock():
     """The floor (GEMM + attention alone, at its kernel-time-weighted clock) moved to each cond/neg row's clock;
-    modality rows and shapes without a floor are left out; without clocks the floor is compared as timed."""
+    modality rows, FP8 rows (the floor is of bf16 GEMMs) and shapes without a floor are left out; without clocks
+    the floor is compared as timed."""
     from graphs.bench_report import floor_at_clock, floor_table
 
     report = BenchReport("cuda:0", "card", "t", None, "d", "ltx2.3", "bfloat16", 1024, 800.0, "hq", 3)
@@ -231,11 +232,12 @@ def test_report_sets_cond_and_neg_rows_against_the_floor_at_their_clock():
         report.passes.append(PassRow("ours", "compile+graphs", 1536, name, 10, TimingStats.from_samples([ms]),
                                      clocks=ClockSummary(19, 1605.0, 1515.0, 485.0, 100.0, 0.0)))
     report.passes.append(PassRow("ours", "compile+graphs", 8160, "cond", 10, TimingStats.from_samples([486.0])))
+    report.passes.append(PassRow("ours-fp8", "compile+graphs", 1536, "cond", 10, TimingStats.from_samples([61.0])))
     table = floor_table(report)
     at_clock = 79.8 * 1548.0 / 1605.0  # 76.96
     assert floor_at_clock(79.8, 1548.0, 1605.0) == pytest.approx(at_clock)
     lines = [line for line in table.splitlines() if "| ours" in line]
-    assert len(lines) == 2 and "| cond " in lines[0] and "| neg " in lines[1]
+    assert len(lines) == 2 and "| cond " in lines[0] and "| neg " in lines[1] and "ours-fp8" not in table
     assert "| 77.0 " in lines[0] and f"| {85.9 / at_clock:.3f} " in lines[0]
     assert "against the kernel floor" in format_report(report)
     report.floors[0]["sm_mhz_kernel_time_weighted"] = None  # floor timed without clocks: compared as timed
