@@ -226,6 +226,7 @@ def _add_floor_clocks(data: dict, ms: tuple[float, ...], windows: list[tuple[flo
 
 def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress, clocks) -> None:
     from graphs import diffusers_adapter as peer_lib
+    from pipeline.fp8 import is_quantized
 
     bf16 = replace(workload, fp8=False)  # `--fp8`: our bf16 rows first, then the same weights quantized
     model = build_model(bf16, progress)
@@ -234,14 +235,14 @@ def _bench_rows(args, workload, executors, peers, plan, tokens, report, progress
     if getattr(args, "floor", False):
         measure_floors(model, workload, shapes, report, progress, clocks, getattr(args, "floor_seconds", 0.0))
     run_cells("ours", model, executors, shapes, plan, report, progress, prepare=prepare, clocks=clocks)
-    if workload.fp8:
+    if workload.fp8 and executors:  # (with --executors none there are no rows of ours to quantize for)
         _fp8_rows(model, executors, shapes, plan, report, progress, prepare, clocks)
     del prepare  # its closure holds our model, which the peer rows must not keep alive
-    if workload.fp8 and peers:  # the peer needs the bf16 weights the quantization released: same seed or file
+    if peers and is_quantized(model):  # the peer needs the weights the quantization released: same seed or file
         del model
         torch.compiler.reset()  # compiled code of our blocks may still reference their tensors
         peer_lib.free_cuda_memory()
-        progress("rebuilding the bf16 model (same weights) for the peer")
+        progress(f"rebuilding the {report.dtype} model (same weights) for the peer")
         model = build_model(bf16, progress)
     model.attention_backend = "auto"  # the peer copy is built from our weights, not our settings
     if peers:
@@ -274,8 +275,8 @@ def _fp8_rows(model, executors, shapes: dict[int, CellInputs], plan: CellPlan, r
             report.fp8_error.append({"video_tokens": tokens, "stream": stream, **output_error(out, ref)})
     del before, after
     run_cells("ours-fp8", model, executors, shapes, plan, report, progress, prepare=prepare, clocks=clocks)
-    report.notes.append("ours-fp8: the video and text projections in e4m3 (pipeline/fp8.py); its FLOP/s and MFU "
-                        "count the same FLOPs against the bf16 matmul peak")
+    report.notes.append(f"ours-fp8: the video and text projections in e4m3 (pipeline/fp8.py); its FLOP/s and MFU "
+                        f"count the same FLOPs against the {report.dtype} matmul peak")
 
 
 def _cond_outputs(model, shapes: dict[int, CellInputs], plan: CellPlan) -> dict[int, tuple]:

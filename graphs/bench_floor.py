@@ -99,7 +99,12 @@ def _tokens_of(path: str) -> str:
 
 
 def block_kernels(model: nn.Module, video_tokens: int, audio_tokens: int, text_tokens: int) -> list[FloorKernel]:
-    """The GEMMs and SDPA calls of one block in a cond pass (every sublayer on, no STG skip)."""
+    """The GEMMs and SDPA calls of one block in a cond pass (every sublayer on, no STG skip) of a bf16 model (an
+    FP8 one is refused: the floor times bf16 GEMMs, the `nn.Linear`s found here)."""
+    from pipeline.fp8 import is_quantized
+
+    if is_quantized(model):
+        raise ValueError("block_kernels: the floor is of bf16 GEMMs; measure it before quantize_fp8")
     tokens = {"video": video_tokens, "audio": audio_tokens, "text": text_tokens}
     kernels = [
         FloorKernel(path, "gemm", (tokens[_tokens_of(path)], module.in_features, module.out_features))

@@ -179,7 +179,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--fp8",
         action="store_true",
         help="FP8 (e4m3) GEMMs for the projections of video and text tokens: per-channel weight scales, per-token "
-        "input scales (pipeline/fp8.py). About 1.9x the bf16 GEMM rate on Hopper, at the cost of precision: a "
+        "input scales (pipeline/fp8.py). ~1.8x the bf16 GEMM rate (GEMMs alone, H200), at the cost of precision: a "
         "speed/quality trade, not parity (bench --fp8 reports the error against bf16). Default: bf16 everywhere",
     )
     group.add_argument(

@@ -199,8 +199,12 @@ def from_ltx2(model: nn.Module, *, device: torch.device | None = None) -> Diffus
     Copies tensor by tensor (GPU to GPU); when two copies do not fit (`needs_cpu_staging`), use `stage_to_cpu`,
     free our model, then `peer_from_state`.
     """
+    from pipeline.fp8 import is_quantized
     from pipeline.weights import iter_mapped_tensors, diffusers_key_map
 
+    if is_quantized(model):  # before allocating a whole transformer for it
+        raise ValueError("from_ltx2: the model's projections are FP8 (pipeline.fp8); the diffusers peer needs the "
+                         "bf16 model")
     device = device or model.device
     transformer = empty_diffusers_transformer(model.config, device=device, dtype=model.dtype)
     params = dict(transformer.named_parameters())
@@ -211,7 +215,8 @@ def from_ltx2(model: nn.Module, *, device: torch.device | None = None) -> Diffus
 
 
 def model_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the weights, parameters and buffers (an FP8 model's e4m3 weights are buffers)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def needs_cpu_staging(model: nn.Module, *, headroom: float = 0.85) -> bool:

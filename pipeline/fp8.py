@@ -1,7 +1,7 @@
 """FP8 (e4m3) GEMMs for the projections that read video or text tokens: `Float8Linear`, `quantize_fp8`.
 
-Why: the GEMMs are ~85% of a pass, and on Hopper an e4m3 GEMM with per-row scales ran at ~1,285 TFLOP/s where
-the same bf16 GEMM ran at ~690 (H200, 8160 x 4096 x 16384; profiling/PERF_LOG.md). The 8160-token targets lie
+Why: the GEMMs are ~67-77% of a pass's kernel time, and on Hopper an e4m3 GEMM with per-row scales ran at ~1,286
+TFLOP/s where the same bf16 GEMM ran at ~669 (H200, 8160 rows, 4096 -> 16384; profiling/PERF_LOG.md). The 8160-token targets lie
 below the bf16 kernel floor, so only fewer or cheaper FLOPs reach them. This is an opt-in mode (`--fp8`): the
 default model stays bf16, and its parity with eager is unchanged.
 
@@ -48,7 +48,8 @@ FP8_PROJECTIONS = (
 
 def fp8_unsupported(device: torch.device | str) -> str | None:
     """Why `device` cannot run the FP8 projections, or None when it can: CUDA needs FP8 tensor cores (sm_89 or
-    newer; measured on sm_90, H100/H200). CPU runs the same product in float32 (for tests: no faster)."""
+    newer; only sm_90, H100/H200, was measured: row-wise `_scaled_mm` has had gaps on other archs in some torch
+    releases). CPU runs the same product in float32 (for tests: no faster)."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
@@ -57,6 +58,16 @@ def fp8_unsupported(device: torch.device | str) -> str | None:
         return (f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}) has no FP8 tensor cores; FP8 needs "
                 "sm_89 or newer (Ada, Hopper)")
     return None
+
+
+def refuse_casts(fn, device: torch.device) -> None:
+    """Raise if the `nn.Module._apply` function `fn` would change an e4m3 tensor's dtype (`.to(dtype)`, `.half()`,
+    `.float()`): moves pass. A quantized model calls it before touching any of its modules, so a refused cast
+    leaves every tensor as it was."""
+    probe = fn(torch.empty(0, dtype=E4M3, device=device))
+    if probe.dtype != E4M3:
+        raise ValueError(f"the model's FP8 projections cannot be cast to {probe.dtype} (e4m3 weights with their "
+                         "scales); move it with .to(device) only, or cast before quantize_fp8")
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,11 +155,8 @@ class Float8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """`.to(device)` moves the module; a cast (`.to(dtype)`, `.half()`) would turn the e4m3 weights and their
-        float32 scales into other values without a word: refused before anything changes."""
-        probe = fn(torch.empty(0, dtype=E4M3, device=self.weight_e4m3.device))
-        if probe.dtype != E4M3:
-            raise ValueError(f"Float8Linear: its e4m3 weights cannot be cast to {probe.dtype}; cast the model before "
-                             "quantize_fp8")
+        float32 scales into other values without a word: refused before anything changes (`refuse_casts`)."""
+        refuse_casts(fn, self.weight_e4m3.device)
         return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.attention import CrossAttention, SelfAttention, exchange_attention
 from pipeline.config import ModelConfig, block_indices
-from pipeline.fp8 import Float8Linear
+from pipeline.fp8 import Float8Linear, is_quantized, refuse_casts
 from pipeline.fused import linear_gelu_tanh
 from pipeline.rope import CosSin, RopeTables
 from pipeline.streams import SEQUENTIAL, AudioStreams, OverlapStreams, SideStreamCache
@@ -349,6 +349,12 @@ class LTX2Transformer(nn.Module):
         self.audio_out_table = nn.Parameter(torch.empty(2, ad))
         self.video_out = nn.Linear(vd, c.in_channels)
         self.audio_out = nn.Linear(ad, c.audio_in_channels)
+
+    def _apply(self, fn, recurse=True):
+        """With FP8 projections (`pipeline.fp8`) a dtype cast is refused before any module changes."""
+        if is_quantized(self):
+            refuse_casts(fn, self.device)
+        return super()._apply(fn, recurse)
 
     @property
     def attention_backend(self) -> str:

@@ -104,7 +104,7 @@ def test_float8_linear_moves_but_refuses_a_cast():
     before = layer.weight_e4m3.clone()
     assert layer.to("cpu").weight_e4m3.dtype == E4M3
     for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
-        with pytest.raises(ValueError, match="e4m3 weights cannot be cast to torch.(bfloat16|float16|float32)"):
+        with pytest.raises(ValueError, match="cannot be cast to torch.(bfloat16|float16|float32)"):
             cast(layer)
     assert torch.equal(layer.weight_e4m3.view(torch.uint8), before.view(torch.uint8))
     with pytest.raises(RuntimeError, match="Missing key.*weight_e4m3"):
@@ -168,6 +168,16 @@ def test_quantized_model_stays_near_the_model(dtype):
         for ref, out in zip(b, a):
             error = output_error(out, ref)
             assert error["relative_error"] < 6e-2 and error["cosine"] > 0.998, error
+
+
+def test_a_refused_cast_of_a_quantized_model_changes_nothing():
+    model = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=torch.float32, seed=0)
+    quantize_fp8(model)
+    before = {name: t.dtype for name, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match="FP8 projections cannot be cast to torch.bfloat16"):
+        model.to(torch.bfloat16)
+    assert {name: t.dtype for name, t in model.state_dict().items()} == before
+    assert model.to("cpu") is model  # a move is not a cast
 
 
 def test_quantize_fp8_refusals(tmp_path):
