@@ -95,6 +95,7 @@ class RunSummary:
     guidance: str
     seed: int
     build_s: float
+    fp8: bool = False  # the video and text projections in e4m3 (`--fp8`, pipeline/fp8.py)
     stages: list[StageSummary] = field(default_factory=list)
     total_s: float = 0.0
     output: str | None = None
@@ -307,7 +308,7 @@ def _run(options: RunOptions, progress: Progress, loop_context: LoopContext | No
     build_s = time.perf_counter() - started
     summary = RunSummary(
         workload=w.describe(), preset=w.preset, device=str(w.device), dtype=str(w.dtype).removeprefix("torch."),
-        executor=options.executor, guidance=options.guidance_name, seed=w.seed, build_s=build_s,
+        executor=options.executor, guidance=options.guidance_name, seed=w.seed, build_s=build_s, fp8=w.fp8,
     )
     executor = make_executor(options.executor, model, progress=progress, share_text_kv=w.share_text_kv)
     grid = w.grid

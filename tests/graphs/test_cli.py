@@ -144,6 +144,12 @@ def test_fp8_flag_quantizes_the_model():
         assert is_quantized(build_model(workload, progress=lambda line: None)) is expected
 
 
+def test_run_json_says_whether_the_projections_were_fp8(capsys):
+    code, out, _ = run_cli(capsys, "run", "--device", "cpu", "--fp8", "--steps", "1", "--quiet", "--json", "-")
+    data = json.loads(out)
+    assert code == 0 and data["fp8"] is True and "FP8 projections" in data["workload"] and data["syncs"] == 0
+
+
 def test_no_shared_text_kv_flag_reaches_the_graph_executor(monkeypatch):
     import graphs.executor
     from graphs.run_executors import make_executor
