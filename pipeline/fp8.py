@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.fused import _TRITON_MAX_COLS  # the widest row one Triton program holds in registers
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 _AMAX_FLOOR = 1e-12  # rows below this share its scale (coarser steps for them, never a division by zero)
@@ -75,9 +77,6 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     max maps to 448). The clamp guards a rounding of max / scale just above 448, which e4m3 would make NaN."""
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_AMAX_FLOOR) / E4M3_MAX
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
-
-
-_TRITON_MAX_COLS = 16384  # pipeline.fp8_triton holds one row per program in registers
 
 
 @torch.library.custom_op("ltx2::gelu_quantize_rows", mutates_args=())
