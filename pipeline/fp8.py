@@ -124,6 +124,19 @@ def gelu_quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return quantize_rows(F.gelu(x, approximate="tanh"))
 
 
+def modulate_quantize_rows(x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """`quantize_rows(x * (1 + scale[g]) + shift[g])` for every g, x [B, N, C], scale/shift [G, B, 1, C] ->
+    (e4m3 [G, B * N, C], float32 scales [G, B * N, 1]): the FP8 text key/value projections' inputs of all blocks
+    (`pipeline.text_kv`). On CUDA one Triton kernel reading each context row once per block (pipeline/fp8_triton.py;
+    eager, it would be a dozen kernels over the G copies), elsewhere the formula."""
+    g, b, c = scale.shape[0], x.shape[0], x.shape[-1]
+    if x.is_cuda and c <= _TRITON_MAX_COLS:
+        from pipeline.fp8_triton import modulate_quantize_rows as kernel
+
+        return kernel(x, scale.view(g, b, c), shift.view(g, b, c), _AMAX_FLOOR, E4M3_MAX)
+    return quantize_rows(torch.addcmul(shift, x, 1 + scale).view(g, -1, c))
+
+
 class Float8Linear(nn.Module):
     """A Linear whose weight is stored in e4m3 with one float32 scale per output channel; the input is quantized
     per row in the forward (`quantize_rows`) and multiplied by `torch._scaled_mm`. Built by `from_linear`.
@@ -191,20 +204,32 @@ class Float8Linear(nn.Module):
         q, scale = gated_heads_quantize_rows(heads, gate_logits)
         return self._project(q, scale, torch.Size((b, n)), 0)
 
+    def project_quantized_into(self, q: Tensor, scale: Tensor, out: Tensor) -> Tensor:
+        """`self` applied to rows already quantized (q [M, K] e4m3, scales [M, 1]: `modulate_quantize_rows`),
+        written into `out` [M, out_features] (a contiguous slice of a buffer shared by all blocks,
+        `pipeline.text_kv`). Needs out_features a multiple of 16 (no padding to slice off)."""
+        if out.shape != (q.shape[0], self.out_features) or self.weight_e4m3.shape[0] != self.out_features:
+            raise ValueError(f"Float8Linear.project_quantized_into: out must be [{q.shape[0]}, "
+                             f"{self.out_features}] with out_features a multiple of {_ALIGN}, got {list(out.shape)}")
+        return self._project(q, scale, q.shape[:1], 0, out=out)
+
     def _check_width(self, x: Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Float8Linear: input has {x.shape[-1]} features, expected {self.in_features}")
 
-    def _project(self, q: Tensor, scale: Tensor, lead: torch.Size, start: int) -> Tensor:
-        """The GEMM of quantized rows q [M, K] (scales [M, 1]) with weight rows [start:], shaped [*lead, N']."""
+    def _project(self, q: Tensor, scale: Tensor, lead: torch.Size, start: int, out: Tensor | None = None) -> Tensor:
+        """The GEMM of quantized rows q [M, K] (scales [M, 1]) with weight rows [start:], shaped [*lead, N'];
+        written into `out` [M, N'] when given."""
         weight, weight_scale = self.weight_e4m3[start:], self.weight_scale[:, start:]
         bias = None if self.bias is None else self.bias[start:]
         if q.is_cuda:
+            extra = {} if out is None else {"out": out}
             out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale, bias=bias,
-                                   out_dtype=self.out_dtype)
+                                   out_dtype=self.out_dtype, **extra)
         else:  # the same product in float32 (CPU `_scaled_mm` takes only per-tensor scales in some releases)
-            out = F.linear(q.float() * scale, weight.float() * weight_scale.t(), None if bias is None else bias.float())
-            out = out.to(self.out_dtype)
+            product = F.linear(q.float() * scale, weight.float() * weight_scale.t(),
+                               None if bias is None else bias.float()).to(self.out_dtype)
+            out = product if out is None else out.copy_(product)
         out = out.view(*lead, -1)
         return out if out.shape[-1] == self.out_features - start else out[..., : self.out_features - start]
 

@@ -64,7 +64,7 @@ _TRITON_MAX_COLS = 16384  # pipeline.rms_norm_triton holds one row per program i
 @torch.library.custom_op("ltx2::rms_norm_", mutates_args=("x",))
 def _rms_norm_inplace_op(x: Tensor, weight: Tensor, eps: float) -> None:
     if not x.is_cuda:
-        x.copy_(F.rms_norm(x, (x.shape[-1],), weight, eps))
+        _rms_norm_copy_(x, weight, eps)
         return
     from pipeline.rms_norm_triton import rms_norm_rows_inplace
 
@@ -87,24 +87,40 @@ def _triton_takes(x: Tensor, weight: Tensor) -> bool:
             and x.shape[-1] <= _TRITON_MAX_COLS and weight.is_contiguous() and _rows_viewable(x))
 
 
+def _rms_norm_copy_(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`x.copy_(rms_norm(x, weight))`, one weight row per leading index when `weight` is [G, N]."""
+    n = x.shape[-1]
+    if weight.dim() == 1:
+        return x.copy_(F.rms_norm(x, (n,), weight, eps))
+    for part, w in zip(x, weight):
+        part.copy_(F.rms_norm(part, (n,), w, eps))
+    return x
+
+
 def rms_norm_(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim written over `x` (one in-place kernel on CUDA, see the module docstring); returns
     the normed tensor: `x` itself, except when autograd records (x or weight requires grad), where a new tensor
     comes back and `x` is left as it was (autograd refuses in-place writes to split views).
+
+    `weight` is [N], or [G, N] for x [G, ..., N]: x[g] normed with weight[g], all in the one kernel (the text keys
+    of every block, `pipeline.text_kv`).
 
     The kernel holds a row in registers: it needs a float16/bfloat16/float32 x whose rows are viewable as [M, N]
     with contiguous columns and do not overlap, 0 < N <= 16384, and a contiguous weight on x's device. Other
     inputs, and CPU tensors, take `x.copy_(rms_norm(x))` (the same formula in ATen kernels; equal within bf16
     rounding, not bitwise, see pipeline/rms_norm_triton.py)."""
     n = x.shape[-1]
-    if weight.shape != (n,):
-        raise ValueError(f"rms_norm_: weight must have shape ({n},) (x's last dim), got {tuple(weight.shape)}")
+    if weight.shape != (n,) and not (weight.dim() == 2 and x.dim() >= 2 and weight.shape == (x.shape[0], n)):
+        raise ValueError(f"rms_norm_: weight must have shape ({n},) (x's last dim), or ({x.shape[0]}, {n}) for one "
+                         f"weight per x[g], got {tuple(weight.shape)}")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return F.rms_norm(x, (n,), weight, eps)
+        if weight.dim() == 1:
+            return F.rms_norm(x, (n,), weight, eps)
+        return torch.stack([F.rms_norm(part, (n,), w, eps) for part, w in zip(x, weight)])
     if _triton_takes(x, weight):
         _rms_norm_inplace_op(x, weight, eps)
         return x
-    return x.copy_(F.rms_norm(x, (n,), weight, eps))
+    return _rms_norm_copy_(x, weight, eps)
 
 
 def _norm_rope_reference(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:

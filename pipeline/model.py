@@ -28,6 +28,7 @@ from pipeline.fp8 import Float8Linear, is_quantized, refuse_casts
 from pipeline.fused import linear_gelu_tanh
 from pipeline.rope import CosSin, RopeTables
 from pipeline.streams import SEQUENTIAL, AudioStreams, OverlapStreams, SideStreamCache
+from pipeline.text_kv import BlockTextKV, stream_text_kv
 
 ATTENTION_BACKENDS = {
     "auto": None,
@@ -109,8 +110,6 @@ class Modulation(NamedTuple):
 
     video: Tensor  # 9 rows: shift/scale/gate of self-attn, FFN, text-cross-attn query
     audio: Tensor  # 9 rows
-    video_prompt: Tensor | None  # 2 rows: shift/scale of the video text context (None: text_kv given, not read)
-    audio_prompt: Tensor | None  # 2 rows
     video_av: Tensor  # 4 rows: a2v scale, a2v shift, v2a scale, v2a shift (video side)
     audio_av: Tensor  # 4 rows (audio side)
     video_av_gate: Tensor  # 1 row: A2V gate
@@ -153,33 +152,12 @@ def resolved(v: Tensor | PendingFFNResidual, mod: Tensor) -> Tensor:
     return v.add(mod) if isinstance(v, PendingFFNResidual) else v
 
 
-class BlockTextKV(NamedTuple):
-    """One block's text cross-attention keys (RMS-normed) and values, per stream: [B, Nt, I] each.
-
-    They depend only on the text context, the prompt AdaLN (sigma) and the weights, not on the latents, so the
-    passes of one evaluation that read the same text can share them (`LTX2Transformer.text_kv`)."""
-
-    video_k: Tensor
-    video_v: Tensor
-    audio_k: Tensor
-    audio_v: Tensor
-
-
-def prompt_kv(text_attn: CrossAttention, ctx: Tensor, prompt_table: Tensor,
-              prompt_mod: Tensor) -> tuple[Tensor, Tensor]:
-    """Text keys/values of one stream: the context shifted/scaled by the prompt AdaLN (LTX-2.3), then projected
-    (as views of one buffer, `CrossAttention.context_kv`). ctx [B, Nt, C]; prompt_mod [B, 1, 2, C] (rows shift,
-    scale)."""
-    ctx_shift, ctx_scale = (prompt_table + prompt_mod).unbind(2)  # [B, 1, C] each
-    return text_attn.context_kv(modulate(ctx, ctx_scale, ctx_shift))
-
-
 def self_and_text_attention(x: Tensor, text_kv: tuple[Tensor, Tensor], self_attn: SelfAttention,
                             text_attn: CrossAttention, table: Tensor, mod: Tensor, rope: CosSin, skip: bool,
                             eps: float) -> PendingTextResidual:
     """One stream's self-attention (STG `skip`: value pass-through) and text cross-attention, each modulated; the
     self-attention is gated and added here, the text cross-attention by the caller (`PendingTextResidual.add`).
-    x [B, N, D]; text_kv: the stream's text keys/values (`prompt_kv`); table/mod: the 9-row AdaLN of the stream."""
+    x [B, N, D]; text_kv: the stream's text keys/values (`pipeline.text_kv`); table/mod: the 9-row AdaLN of the stream."""
     shift, scale, gate = ada_rows(table, mod, SELF_ATTN)  # [B, T, D] each
     q_shift, q_scale, _ = ada_rows(table, mod, TEXT_ATTN)
     h = modulate(rms(x, eps), scale, shift)
@@ -230,30 +208,24 @@ class AudioVideoBlock(nn.Module):
     # the boundary costs no extra pass: `video_attention` hands its last residual add to the next region
     # (`PendingTextResidual`), where it fuses with the norm that reads the sum; `exchange_and_video_ffn` hands its
     # FFN residual add to the next block's `video_attention` the same way (`PendingFFNResidual`).
-    # `text_kv` is a fifth region, called by `LTX2Transformer.text_kv` outside the block's forward.
-    compile_regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn", "text_kv")
+    # The text keys/values come in computed (`LTX2Transformer.text_kv`, all blocks at once, not compiled).
+    compile_regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
 
-    def forward(self, v: Tensor | PendingFFNResidual, a: Tensor, v_ctx: Tensor, a_ctx: Tensor, mod: Modulation,
+    def forward(self, v: Tensor | PendingFFNResidual, a: Tensor, text_kv: BlockTextKV, mod: Modulation,
                 rope: RopeTables, *, skip_video_self_attn: bool, skip_audio_self_attn: bool, a2v: bool, v2a: bool,
-                streams: AudioStreams = SEQUENTIAL,
-                text_kv: BlockTextKV | None = None) -> tuple[PendingFFNResidual, Tensor]:
-        """v [B, Nv, Dv] (or the previous block's `PendingFFNResidual`), a [B, Na, Da]; contexts [B, Nt, Dv / Da].
-        Returns the video stream as a `PendingFFNResidual` (`resolved` makes it a tensor). Audio-only work runs
-        under `streams.side()` (pipeline/streams.py), which the caller forked before the first block and joins
-        after the last.
-        `text_kv`: this block's text keys/values computed ahead (`text_kv`); None computes them from the contexts.
+                streams: AudioStreams = SEQUENTIAL) -> tuple[PendingFFNResidual, Tensor]:
+        """v [B, Nv, Dv] (or the previous block's `PendingFFNResidual`), a [B, Na, Da]; text_kv: this block's text
+        keys/values (`LTX2Transformer.text_kv`). Returns the video stream as a `PendingFFNResidual` (`resolved`
+        makes it a tensor). Audio-only work runs under `streams.side()` (pipeline/streams.py), which the caller
+        forked before the first block and joins after the last.
 
         Per block: audio attention (side) next to video attention (main); join; exchange + video FFN (main); fork;
         audio FFN (side). The fork comes after the whole exchange region, video FFN included, so the audio FFN
         overlaps the next block's video attention.
         """
-        if text_kv is None:
-            video_kv = audio_kv = None
-        else:
-            video_kv, audio_kv = (text_kv.video_k, text_kv.video_v), (text_kv.audio_k, text_kv.audio_v)
         with streams.side():
-            a = self.audio_attention(a, a_ctx, mod, rope, skip_audio_self_attn, audio_kv)
-        v_pending = self.video_attention(v, v_ctx, mod, rope, skip_video_self_attn, video_kv)
+            a = self.audio_attention(a, (text_kv.audio_k, text_kv.audio_v), mod, rope, skip_audio_self_attn)
+        v_pending = self.video_attention(v, (text_kv.video_k, text_kv.video_v), mod, rope, skip_video_self_attn)
         exchange = a2v or v2a
         if exchange:
             streams.join()  # the exchange reads both chains
@@ -264,24 +236,14 @@ class AudioVideoBlock(nn.Module):
             a = self.audio_ffn(a, mod)
         return v, a
 
-    def text_kv(self, v_ctx: Tensor, a_ctx: Tensor, video_prompt: Tensor, audio_prompt: Tensor) -> BlockTextKV:
-        """This block's text keys/values for both streams (prompt AdaLN outputs `video_prompt`/`audio_prompt`);
-        each stream's k and v are views of one buffer, so holding them across passes holds nothing more."""
-        return BlockTextKV(*prompt_kv(self.video_text, v_ctx, self.video_prompt_table, video_prompt),
-                           *prompt_kv(self.audio_text, a_ctx, self.audio_prompt_table, audio_prompt))
-
-    def video_attention(self, v: Tensor | PendingFFNResidual, v_ctx: Tensor, mod: Modulation, rope: RopeTables,
-                        skip: bool, kv: tuple[Tensor, Tensor] | None = None) -> PendingTextResidual:
+    def video_attention(self, v: Tensor | PendingFFNResidual, kv: tuple[Tensor, Tensor], mod: Modulation,
+                        rope: RopeTables, skip: bool) -> PendingTextResidual:
         v = resolved(v, mod.video)
-        if kv is None:
-            kv = prompt_kv(self.video_text, v_ctx, self.video_prompt_table, mod.video_prompt)
         return self_and_text_attention(v, kv, self.video_self, self.video_text, self.video_table, mod.video,
                                        rope.video, skip, self.eps)
 
-    def audio_attention(self, a: Tensor, a_ctx: Tensor, mod: Modulation, rope: RopeTables, skip: bool,
-                        kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        if kv is None:
-            kv = prompt_kv(self.audio_text, a_ctx, self.audio_prompt_table, mod.audio_prompt)
+    def audio_attention(self, a: Tensor, kv: tuple[Tensor, Tensor], mod: Modulation, rope: RopeTables,
+                        skip: bool) -> Tensor:
         return self_and_text_attention(a, kv, self.audio_self, self.audio_text, self.audio_table, mod.audio,
                                        rope.audio, skip, self.eps).add(self.audio_table, mod.audio)
 
@@ -399,11 +361,9 @@ class LTX2Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.video_in.weight.device
 
-    def modulation(self, sigma: Tensor, *, prompts: bool = True) -> tuple[Modulation, Tensor, Tensor]:
-        """AdaLN outputs for sigma [B] (or [B, Nv] per video token) plus the output-layer embeddings.
-
-        prompts=False leaves out the two prompt AdaLNs (`video_prompt`/`audio_prompt` are None): they only feed the
-        text keys/values, so a forward given `text_kv` never reads them and would launch their kernels for nothing.
+    def modulation(self, sigma: Tensor) -> tuple[Modulation, Tensor, Tensor]:
+        """AdaLN outputs for sigma [B] (or [B, Nv] per video token) plus the output-layer embeddings; the two prompt
+        AdaLNs, which only feed the text keys/values, run in `text_kv`.
 
         LTX-2.3 semantics (the reference pipeline's `use_cross_timestep=True`, `sigma=timestep`): the video
         AdaLN sees the (per-token) video timestep; audio, both prompt AdaLNs and both A2V/V2A AdaLNs see the
@@ -417,20 +377,12 @@ class LTX2Transformer(nn.Module):
         s_gate = timestep_sinusoid(t_sample * self.config.cross_attn_gate_scale, self.dtype)
         video, video_emb = self.video_time(s_video)
         audio, audio_emb = self.audio_time(s_sample)
-        video_prompt, audio_prompt = self._prompt_modulation(s_sample) if prompts else (None, None)
         mod = Modulation(
-            video=video, audio=audio, video_prompt=video_prompt, audio_prompt=audio_prompt,
-            video_av=self.video_av(s_sample)[0], audio_av=self.audio_av(s_sample)[0],
+            video=video, audio=audio, video_av=self.video_av(s_sample)[0], audio_av=self.audio_av(s_sample)[0],
             video_av_gate=self.video_av_gate(s_gate)[0],
             audio_av_gate=self.audio_av_gate(s_gate)[0],
         )
         return mod, video_emb, audio_emb
-
-    def _prompt_modulation(self, s_sample: Tensor) -> tuple[Tensor, Tensor]:
-        """The video and audio prompt AdaLN rows [B, 1, 2, D] (shift, scale of the text context) from the
-        per-sample timestep's sinusoids; the only inputs of the text keys/values besides the contexts and the
-        weights."""
-        return self.video_prompt(s_sample)[0], self.audio_prompt(s_sample)[0]
 
     def _timesteps(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """(video timestep [B, T], per-sample timestep [B, 1]) for sigma [B] or [B, Nv] (see `modulation`)."""
@@ -439,21 +391,23 @@ class LTX2Transformer(nn.Module):
         return t_video, t_video if sigma.ndim == 1 else t_video.amax(dim=1, keepdim=True)
 
     def text_kv(self, video_context: Tensor, audio_context: Tensor, sigma: Tensor) -> tuple[BlockTextKV, ...]:
-        """Every block's text keys/values (`BlockTextKV`) for these contexts at this sigma, for `forward(text_kv=)`.
+        """Every block's text keys/values (`BlockTextKV`) for these contexts at this sigma, all blocks batched per
+        stream (`pipeline.text_kv`); `forward` calls it unless given them.
 
         The cond, perturbed and modality passes of one evaluation read the same text at the same sigma, so one
-        call here serves all of them: in LTX-2.3 the prompt AdaLN makes the keys/values depend on sigma, so they
-        cannot be kept across steps, but within a step they save the modality and perturbed passes their text
-        key/value projections (profiling/PERF_LOG.md has the measured effect). The contexts and sigma are checked
-        as `forward` checks them (metadata only); never synchronises the host.
+        call here can serve all of them (`forward(text_kv=)`): in LTX-2.3 the prompt AdaLN makes the keys/values
+        depend on sigma, so they cannot be kept across steps, but within a step they save the modality and
+        perturbed passes their text key/value projections (profiling/PERF_LOG.md has the measured effect). The
+        contexts and sigma are checked as `forward` checks them (metadata only); never synchronises the host.
         """
         _check_text_inputs(self, video_context, audio_context, sigma)
-        if torch.is_grad_enabled():
-            raise RuntimeError("text_kv is for inference (its keys are normalised in place): call it under "
-                               "torch.no_grad() or torch.inference_mode()")
         _, t_sample = self._timesteps(sigma)
-        video_prompt, audio_prompt = self._prompt_modulation(timestep_sinusoid(t_sample, self.dtype))
-        return tuple(block.text_kv(video_context, audio_context, video_prompt, audio_prompt) for block in self.blocks)
+        s_sample = timestep_sinusoid(t_sample, self.dtype)
+        video = stream_text_kv([b.video_text for b in self.blocks], [b.video_prompt_table for b in self.blocks],
+                               video_context, self.video_prompt(s_sample)[0])
+        audio = stream_text_kv([b.audio_text for b in self.blocks], [b.audio_prompt_table for b in self.blocks],
+                               audio_context, self.audio_prompt(s_sample)[0])
+        return tuple(BlockTextKV(*v, *a) for v, a in zip(video, audio))
 
     def _sdpa_context(self):
         backend = ATTENTION_BACKENDS[self._attention_backend]
@@ -470,7 +424,7 @@ class LTX2Transformer(nn.Module):
         iterable of ints (`pipeline.config.block_indices`; value pass-through there). disable_a2v/v2a_cross_attn:
         drop that sublayer and its residual in every block.
         text_kv: `self.text_kv(video_context, audio_context, sigma)` computed ahead, to share between passes
-        (the caller keeps it matched to the contexts and sigma); None computes it inside each block.
+        (the caller keeps it matched to the contexts and sigma); None computes it here first.
         """
         # Normalised once (any iterable of ints, e.g. a one-shot generator, is read here and nowhere else).
         layers = self.config.num_layers
@@ -480,7 +434,9 @@ class LTX2Transformer(nn.Module):
                         disable_a2v_cross_attn=disable_a2v_cross_attn, disable_v2a_cross_attn=disable_v2a_cross_attn,
                         text_kv=text_kv)
         eps = 1e-6  # the output LayerNorm's eps is fixed in the reference
-        mod, video_emb, audio_emb = self.modulation(sigma, prompts=text_kv is None)
+        if text_kv is None:
+            text_kv = self.text_kv(video_context, audio_context, sigma)
+        mod, video_emb, audio_emb = self.modulation(sigma)
         v = self.video_in(video)  # [B, Nv, Dv]
         a = self.audio_in(audio)  # [B, Na, Da]
         streams = self._streams()
@@ -488,10 +444,9 @@ class LTX2Transformer(nn.Module):
         try:
             with self._sdpa_context():
                 for i, block in enumerate(self.blocks):
-                    v, a = block(v, a, video_context, audio_context, mod, rope, skip_video_self_attn=i in skip_v,
+                    v, a = block(v, a, text_kv[i], mod, rope, skip_video_self_attn=i in skip_v,
                                  skip_audio_self_attn=i in skip_a, a2v=not disable_a2v_cross_attn,
-                                 v2a=not disable_v2a_cross_attn, streams=streams,
-                                 text_kv=None if text_kv is None else text_kv[i])
+                                 v2a=not disable_v2a_cross_attn, streams=streams)
         finally:
             streams.join()  # also on an error, so no side-stream work is left unjoined (or a capture unjoined)
         v = resolved(v, mod.video)

@@ -6,7 +6,8 @@ LTX-2.3 widths, 2048 and 4096, fit), reduces its mean square in float32, and com
 before the weight, and the reference rounds again before RoPE; sums run in another order: equal within bf16
 rounding, not bitwise). Rows may be strided (column slices of a wider projection); columns must be contiguous.
 
-- `rms_norm_rows_inplace`: the normed row written over the input (the text keys inside their [k | v] buffer).
+- `rms_norm_rows_inplace`: the normed row written over the input (the text keys inside their [k | v] buffers, all
+  blocks' in one launch: consecutive groups of rows take consecutive rows of a stacked weight).
 - `rms_norm_rope_qk`: queries and keys rotated by one table (a self-attention's; the exchange's video-side A2V
   queries and V2A keys), normed with their own weights and rotated by the same split-RoPE table row, into new
   contiguous tensors. One program does both rows of its token, so each
@@ -30,14 +31,14 @@ def on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
 
 
 @triton.jit
-def _rms_norm_rows_inplace(x_ptr, w_ptr, row_stride, n_cols, eps, BLOCK: tl.constexpr):
+def _rms_norm_rows_inplace(x_ptr, w_ptr, row_stride, rows_per_weight, n_cols, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     ptrs = x_ptr + row * row_stride + cols
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + (row // rows_per_weight) * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(ptrs, (x * rstd * w).to(x_ptr.dtype.element_ty), mask=mask)
 
 
@@ -88,9 +89,10 @@ def rms_norm_rope_qk(q: Tensor, wq: Tensor, k: Tensor, wk: Tensor, eps: float, c
 
 
 def rms_norm_rows_inplace(rows: Tensor, weight: Tensor, eps: float) -> None:
-    """rows [M, N] (stride(1) == 1), weight [N] on the same CUDA device; N <= 16384 (`fused.rms_norm_` checks)."""
+    """rows [M, N] (stride(1) == 1), weight [N] or [G, N] (G dividing M: rows [g * M / G, (g + 1) * M / G) take
+    weight row g), contiguous on the same CUDA device; N <= 16384 (`fused.rms_norm_` checks)."""
     m, n = rows.shape
     block = triton.next_power_of_2(n)
     with on_device_of(rows):
-        _rms_norm_rows_inplace[(m,)](rows, weight, rows.stride(0), n, eps, BLOCK=block,
+        _rms_norm_rows_inplace[(m,)](rows, weight, rows.stride(0), m * n // weight.numel(), n, eps, BLOCK=block,
                                      num_warps=8 if block >= 4096 else 4)

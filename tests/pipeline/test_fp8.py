@@ -19,12 +19,13 @@ from pipeline.fp8 import (
     Float8Linear,
     fp8_unsupported,
     is_quantized,
+    modulate_quantize_rows,
     output_error,
     project_rows,
     quantize_fp8,
     quantize_rows,
 )
-from pipeline.model import build_model
+from pipeline.model import build_model, timestep_sinusoid
 from pipeline.rope import build_rope_tables
 from pipeline.weights import WeightLoadError, load_weights, save_diffusers_transformer
 from tests.pipeline.reference import random_inputs, relative_error
@@ -94,6 +95,28 @@ def test_fused_inputs_are_the_linear_of_their_formula():
         fc2.of_gated_heads(heads[..., :8], logits)
     with pytest.raises(ValueError, match=r"gate_logits has shape \[2, 1, 4\], expected \[2, 7, 4\]"):
         fc2.of_gated_heads(heads, logits[:, :1])
+
+
+def test_text_kv_inputs_of_all_blocks_quantize_as_each_block_would():
+    """`modulate_quantize_rows` (one kernel on CUDA) is `quantize_rows` of each block's modulated context, and
+    `project_quantized_into` writes what the layer computes from those rows."""
+    gen = torch.Generator().manual_seed(6)
+    context = torch.randn(2, 5, 32, generator=gen)
+    scale, shift = torch.randn(3, 2, 1, 32, generator=gen) * 0.3, torch.randn(3, 2, 1, 32, generator=gen)
+    q, q_scale = modulate_quantize_rows(context, scale, shift)
+    assert q.dtype == E4M3 and q.shape == (3, 10, 32) and q_scale.shape == (3, 10, 1)
+    kv = Float8Linear.from_linear(random_linear(32, 64, seed=6))
+    out = torch.empty(3, 10, 64)
+    for g in range(3):
+        rq, rscale = quantize_rows(torch.addcmul(shift[g], context, 1 + scale[g]).view(10, 32))
+        assert torch.equal(q[g], rq) and torch.equal(q_scale[g], rscale)
+        assert kv.project_quantized_into(q[g], q_scale[g], out[g]).data_ptr() == out[g].data_ptr()
+        torch.testing.assert_close(out[g], kv._project(rq, rscale, rq.shape[:1], 0), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"out must be \[10, 64\] .* got \[10, 48\]"):
+        kv.project_quantized_into(q[0], q_scale[0], out[0, :, :48])
+    padded = Float8Linear.from_linear(random_linear(32, 56, seed=7))  # 56 rows padded to 64: nowhere to put them
+    with pytest.raises(ValueError, match="out_features a multiple of 16"):
+        padded.project_quantized_into(q[0], q_scale[0], torch.empty(10, 56))
 
 
 def test_float8_linear_moves_but_refuses_a_cast():
@@ -168,6 +191,15 @@ def test_quantized_model_stays_near_the_model(dtype):
         for ref, out in zip(b, a):
             error = output_error(out, ref)
             assert error["relative_error"] < 6e-2 and error["cosine"] > 0.998, error
+    # The text keys/values of all blocks at once (one quantization of every block's context) are each block's
+    # FP8 projection of its own modulated context.
+    with torch.no_grad():
+        text_kv = model.text_kv(x.video_context, x.audio_context, x.sigma)
+        prompt = model.video_prompt(timestep_sinusoid(model._timesteps(x.sigma)[1], dtype))[0]
+        for block, kv in zip(model.blocks, text_kv):
+            shift, scale = (block.video_prompt_table + prompt).unbind(2)
+            k, v = block.video_text.context_kv(torch.addcmul(shift, x.video_context, 1 + scale))
+            assert torch.equal(kv.video_k, k) and torch.equal(kv.video_v, v)
 
 
 def test_a_refused_cast_of_a_quantized_model_changes_nothing():
@@ -249,6 +281,26 @@ def test_gelu_quantize_kernel_is_the_formula(m, n):
     # 1/8 of the row maximum) each, so max-wise errors say little. On CPU the two roundings differ by ~0.5%.
     assert output_error(q.double() * scale, rq.double() * rscale)["relative_error"] < 1.5e-2
     assert output_error(q.double() * scale, exact)["relative_error"] < 3.5e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("groups, b, n, c", [(3, 1, 37, 96), (48, 1, 1024, 4096), (4, 2, 300, 2048)])
+def test_modulate_quantize_kernel_is_the_formula(groups, b, n, c):
+    """The one-launch Triton modulation + quantization of every block's text context against the formula
+    (modulation in bf16, then `quantize_rows`), each sample's rows taking its own modulation row."""
+    _needs_fp8_gpu()
+    context = torch.randn(b, n, c, device="cuda", dtype=torch.bfloat16) * 2
+    scale = torch.randn(groups, b, 1, c, device="cuda", dtype=torch.bfloat16) * 0.5
+    shift = torch.randn(groups, b, 1, c, device="cuda", dtype=torch.bfloat16)
+    q, q_scale = modulate_quantize_rows(context, scale, shift)
+    assert q.shape == (groups, b * n, c) and q_scale.shape == (groups, b * n, 1) and torch.isfinite(q.float()).all()
+    modulated = torch.addcmul(shift, context, 1 + scale).view(groups, b * n, c)
+    rq, rscale = quantize_rows(modulated)
+    torch.testing.assert_close(q_scale, rscale, rtol=1e-2, atol=0)
+    exact = (context.double() * (1 + scale.double()) + shift.double()).view(groups, b * n, c)
+    # Norm-wise, as above: the formula rounds the modulation to bf16 once.
+    assert output_error(q.double() * q_scale, rq.double() * rscale)["relative_error"] < 1.5e-2
+    assert output_error(q.double() * q_scale, exact)["relative_error"] < 3.5e-2
 
 
 @pytest.mark.cuda

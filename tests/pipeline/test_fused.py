@@ -92,8 +92,28 @@ def test_rms_norm_in_place_on_cpu_is_copy_of_rms_norm():
 
 
 def test_rms_norm_in_place_names_a_wrong_weight():
-    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\) .* or \(3, 8\) for one weight per x\[g\]"):
         rms_norm_(torch.zeros(3, 8), torch.ones(4), 1e-6)
+    with pytest.raises(ValueError, match=r"or \(3, 8\) for one weight per x\[g\], got \(2, 8\)"):
+        rms_norm_(torch.zeros(3, 5, 8), torch.ones(2, 8), 1e-6)
+
+
+def test_rms_norm_in_place_with_one_weight_per_group():
+    """weight [G, N] norms x[g] with weight[g] (all blocks' text keys in one launch on CUDA)."""
+    torch.manual_seed(1)
+    kv = torch.randn(3, 7, 2 * 24)
+    k, v = kv[..., :24], kv[..., 24:]
+    w, v_before = torch.randn(3, 24), v.clone()
+    expected = torch.stack([F.rms_norm(k[g], (24,), w[g], 1e-6) for g in range(3)])
+    assert rms_norm_(k, w, 1e-6) is k
+    torch.testing.assert_close(k, expected, rtol=0, atol=0)
+    assert torch.equal(v, v_before)
+    lin = nn.Linear(4, 48)
+    k = lin(torch.randn(3, 5, 4))[..., :24]
+    out = rms_norm_(k, w, 1e-6)  # autograd records: out of place
+    torch.testing.assert_close(out, torch.stack([F.rms_norm(k[g], (24,), w[g], 1e-6) for g in range(3)]))
+    out.sum().backward()
+    assert lin.weight.grad is not None
 
 
 def test_rms_norm_in_place_under_autograd_takes_the_recorded_path():
@@ -143,6 +163,27 @@ def test_triton_rms_norm_matches_float64_on_a_column_slice(width):
     err_ours = (k.double() - ref).abs().max().item()
     err_aten = (aten.double() - ref).abs().max().item()
     assert err_ours <= max(1e-2 * ref.abs().max().item(), 1.01 * err_aten), (err_ours, err_aten)
+
+
+@pytest.mark.cuda
+def test_triton_rms_norm_with_one_weight_per_group_matches_float64():
+    """48 blocks' keys, each normed with its block's weight, in one launch: each group as the single-weight
+    kernel does it (bitwise: same program per row), and near float64."""
+    torch.manual_seed(0)
+    width = 4096
+    kv = torch.randn(48, 1024, 2 * width, device="cuda", dtype=torch.bfloat16) * 3
+    w = torch.randn(48, width, device="cuda", dtype=torch.bfloat16)
+    one_by_one = kv.clone()
+    with torch.no_grad():
+        rms_norm_(kv[..., :width], w, 1e-6)
+        for g in range(48):
+            rms_norm_(one_by_one[g, :, :width], w[g], 1e-6)
+    assert torch.equal(kv, one_by_one)
+    sample = torch.randn(2, 33, 2 * width, device="cuda", dtype=torch.bfloat16)
+    expected = torch.stack([_rms_norm_reference(sample[g, :, :width], w[g], 1e-6) for g in range(2)])
+    with torch.no_grad():
+        rms_norm_(sample[..., :width], w[:2], 1e-6)
+    assert (sample[..., :width].double() - expected).abs().max().item() <= 1e-2 * expected.abs().max().item()
 
 
 @pytest.mark.cuda

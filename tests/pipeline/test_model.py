@@ -291,9 +291,39 @@ def test_forward_builds_no_rope_tables(tiny, monkeypatch):
     run(tiny, x, rope)
 
 
+def _block_text_kv(model, block, stream, context, t_sample):
+    """One block's text keys/values written out block by block: the context modulated by the block's prompt table
+    plus the prompt AdaLN, projected, keys RMS-normed (what `pipeline.text_kv` batches over the blocks)."""
+    adaln = getattr(model, f"{stream}_prompt")
+    freqs = torch.exp(torch.arange(128, dtype=torch.float32) * (-math.log(10000.0) / 128))
+    angles = t_sample.float().unsqueeze(-1) * freqs
+    prompt = adaln(torch.cat([angles.cos(), angles.sin()], dim=-1))[0]  # [B, 1, 2, C]
+    shift, scale = (getattr(block, f"{stream}_prompt_table") + prompt).unbind(2)
+    attention = getattr(block, f"{stream}_text")
+    k, v = attention.kv(context * (1 + scale) + shift).chunk(2, dim=-1)
+    return torch.nn.functional.rms_norm(k, (k.shape[-1],), attention.k_norm, attention.eps), v
+
+
+def test_text_kv_is_the_block_by_block_formula(tiny):
+    """`text_kv` batches the blocks (one modulation, one key norm per stream): each block's keys/values are its own
+    formula's, for per-sample and per-token sigma (whose per-sample max feeds the prompt AdaLN)."""
+    x = random_inputs(tiny.config, GRID, batch=2, seed=8)
+    per_token = x.sigma[:, None].expand(2, GRID.num_video_tokens).contiguous() * torch.linspace(0.5, 1, 18)
+    for sigma in (x.sigma, per_token):
+        t_sample = tiny._timesteps(sigma)[1]
+        with torch.no_grad():
+            text_kv = tiny.text_kv(x.video_context, x.audio_context, sigma)
+            assert len(text_kv) == tiny.config.num_layers
+            for block, kv in zip(tiny.blocks, text_kv):
+                for stream, context in (("video", x.video_context), ("audio", x.audio_context)):
+                    k, v = _block_text_kv(tiny, block, stream, context, t_sample)
+                    torch.testing.assert_close(getattr(kv, f"{stream}_k"), k, rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(getattr(kv, f"{stream}_v"), v, rtol=1e-5, atol=1e-5)
+
+
 def test_shared_text_kv_changes_no_bit(tiny):
-    """forward(text_kv=model.text_kv(...)) is the same computation as projecting the contexts in each block, for
-    every pass kind and for per-token sigma (whose per-sample max feeds the prompt AdaLN)."""
+    """forward(text_kv=model.text_kv(...)) is the computation forward runs on its own, for every pass kind and for
+    per-token sigma; the held keys/values keep one buffer per stream alive (all blocks), no raw keys."""
     rope = build_rope_tables(tiny.config, GRID, device="cpu")
     x = random_inputs(tiny.config, GRID, batch=2, seed=8)
     per_token = x.sigma[:, None].expand(2, GRID.num_video_tokens).contiguous() * torch.linspace(0.5, 1, 18)
@@ -301,12 +331,12 @@ def test_shared_text_kv_changes_no_bit(tiny):
         y = type(x)(x.video, x.audio, x.video_context, x.audio_context, sigma)
         with torch.no_grad():
             text_kv = tiny.text_kv(x.video_context, x.audio_context, sigma)
-        assert len(text_kv) == tiny.config.num_layers
-        for kv in text_kv:  # held keys/values keep one [B, Nt, 2I] buffer per stream alive, no raw keys
-            for k, v in ((kv.video_k, kv.video_v), (kv.audio_k, kv.audio_v)):
-                storage = k.untyped_storage()
-                assert storage.data_ptr() == v.untyped_storage().data_ptr()
-                assert storage.nbytes() == (k.numel() + v.numel()) * k.element_size()
+        for stream in ("video", "audio"):
+            keys = [getattr(kv, f"{stream}_k") for kv in text_kv]
+            values = [getattr(kv, f"{stream}_v") for kv in text_kv]
+            storage = keys[0].untyped_storage()
+            assert all(t.untyped_storage().data_ptr() == storage.data_ptr() for t in keys + values)
+            assert storage.nbytes() == sum(t.numel() for t in keys + values) * keys[0].element_size()
         for options in ({}, dict(skip_video_self_attn_blocks=(1,), skip_audio_self_attn_blocks=(0,)),
                         dict(disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)):
             own, shared = run(tiny, y, rope, **options), run(tiny, y, rope, text_kv=text_kv, **options)
@@ -319,7 +349,7 @@ def test_shared_text_kv_changes_no_bit(tiny):
 
 def test_forward_with_text_kv_skips_the_prompt_adalns(tiny):
     """The prompt AdaLNs only feed the text keys/values: a forward reading `text_kv` does not run them (fewer
-    kernels per reading pass), and its result is bitwise that of a forward that runs them."""
+    kernels per reading pass), one without runs each once, and the results are bitwise equal."""
     rope = build_rope_tables(tiny.config, GRID, device="cpu")
     x = random_inputs(tiny.config, GRID, batch=2, seed=14)
     calls = []
@@ -338,18 +368,12 @@ def test_forward_with_text_kv_skips_the_prompt_adalns(tiny):
         for hook in hooks:
             hook.remove()
     assert torch.equal(own[0], shared[0]) and torch.equal(own[1], shared[1])
-    with torch.no_grad():
-        full, skipped = tiny.modulation(x.sigma)[0], tiny.modulation(x.sigma, prompts=False)[0]
-    assert skipped.video_prompt is None and skipped.audio_prompt is None
-    for field in full._fields:
-        if field not in ("video_prompt", "audio_prompt"):
-            assert torch.equal(getattr(full, field), getattr(skipped, field)), field
 
 
 def test_adalns_fed_one_timestep_share_its_sinusoids(tiny):
     """`modulation` builds the sinusoids once per distinct timestep (2 with per-sample sigma: the sample's and the
-    A2V/V2A gates'; 3 with per-token sigma) instead of once per AdaLN (8), and every row is bitwise what each
-    AdaLN makes from its own timestep."""
+    A2V/V2A gates'; 3 with per-token sigma) instead of once per AdaLN (6; the prompt AdaLNs run in `text_kv`), and
+    every row is bitwise what each AdaLN makes from its own timestep."""
     class CountCos(TorchDispatchMode):
         def __init__(self):
             super().__init__()
@@ -375,8 +399,6 @@ def test_adalns_fed_one_timestep_share_its_sinusoids(tiny):
 
         with torch.no_grad():
             expected = {"video": own(tiny.video_time, t_video), "audio": own(tiny.audio_time, t_sample),
-                        "video_prompt": own(tiny.video_prompt, t_sample),
-                        "audio_prompt": own(tiny.audio_prompt, t_sample),
                         "video_av": own(tiny.video_av, t_sample), "audio_av": own(tiny.audio_av, t_sample),
                         "video_av_gate": own(tiny.video_av_gate, t_gate),
                         "audio_av_gate": own(tiny.audio_av_gate, t_gate)}
@@ -444,14 +466,25 @@ def test_forward_takes_block_indices_as_any_iterable(tiny):
         run(tiny, x, rope, skip_video_self_attn_blocks=[1, 1])
 
 
-def test_text_kv_is_inference_only(tiny):
+def test_text_kv_under_autograd_is_out_of_place_and_the_same(tiny):
+    """When autograd records, the blocks run one by one out of place (no `out=` GEMMs, no in-place norm): same
+    values, and gradients reach the weights."""
     x = random_inputs(tiny.config, GRID, seed=10)
-    with pytest.raises(RuntimeError, match="no_grad"):
-        tiny.text_kv(x.video_context, x.audio_context, x.sigma)
+    with torch.no_grad():
+        want = tiny.text_kv(x.video_context, x.audio_context, x.sigma)
+    got = tiny.text_kv(x.video_context, x.audio_context, x.sigma)
+    for w, g in zip(want, got):
+        for field in w._fields:
+            torch.testing.assert_close(getattr(g, field), getattr(w, field), rtol=1e-6, atol=1e-6)
+    sum(kv.video_k.sum() + kv.audio_v.sum() for kv in got).backward()
+    block = tiny.blocks[1]
+    assert block.video_text.k_norm.grad is not None and block.audio_text.kv.weight.grad is not None
+    tiny.zero_grad(set_to_none=True)
 
 
 def test_text_keys_and_values_are_views_of_one_buffer(tiny):
-    """Held text keys/values keep nothing else alive: the normed keys overwrite the raw ones in the projection."""
+    """Held text keys/values keep nothing else alive: the normed keys overwrite the raw ones in the projection,
+    each block's [k | v] a slice of one buffer per stream."""
     x = random_inputs(tiny.config, GRID, seed=11)
     with torch.no_grad():
         kv = tiny.text_kv(x.video_context, x.audio_context, x.sigma)[0]
@@ -459,7 +492,8 @@ def test_text_keys_and_values_are_views_of_one_buffer(tiny):
     inner = kv.video_k.shape[-1]
     assert kv.video_v.data_ptr() == kv.video_k.data_ptr() + inner * kv.video_k.element_size()
     assert kv.audio_v.data_ptr() == kv.audio_k.data_ptr() + kv.audio_k.shape[-1] * kv.audio_k.element_size()
-    assert kv.video_k.untyped_storage().nbytes() == raw.numel() * raw.element_size()
+    blocks = tiny.config.num_layers
+    assert kv.video_k.untyped_storage().nbytes() == blocks * raw.numel() * raw.element_size()
 
 
 @pytest.mark.parametrize("case", ["entries", "BlockTextKV", "video_k", "audio_v"])

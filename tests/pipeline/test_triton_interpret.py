@@ -32,6 +32,11 @@ CHECK = textwrap.dedent("""
         kernels.rms_norm_rows_inplace(k.view(-1, width), w, 1e-6)
         torch.testing.assert_close(k, expected, rtol=1e-5, atol=1e-5)
         assert torch.equal(v, v_before)
+    kv = torch.randn(3, 5, 2 * 96)  # one weight per group of rows (all blocks' text keys)
+    k, w = kv[..., :96], torch.randn(3, 96)
+    expected = torch.stack([F.rms_norm(k[g], (96,), w[g], 1e-6) for g in range(3)])
+    kernels.rms_norm_rows_inplace(k.view(-1, 96), w, 1e-6)
+    torch.testing.assert_close(k, expected, rtol=1e-5, atol=1e-5)
     for batch, heads, r, table in ((1, 4, 8, "expanded"), (2, 3, 5, "expanded"), (2, 3, 5, "batch 1"),
                                    (2, 4, 8, "per sample")):
         width, tokens = heads * 2 * r, 17

@@ -1,0 +1,76 @@
+"""The text cross-attention keys/values of every block, computed together before the first block.
+
+In LTX-2.3 each block's text keys/values are its projection of the text context shifted and scaled by the prompt
+AdaLN (`context * (1 + scale) + shift`, rows from the block's prompt table plus the forward's prompt AdaLN
+output), keys RMS-normed. They read neither the latents nor the other blocks, so one pass computes all of them up
+front (`LTX2Transformer.text_kv`), and passes that read the same text at the same sigma can share them.
+
+Batched per stream, the work is one modulation kernel for all blocks (`torch.addcmul`; under FP8 one kernel that
+also quantizes, `fp8.modulate_quantize_rows`), the blocks' projections written into one [blocks, B * Nt, 2I]
+buffer, and one key-norm kernel over all of it (`fused.rms_norm_` with the stacked norm weights). Block by block it
+was three kernels per block and stream (modulation, GEMM, key norm): ~180 launches more per pass of the `ltx2.3`
+preset (profiling/PERF_LOG.md). The modulated contexts of all blocks exist at once (0.4 GB for the video stream
+at 1024 text tokens): they leave L2 between the modulation and the GEMMs, which is the price of the fewer
+launches.
+
+Each block's keys and values are views of its slice of the buffer: the normed keys are written over the raw ones,
+so holding them keeps nothing else alive. When autograd records, the same math runs block by block, out of place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.attention import CrossAttention
+from pipeline.fp8 import Float8Linear, modulate_quantize_rows
+from pipeline.fused import rms_norm_
+
+
+class BlockTextKV(NamedTuple):
+    """One block's text cross-attention keys (RMS-normed) and values, per stream: [B, Nt, I] each."""
+
+    video_k: Tensor
+    video_v: Tensor
+    audio_k: Tensor
+    audio_v: Tensor
+
+
+def linear_into(linear: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
+    """`linear(x)` for x [M, K] written into `out` [M, N] (contiguous: on CUDA the bias stays in the cuBLASLt
+    epilogue)."""
+    if linear.bias is None:
+        return torch.mm(x, linear.weight.t(), out=out)
+    return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
+
+
+def stream_text_kv(attentions: Sequence[CrossAttention], prompt_tables: Sequence[Tensor], context: Tensor,
+                   prompt_mod: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """One stream's (normed keys, values) [B, Nt, I] for every block (module docstring).
+
+    attentions: the blocks' text cross-attentions of this stream; prompt_tables: their [2, C] prompt tables (rows
+    shift, scale); context [B, Nt, C]; prompt_mod [B, 1, 2, C]: the stream's prompt AdaLN output."""
+    b, tokens, width = context.shape
+    inner = attentions[0].inner
+    tables = torch.stack(list(prompt_tables))[:, None, None]  # [G, 1, 1, 2, C]
+    shift, scale = (tables + prompt_mod).unbind(3)  # [G, B, 1, C] each
+    records = torch.is_grad_enabled() and (context.requires_grad or shift.requires_grad or scale.requires_grad
+                                           or any(p.requires_grad for p in attentions[0].parameters()))
+    if records:
+        return [attention.context_kv(torch.addcmul(shift[g], context, 1 + scale[g]))
+                for g, attention in enumerate(attentions)]
+    kv = context.new_empty(len(attentions), b * tokens, 2 * inner)  # [G, B * Nt, 2I]: rows [k | v]
+    if isinstance(attentions[0].kv, Float8Linear):  # `quantize_fp8` swaps every block's, or none
+        q, q_scale = modulate_quantize_rows(context, scale, shift)  # [G, B * Nt, C] e4m3, [G, B * Nt, 1]
+        for g, attention in enumerate(attentions):
+            attention.kv.project_quantized_into(q[g], q_scale[g], kv[g])
+    else:
+        x = torch.addcmul(shift, context, 1 + scale).view(len(attentions), b * tokens, width)  # [G, B * Nt, C]
+        for g, attention in enumerate(attentions):
+            linear_into(attention.kv, x[g], kv[g])
+    rms_norm_(kv[..., :inner], torch.stack([attention.k_norm for attention in attentions]), attentions[0].eps)
+    kv = kv.view(len(attentions), b, tokens, 2 * inner)
+    return [(kv[g, ..., :inner], kv[g, ..., inner:]) for g in range(len(attentions))]
