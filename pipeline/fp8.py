@@ -127,13 +127,13 @@ def gelu_quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 def modulate_quantize_rows(x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     """`quantize_rows(x * (1 + scale[g]) + shift[g])` for every g, x [B, N, C], scale/shift [G, B, 1, C] ->
     (e4m3 [G, B * N, C], float32 scales [G, B * N, 1]): the FP8 text key/value projections' inputs of all blocks
-    (`pipeline.text_kv`). On CUDA one Triton kernel reading each context row once per block (pipeline/fp8_triton.py;
-    eager, it would be a dozen kernels over the G copies), elsewhere the formula."""
+    (`pipeline.text_kv`). On CUDA one Triton launch for all blocks (pipeline/text_kv_triton.py; eager, it would be
+    a dozen kernels over the G copies), elsewhere the formula."""
     g, b, c = scale.shape[0], x.shape[0], x.shape[-1]
     if x.is_cuda and c <= _TRITON_MAX_COLS:
-        from pipeline.fp8_triton import modulate_quantize_rows as kernel
+        from pipeline.text_kv_triton import modulate_rows
 
-        return kernel(x, scale.view(g, b, c), shift.view(g, b, c), _AMAX_FLOOR, E4M3_MAX)
+        return modulate_rows(x, scale.view(g, b, c), shift.view(g, b, c), e4m3=(_AMAX_FLOOR, E4M3_MAX))
     return quantize_rows(torch.addcmul(shift, x, 1 + scale).view(g, -1, c))
 
 

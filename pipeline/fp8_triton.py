@@ -4,8 +4,6 @@ one program per token row, the row held in registers.
 - `gelu_quantize_rows`: tanh-GELU of the FFN's hidden row, the FP8 fc2's input.
 - `gated_heads_quantize_rows`: the attention heads scaled by their gates (2 sigmoid(logit) per head), the FP8
   output projection's input.
-- `modulate_quantize_rows`: the text context shifted and scaled by each block's prompt AdaLN, the FP8 text
-  key/value projections' inputs of every block in one launch (`pipeline.text_kv`).
 
 Imported only on CUDA (or under Triton's interpreter). Why kernels of our own: a projection in FP8 needs its
 input's row maximum before it can quantize, so inductor's fusion of the producing math + `quantize_rows` loops
@@ -15,7 +13,7 @@ heads: ~55 + ~35 us per projection). Holding the row, a kernel here reads it onc
 (profiling/PERF_LOG.md has the measurements).
 
 Numerics: the math runs in float32 and is quantized without the bf16 rounding in between that the reference
-(`F.gelu`, `heads * gates` or the modulation in bf16, then `quantize_rows`) applies: equal within that rounding, which e4m3's is
+(`F.gelu` or `heads * gates` in bf16, then `quantize_rows`) applies: equal within that rounding, which e4m3's is
 16x coarser than.
 """
 
@@ -62,24 +60,6 @@ def _gated_heads_quantize_rows(h_ptr, g_ptr, q_ptr, scale_ptr, tokens, heads, he
     tl.store(scale_ptr + row, scale)
 
 
-@triton.jit
-def _modulate_quantize_rows(x_ptr, scale_ptr, shift_ptr, q_ptr, qscale_ptr, rows, tokens, n_cols, amax_floor, fp8_max,
-                            BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # b * tokens + n
-    group = tl.program_id(1).to(tl.int64)  # the block whose modulation applies
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    mod = (group * (rows // tokens) + row // tokens) * n_cols + cols  # row b of [G, B, C]
-    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    y = x * (1.0 + tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)) + tl.load(
-        shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(y), axis=0), amax_floor) / fp8_max
-    q = tl.minimum(tl.maximum(y / scale, -fp8_max), fp8_max)
-    out = group * rows + row
-    tl.store(q_ptr + out * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(qscale_ptr + out, scale)
-
-
 def gated_heads_quantize_rows(heads: Tensor, gate_logits: Tensor, amax_floor: float,
                               fp8_max: float) -> tuple[Tensor, Tensor]:
     """heads [B, N, H, D] (stride(-1) == 1, any other strides), gate_logits [B, N, H] -> (e4m3 [B * N, H * D]
@@ -109,19 +89,3 @@ def gelu_quantize_rows(rows: Tensor, amax_floor: float, fp8_max: float) -> tuple
         _gelu_quantize_rows[(m,)](rows, q, scale, rows.stride(0), n, amax_floor, fp8_max, BLOCK=block,
                                   num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
     return q, scale
-
-
-def modulate_quantize_rows(x: Tensor, scale: Tensor, shift: Tensor, amax_floor: float,
-                           fp8_max: float) -> tuple[Tensor, Tensor]:
-    """x [B, N, C], scale/shift [G, B, C] -> (e4m3 [G, B * N, C], float32 scales [G, B * N, 1]) of
-    `x * (1 + scale[g]) + shift[g]` for each g, rows of sample b taking row b. Inputs are made contiguous."""
-    x, scale, shift = x.contiguous(), scale.contiguous(), shift.contiguous()
-    b, n, c = x.shape
-    groups = scale.shape[0]
-    q = torch.empty((groups, b * n, c), dtype=torch.float8_e4m3fn, device=x.device)
-    qscale = torch.empty((groups, b * n, 1), dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(c)
-    with on_device_of(x):
-        _modulate_quantize_rows[(b * n, groups)](x, scale, shift, q, qscale, b * n, n, c, amax_floor, fp8_max,
-                                                 BLOCK=block, num_warps=8 if block >= 2048 else 4)
-    return q, qscale

@@ -5,13 +5,13 @@ AdaLN (`context * (1 + scale) + shift`, rows from the block's prompt table plus 
 output), keys RMS-normed. They read neither the latents nor the other blocks, so one pass computes all of them up
 front (`LTX2Transformer.text_kv`), and passes that read the same text at the same sigma can share them.
 
-Batched per stream, the work is one modulation kernel for all blocks (`torch.addcmul`; under FP8 one kernel that
-also quantizes, `fp8.modulate_quantize_rows`), the blocks' projections written into one [blocks, B * Nt, 2I]
+Batched per stream, the work is one modulation kernel for all blocks (`modulate_contexts`; under FP8 the same
+kernel quantizes, `fp8.modulate_quantize_rows`), the blocks' projections written into one [blocks, B * Nt, 2I]
 buffer, and one key-norm kernel over all of it (`fused.rms_norm_` with the stacked norm weights). Block by block it
 was three kernels per block and stream (modulation, GEMM, key norm): ~180 launches more per pass of the `ltx2.3`
-preset (profiling/PERF_LOG.md). The modulated contexts of all blocks exist at once (0.4 GB for the video stream
-at 1024 text tokens): they leave L2 between the modulation and the GEMMs, which is the price of the fewer
-launches.
+preset. The modulated contexts of all blocks exist at once (0.6 GB for both streams at 1024 text tokens in bf16),
+and a pass that computes its own keys/values holds all blocks' (1.2 GB) instead of one block's at a time
+(profiling/PERF_LOG.md has the measurements).
 
 Each block's keys and values are views of its slice of the buffer: the normed keys are written over the raw ones,
 so holding them keeps nothing else alive. When autograd records, the same math runs block by block, out of place.
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from pipeline.attention import CrossAttention
 from pipeline.fp8 import Float8Linear, modulate_quantize_rows
-from pipeline.fused import rms_norm_
+from pipeline.fused import _TRITON_MAX_COLS, rms_norm_
 
 
 class BlockTextKV(NamedTuple):
@@ -47,13 +47,25 @@ def linear_into(linear: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
     return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
 
 
+def modulate_contexts(context: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """`context * (1 + scale[g]) + shift[g]` for every block g, context [B, Nt, C], scale/shift [G, B, 1, C] ->
+    [G, B * Nt, C]: on CUDA one Triton launch (pipeline/text_kv_triton.py; eager `addcmul` over the broadcast
+    output is ~3x slower), elsewhere `torch.addcmul` (equal within one rounding: both compute in float32)."""
+    g, b, c = scale.shape[0], context.shape[0], context.shape[-1]
+    if context.is_cuda and c <= _TRITON_MAX_COLS:
+        from pipeline.text_kv_triton import modulate_rows
+
+        return modulate_rows(context, scale.view(g, b, c), shift.view(g, b, c))
+    return torch.addcmul(shift, context, 1 + scale).view(g, -1, c)
+
+
 def stream_text_kv(attentions: Sequence[CrossAttention], prompt_tables: Sequence[Tensor], context: Tensor,
                    prompt_mod: Tensor) -> list[tuple[Tensor, Tensor]]:
     """One stream's (normed keys, values) [B, Nt, I] for every block (module docstring).
 
     attentions: the blocks' text cross-attentions of this stream; prompt_tables: their [2, C] prompt tables (rows
     shift, scale); context [B, Nt, C]; prompt_mod [B, 1, 2, C]: the stream's prompt AdaLN output."""
-    b, tokens, width = context.shape
+    b, tokens, _ = context.shape
     inner = attentions[0].inner
     tables = torch.stack(list(prompt_tables))[:, None, None]  # [G, 1, 1, 2, C]
     shift, scale = (tables + prompt_mod).unbind(3)  # [G, B, 1, C] each
@@ -68,7 +80,7 @@ def stream_text_kv(attentions: Sequence[CrossAttention], prompt_tables: Sequence
         for g, attention in enumerate(attentions):
             attention.kv.project_quantized_into(q[g], q_scale[g], kv[g])
     else:
-        x = torch.addcmul(shift, context, 1 + scale).view(len(attentions), b * tokens, width)  # [G, B * Nt, C]
+        x = modulate_contexts(context, scale, shift)  # [G, B * Nt, C]
         for g, attention in enumerate(attentions):
             linear_into(attention.kv, x[g], kv[g])
     rms_norm_(kv[..., :inner], torch.stack([attention.k_norm for attention in attentions]), attentions[0].eps)

@@ -298,9 +298,11 @@ def test_modulate_quantize_kernel_is_the_formula(groups, b, n, c):
     rq, rscale = quantize_rows(modulated)
     torch.testing.assert_close(q_scale, rscale, rtol=1e-2, atol=0)
     exact = (context.double() * (1 + scale.double()) + shift.double()).view(groups, b * n, c)
-    # Norm-wise, as above: the formula rounds the modulation to bf16 once.
-    assert output_error(q.double() * q_scale, rq.double() * rscale)["relative_error"] < 1.5e-2
-    assert output_error(q.double() * q_scale, exact)["relative_error"] < 3.5e-2
+    # Norm-wise, as above: the formula rounds the modulation to bf16 once (1.55e-2 apart on an H200), and the
+    # kernel, which skips that rounding, is no further from the exact values than the formula.
+    assert output_error(q.double() * q_scale, rq.double() * rscale)["relative_error"] < 2e-2
+    ours = output_error(q.double() * q_scale, exact)["relative_error"]
+    assert ours < 3.5e-2 and ours <= 1.02 * output_error(rq.double() * rscale, exact)["relative_error"]
 
 
 @pytest.mark.cuda

@@ -1,4 +1,5 @@
-"""The Triton kernels of `pipeline.rms_norm_triton`, run on CPU tensors by Triton's interpreter.
+"""The Triton kernels of `pipeline.rms_norm_triton` (and the bf16 form of `pipeline.text_kv_triton`'s), run on CPU
+tensors by Triton's interpreter.
 
 Runs wherever Triton is installed (GPU machines; skipped where it is not, e.g. a CPU-only torch): a subprocess sets
 TRITON_INTERPRET=1 before the kernels are defined, then checks them against the ATen reference in float32, on
@@ -54,6 +55,11 @@ CHECK = textwrap.dedent("""
         for got, x, w in zip(outs, (q, k), (wq, wk)):
             expected = apply_split_rope(F.rms_norm(x, (width,), w, 1e-6), (cos, sin))
             torch.testing.assert_close(got.view(x.shape), expected, rtol=1e-5, atol=1e-5)
+    from pipeline.text_kv_triton import modulate_rows  # every block's modulated text context (not its e4m3 form:
+    ctx = torch.randn(2, 5, 96)                         # the interpreter's e4m3 conversion is not the GPU's)
+    scale, shift = torch.randn(3, 2, 96), torch.randn(3, 2, 96)
+    expected = (ctx * (1 + scale[:, :, None]) + shift[:, :, None]).view(3, 10, 96)
+    torch.testing.assert_close(modulate_rows(ctx, scale, shift), expected, rtol=1e-5, atol=1e-5)
     print("ok")
 """)
 
