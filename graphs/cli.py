@@ -185,9 +185,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-shared-text-kv",
         action="store_true",
-        help="graph executors: every pass projects its own text keys/values (default: the passes of one "
+        help="graph executors: every pass computes its own text keys/values (default: the passes of one "
         "evaluation that read the same text share them, computed once by the first; the results are bitwise the "
-        "same without compile)",
+        "same)",
     )
 
 

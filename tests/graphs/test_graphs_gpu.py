@@ -5,7 +5,7 @@
   bf16 is from the same weights in fp32);
 - a pass's held output survives the replays of the other passes;
 - passes sharing their text keys/values (cond holds them, perturbed and modality read them) equal passes that
-  project their own, bitwise, at every sigma; so do new consumers captured beside cached producers, and
+  compute their own, bitwise, at every sigma; so do new consumers captured beside cached producers, and
   audio texts shorter than the video texts;
 - a changed skip block, shape or weights is a miss, never a stale replay;
 - the warmed-up loop makes no host sync (PyTorch's sync debug mode, the dispatch detector, CUPTI);
@@ -146,7 +146,7 @@ def test_shared_text_kv_with_cached_and_new_graphs_in_one_evaluation(small):
     modality = HQ[2]
     executor = GraphExecutor(model, progress=None)
     executor.set_conditioning(cond1)
-    executor.run(video, audio, 0.8, (COND,))  # cond alone: projects its own K/V
+    executor.run(video, audio, 0.8, (COND,))  # cond alone: computes its own K/V
     out = executor.run(video, audio, 0.8, HQ)  # cond again, now producing; modality new
     _assert_equal_to_eager(out, model, cond1, video, audio, 0.8, HQ)
     out = executor.run(video, audio, 0.4, (*HQ, stg))  # a new consumer beside the cached producer
@@ -280,7 +280,7 @@ def test_warm_loop_cupti_sees_no_host_sync(small):
 
 def test_compiled_graph_loop_within_bf16_tolerance(small):
     model, cond1, _, video, audio = small
-    # Stage 2 runs cond alone on the stage-1 grid: with no other pass reading its text it projects its own
+    # Stage 2 runs cond alone on the stage-1 grid: with no other pass reading its text it computes its own
     # keys/values, a fourth graph beside stage 1's cond (which holds them for modality), neg and modality.
     def loop(executor):
         s1 = denoise_stage1(executor, cond1, video, audio, seed=SEED, steps=STEPS, guidance="hq", quiet=True)
