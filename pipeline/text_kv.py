@@ -50,7 +50,7 @@ def linear_into(linear: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
 def modulate_contexts(context: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """`context * (1 + scale[g]) + shift[g]` for every block g, context [B, Nt, C], scale/shift [G, B, 1, C] ->
     [G, B * Nt, C]: on CUDA one Triton launch (pipeline/text_kv_triton.py; eager `addcmul` over the broadcast
-    output is ~3x slower), elsewhere `torch.addcmul` (equal within one rounding: both compute in float32)."""
+    output is ~4x slower), elsewhere `torch.addcmul` (equal within one rounding: both compute in float32)."""
     g, b, c = scale.shape[0], context.shape[0], context.shape[-1]
     if context.is_cuda and c <= _TRITON_MAX_COLS:
         from pipeline.text_kv_triton import modulate_rows
