@@ -140,8 +140,10 @@ class WeightsState:
     """A cheap fingerprint of the weights, computed once per evaluation (not per pass).
 
     - `version`: `model.weights_version` (loaders bump it when they load or change weights);
-    - `param_versions`: the sum of the parameters' in-place version counters (an in-place edit such as
-      `p.add_(...)` or `load_state_dict` under `no_grad` bumps it);
+    - `param_versions`: the sum of the in-place version counters of the parameters and of the buffers a module
+      names in `weight_buffers` (weights kept as buffers, e.g. FP8 weights and their scales; other buffers, such
+      as coordinates a forward may rewrite, are not weights): an in-place edit such as `p.add_(...)` or
+      `load_state_dict` under `no_grad` bumps it;
     - `storage`: a hash of the parameters' and buffers' data pointers (a replaced tensor moves, and a graph
       would keep reading the old address).
     Reads host metadata only; inference-mode tensors have no version counter and count as 0.
@@ -174,8 +176,10 @@ class WeightsProbe:
     def _walk(self) -> None:
         modules = list(self.model.modules())
         self._layout = [(m, dict(m._modules), len(m._parameters), len(m._buffers)) for m in modules]
-        # Every slot, None ones too: a bias set later on a Linear built without one is read at its slot.
-        self._params = [(m._parameters, n) for m in modules for n in m._parameters]
+        # Every parameter slot, None ones too: a bias set later on a Linear built without one is read at its slot.
+        # Then the buffers a module names as weights (`weight_buffers`).
+        self._weights = [(m._parameters, n) for m in modules for n in m._parameters]
+        self._weights += [(m._buffers, n) for m in modules for n in getattr(m, "weight_buffers", ()) if n in m._buffers]
         self._buffers = [(m._buffers, n) for m in modules for n in m._buffers]
 
     def _layout_changed(self) -> bool:
@@ -196,7 +200,7 @@ class WeightsProbe:
     def _state(self) -> WeightsState:
         versions = 0
         pointers = []
-        for slots, name in self._params:
+        for slots, name in self._weights:
             p = slots[name]
             if p is None:  # set to None after the walk: no tensor to read
                 continue

@@ -163,6 +163,30 @@ def test_in_place_weight_edit_changes_param_versions():
     assert after.storage == before.storage
 
 
+def test_in_place_edit_of_fp8_weights_changes_param_versions():
+    """FP8 weights are buffers (`Float8Linear.weight_buffers`): editing them in place is an edit of the weights;
+    a forward, which only reads them, is not, and other buffers are not counted."""
+    from pipeline.fp8 import quantize_fp8
+
+    model = tiny_model()
+    quantize_fp8(model)
+    probe = WeightsProbe(model)
+    before = probe()
+    layer = model.blocks[1].video_ff.fc2
+    with torch.no_grad():
+        layer.weight_scale.mul_(2.0)
+    after = probe()
+    assert after.param_versions == before.param_versions + 1 and after.storage == before.storage
+    with torch.no_grad():
+        layer.weight_e4m3.copy_(layer.weight_e4m3.flip(0))
+        layer(torch.randn(3, layer.in_features))
+    assert probe().param_versions == after.param_versions + 1
+    model.video_in.register_buffer("scratch", torch.zeros(1))  # not a weight buffer: edits are not counted
+    counted = probe().param_versions
+    model.video_in.scratch.add_(1.0)
+    assert probe().param_versions == counted
+
+
 def test_replaced_parameter_changes_storage():
     model = tiny_model()
     probe = WeightsProbe(model)
