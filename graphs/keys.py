@@ -219,7 +219,7 @@ def pass_options(spec: Any) -> tuple[tuple[str, Hashable], ...]:
 
 
 def text_kv_role_phrase(role: str, text: str) -> str:
-    """What a pass does with its text's keys/values, for `GraphKey.short`: "own" (projects them itself),
+    """What a pass does with its text's keys/values, for `GraphKey.short`: "own" (computes them itself),
     "produce" (also holds them for the later passes of its text) or "consume:<pass>" (reads those <pass> holds).
     ValueError for anything else."""
     if role == "own":
