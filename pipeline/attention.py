@@ -85,13 +85,13 @@ class CrossAttention(nn.Module):
     def context_kv(self, context: Tensor, k_rope: CosSin | None = None) -> tuple[Tensor, Tensor]:
         """Keys (RMS-normed, RoPE'd when `k_rope` is given) and values of `context` [B, Nk, C]: [B, Nk, I] each.
 
-        Separate from `attend_to` because the text context's keys/values do not depend on the queries: passes
-        that read the same text at the same sigma can share them (`LTX2Transformer.text_kv`). Without RoPE, at
-        inference, the normed keys overwrite the raw ones in the [k | v] projection output (`fused.rms_norm_`,
-        one in-place kernel on CUDA), so k and v are views of one [B, Nk, 2I] buffer: held keys/values keep no
-        raw keys alive (when autograd records, the keys are a new tensor). With RoPE (A2V or V2A running alone;
-        both directions go through `exchange_attention`) the keys are a new tensor, so inductor fuses norm and
-        RoPE into one kernel."""
+        Separate from `attend_to` because a context's keys/values do not depend on the queries: the text ones are
+        computed for all blocks at once (`pipeline.text_kv`, which calls this block by block only when autograd
+        records). Without RoPE, at inference, the normed keys overwrite the raw ones in the [k | v] projection
+        output (`fused.rms_norm_`, one in-place kernel on CUDA), so k and v are views of one [B, Nk, 2I] buffer
+        (when autograd records, the keys are a new tensor). With RoPE (A2V or V2A running alone; both directions
+        go through `exchange_attention`) the keys are a new tensor, so inductor fuses norm and RoPE into one
+        kernel."""
         k, v = self.keys_values(context)  # views of the [B, Nk, 2I] projection, rows [k | v]
         if k_rope is None:
             return rms_norm_(k, self.k_norm, self.eps), v

@@ -133,7 +133,8 @@ def modulate_quantize_rows(x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Ten
     if x.is_cuda and c <= _TRITON_MAX_COLS:
         from pipeline.text_kv_triton import modulate_rows
 
-        return modulate_rows(x, scale.view(g, b, c), shift.view(g, b, c), e4m3=(_AMAX_FLOOR, E4M3_MAX))
+        scale, shift = (t.expand(g, b, 1, c).reshape(g, b, c) for t in (scale, shift))
+        return modulate_rows(x, scale, shift, e4m3=(_AMAX_FLOOR, E4M3_MAX))
     return quantize_rows(torch.addcmul(shift, x, 1 + scale).view(g, -1, c))
 
 

@@ -401,6 +401,10 @@ class LTX2Transformer(nn.Module):
         contexts and sigma are checked as `forward` checks them (metadata only); never synchronises the host.
         """
         _check_text_inputs(self, video_context, audio_context, sigma)
+        return self._text_kv(video_context, audio_context, sigma)
+
+    def _text_kv(self, video_context: Tensor, audio_context: Tensor, sigma: Tensor) -> tuple[BlockTextKV, ...]:
+        """`text_kv` without its input checks (`forward` has made them)."""
         _, t_sample = self._timesteps(sigma)
         s_sample = timestep_sinusoid(t_sample, self.dtype)
         video = stream_text_kv([b.video_text for b in self.blocks], [b.video_prompt_table for b in self.blocks],
@@ -435,7 +439,7 @@ class LTX2Transformer(nn.Module):
                         text_kv=text_kv)
         eps = 1e-6  # the output LayerNorm's eps is fixed in the reference
         if text_kv is None:
-            text_kv = self.text_kv(video_context, audio_context, sigma)
+            text_kv = self._text_kv(video_context, audio_context, sigma)
         mod, video_emb, audio_emb = self.modulation(sigma)
         v = self.video_in(video)  # [B, Nv, Dv]
         a = self.audio_in(audio)  # [B, Na, Da]

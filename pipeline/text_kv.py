@@ -13,8 +13,10 @@ preset. The modulated contexts of all blocks exist at once (0.6 GB for both stre
 and a pass that computes its own keys/values holds all blocks' (1.2 GB) instead of one block's at a time
 (profiling/PERF_LOG.md has the measurements).
 
-Each block's keys and values are views of its slice of the buffer: the normed keys are written over the raw ones,
-so holding them keeps nothing else alive. When autograd records, the same math runs block by block, out of place.
+Each block's keys and values are views of its slice of the stream's buffer, the normed keys written over the raw
+ones: held keys/values keep that buffer alive (all blocks'), and nothing else. When autograd records (any input
+or weight of the stream requires grad), the same math runs block by block, out of place, through each block's own
+modules.
 """
 
 from __future__ import annotations
@@ -39,9 +41,13 @@ class BlockTextKV(NamedTuple):
     audio_v: Tensor
 
 
-def linear_into(linear: nn.Linear, x: Tensor, out: Tensor) -> Tensor:
-    """`linear(x)` for x [M, K] written into `out` [M, N] (contiguous: on CUDA the bias stays in the cuBLASLt
-    epilogue)."""
+def linear_into(linear: nn.Module, x: Tensor, out: Tensor) -> Tensor:
+    """`linear(x)` for x [M, K] written into `out` [M, N]. A plain `nn.Linear` without hooks writes there directly
+    (contiguous `out`: on CUDA the bias stays in the cuBLASLt epilogue); anything else (a subclass, a
+    parametrization, hooks) runs its own forward and is copied in."""
+    plain = type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks)
+    if not plain:
+        return out.copy_(linear(x))
     if linear.bias is None:
         return torch.mm(x, linear.weight.t(), out=out)
     return torch.addmm(linear.bias, x, linear.weight.t(), out=out)
@@ -55,7 +61,7 @@ def modulate_contexts(context: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     if context.is_cuda and c <= _TRITON_MAX_COLS:
         from pipeline.text_kv_triton import modulate_rows
 
-        return modulate_rows(context, scale.view(g, b, c), shift.view(g, b, c))
+        return modulate_rows(context, *(t.expand(g, b, 1, c).reshape(g, b, c) for t in (scale, shift)))
     return torch.addcmul(shift, context, 1 + scale).view(g, -1, c)
 
 
@@ -69,8 +75,8 @@ def stream_text_kv(attentions: Sequence[CrossAttention], prompt_tables: Sequence
     inner = attentions[0].inner
     tables = torch.stack(list(prompt_tables))[:, None, None]  # [G, 1, 1, 2, C]
     shift, scale = (tables + prompt_mod).unbind(3)  # [G, B, 1, C] each
-    records = torch.is_grad_enabled() and (context.requires_grad or shift.requires_grad or scale.requires_grad
-                                           or any(p.requires_grad for p in attentions[0].parameters()))
+    weights = [p for attention in attentions for p in (*attention.kv.parameters(), attention.k_norm)]
+    records = torch.is_grad_enabled() and any(t.requires_grad for t in (context, shift, scale, *weights))
     if records:
         return [attention.context_kv(torch.addcmul(shift[g], context, 1 + scale[g]))
                 for g, attention in enumerate(attentions)]
@@ -83,6 +89,7 @@ def stream_text_kv(attentions: Sequence[CrossAttention], prompt_tables: Sequence
         x = modulate_contexts(context, scale, shift)  # [G, B * Nt, C]
         for g, attention in enumerate(attentions):
             linear_into(attention.kv, x[g], kv[g])
-    rms_norm_(kv[..., :inner], torch.stack([attention.k_norm for attention in attentions]), attentions[0].eps)
+    keys = rms_norm_(kv[..., :inner], torch.stack([attention.k_norm for attention in attentions]), attentions[0].eps)
+    assert keys.data_ptr() == kv.data_ptr(), "the keys are normed in place when autograd does not record"
     kv = kv.view(len(attentions), b, tokens, 2 * inner)
     return [(kv[g, ..., :inner], kv[g, ..., inner:]) for g in range(len(attentions))]

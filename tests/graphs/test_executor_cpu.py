@@ -351,9 +351,8 @@ def test_audio_and_video_texts_of_different_lengths(fake_graphs):
 
 def test_models_without_text_kv_do_not_share(fake_graphs):
     model, conditioning, video, audio = _setup(fresh=True)
-    model.text_kv = None  # e.g. the diffusers adapter: no text_kv method (when the executor is built)
+    model.text_kv = None  # e.g. the diffusers adapter: no text_kv method
     executor = _executor(model)
-    del model.text_kv  # our forward calls its own
     assert not executor.share_text_kv
     executor.warmup(HQ, video, audio, conditioning=conditioning)
     assert {k.text_kv for k in executor.keys()} == {"own"}

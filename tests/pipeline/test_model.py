@@ -304,19 +304,27 @@ def _block_text_kv(model, block, stream, context, t_sample):
     return torch.nn.functional.rms_norm(k, (k.shape[-1],), attention.k_norm, attention.eps), v
 
 
-def test_text_kv_is_the_block_by_block_formula(tiny):
+def test_text_kv_is_the_block_by_block_formula():
     """`text_kv` batches the blocks (one modulation, one key norm per stream): each block's keys/values are its own
-    formula's, for per-sample and per-token sigma (whose per-sample max feeds the prompt AdaLN)."""
-    x = random_inputs(tiny.config, GRID, batch=2, seed=8)
+    formula's (each with its own key-norm weight), for per-sample and per-token sigma (whose per-sample max feeds the
+    prompt AdaLN), with audio and video texts of different lengths."""
+    model = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=torch.float32, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for block in model.blocks:  # init_weights sets every norm weight to 1: make the blocks' differ
+            for attention in (block.video_text, block.audio_text):
+                attention.k_norm.copy_(1 + 0.5 * torch.randn(attention.k_norm.shape, generator=gen))
+    x = random_inputs(model.config, GRID, batch=2, seed=8)
+    audio_context = x.audio_context[:, :5]
     per_token = x.sigma[:, None].expand(2, GRID.num_video_tokens).contiguous() * torch.linspace(0.5, 1, 18)
     for sigma in (x.sigma, per_token):
-        t_sample = tiny._timesteps(sigma)[1]
+        t_sample = model._timesteps(sigma)[1]
         with torch.no_grad():
-            text_kv = tiny.text_kv(x.video_context, x.audio_context, sigma)
-            assert len(text_kv) == tiny.config.num_layers
-            for block, kv in zip(tiny.blocks, text_kv):
-                for stream, context in (("video", x.video_context), ("audio", x.audio_context)):
-                    k, v = _block_text_kv(tiny, block, stream, context, t_sample)
+            text_kv = model.text_kv(x.video_context, audio_context, sigma)
+            assert len(text_kv) == model.config.num_layers
+            for block, kv in zip(model.blocks, text_kv):
+                for stream, context in (("video", x.video_context), ("audio", audio_context)):
+                    k, v = _block_text_kv(model, block, stream, context, t_sample)
                     torch.testing.assert_close(getattr(kv, f"{stream}_k"), k, rtol=1e-5, atol=1e-5)
                     torch.testing.assert_close(getattr(kv, f"{stream}_v"), v, rtol=1e-5, atol=1e-5)
 
@@ -480,6 +488,25 @@ def test_text_kv_under_autograd_is_out_of_place_and_the_same(tiny):
     block = tiny.blocks[1]
     assert block.video_text.k_norm.grad is not None and block.audio_text.kv.weight.grad is not None
     tiny.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("trainable", ["kv.weight", "k_norm"])
+def test_text_kv_records_when_only_a_later_block_is_trainable(trainable):
+    """Partial fine-tuning (block 0 frozen, block 1's text projection or key norm trainable) takes the recorded
+    path too: the values are the inference path's and the gradient reaches that weight."""
+    model = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=torch.float32, seed=5)
+    model.requires_grad_(False)
+    x = random_inputs(model.config, GRID, seed=12)
+    with torch.no_grad():
+        want = model.text_kv(x.video_context, x.audio_context, x.sigma)
+    weight = model.blocks[1].video_text.get_parameter(trainable)
+    weight.requires_grad_(True)
+    got = model.text_kv(x.video_context, x.audio_context, x.sigma)
+    for w, g in zip(want, got):
+        for field in w._fields:
+            torch.testing.assert_close(getattr(g, field), getattr(w, field), rtol=1e-6, atol=1e-6)
+    got[1].video_k.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
 
 
 def test_text_keys_and_values_are_views_of_one_buffer(tiny):

@@ -23,6 +23,21 @@ def test_modulate_contexts_is_each_blocks_modulation():
         torch.testing.assert_close(out[g].view(2, 5, 16), context * (1 + scale[g]) + shift[g])
 
 
+def test_text_projections_that_are_not_plain_linears_run_their_own_forward():
+    """A wrapped or hooked projection (an adapter, a parametrization) is called, not bypassed by the `out=` GEMM."""
+    attentions = [CrossAttention(16, 8, 2, 8, 1e-6) for _ in range(2)]
+    for attention in attentions:
+        torch.nn.init.ones_(attention.k_norm)
+    calls = []
+    attentions[1].kv.register_forward_hook(lambda module, args, out: calls.append(1) or out * 2)
+    context, tables, prompt = torch.randn(1, 3, 8), [torch.zeros(2, 8)] * 2, torch.zeros(1, 1, 2, 8)
+    with torch.no_grad():
+        (k0, v0), (k1, v1) = stream_text_kv(attentions, tables, context, prompt)
+        raw_v1 = attentions[1].kv.weight[16:] @ context[0].t() + attentions[1].kv.bias[16:, None]
+    assert calls == [1]
+    torch.testing.assert_close(v1[0], 2 * raw_v1.t())
+
+
 def _attentions(blocks, width, context_dim, device, *, seed):
     torch.manual_seed(seed)
     attentions = [CrossAttention(width, context_dim, width // 128, 128, 1e-6).to(device, torch.bfloat16)
