@@ -129,13 +129,11 @@ def modulate_quantize_rows(x: Tensor, scale: Tensor, shift: Tensor) -> tuple[Ten
     (e4m3 [G, B * N, C], float32 scales [G, B * N, 1]): the FP8 text key/value projections' inputs of all blocks
     (`pipeline.text_kv`). On CUDA one Triton launch for all blocks (pipeline/text_kv_triton.py; eager, it would be
     a dozen kernels over the G copies), elsewhere the formula."""
-    g, b, c = scale.shape[0], x.shape[0], x.shape[-1]
-    if x.is_cuda and c <= _TRITON_MAX_COLS:
+    if x.is_cuda and x.shape[-1] <= _TRITON_MAX_COLS:
         from pipeline.text_kv_triton import modulate_rows
 
-        scale, shift = (t.expand(g, b, 1, c).reshape(g, b, c) for t in (scale, shift))
         return modulate_rows(x, scale, shift, e4m3=(_AMAX_FLOOR, E4M3_MAX))
-    return quantize_rows(torch.addcmul(shift, x, 1 + scale).view(g, -1, c))
+    return quantize_rows(torch.addcmul(shift, x, 1 + scale).view(scale.shape[0], -1, x.shape[-1]))
 
 
 class Float8Linear(nn.Module):

@@ -57,12 +57,11 @@ def modulate_contexts(context: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """`context * (1 + scale[g]) + shift[g]` for every block g, context [B, Nt, C], scale/shift [G, B, 1, C] ->
     [G, B * Nt, C]: on CUDA one Triton launch (pipeline/text_kv_triton.py; eager `addcmul` over the broadcast
     output is ~4x slower), elsewhere `torch.addcmul` (equal within one rounding: both compute in float32)."""
-    g, b, c = scale.shape[0], context.shape[0], context.shape[-1]
-    if context.is_cuda and c <= _TRITON_MAX_COLS:
+    if context.is_cuda and context.shape[-1] <= _TRITON_MAX_COLS:
         from pipeline.text_kv_triton import modulate_rows
 
-        return modulate_rows(context, *(t.expand(g, b, 1, c).reshape(g, b, c) for t in (scale, shift)))
-    return torch.addcmul(shift, context, 1 + scale).view(g, -1, c)
+        return modulate_rows(context, scale, shift)
+    return torch.addcmul(shift, context, 1 + scale).view(scale.shape[0], -1, context.shape[-1])
 
 
 def stream_text_kv(attentions: Sequence[CrossAttention], prompt_tables: Sequence[Tensor], context: Tensor,

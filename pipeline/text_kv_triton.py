@@ -42,12 +42,13 @@ def _modulate_rows(x_ptr, scale_ptr, shift_ptr, out_ptr, qscale_ptr, rows, token
 
 def modulate_rows(x: Tensor, scale: Tensor, shift: Tensor, *,
                   e4m3: tuple[float, float] | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """x [B, N, C], scale/shift [G, B, C] -> [G, B * N, C] in x's dtype of `x * (1 + scale[g]) + shift[g]`, rows of
-    sample b taking row b; with `e4m3` = (amax floor, e4m3 max), the rows quantized instead: (e4m3 [G, B * N, C],
-    float32 scales [G, B * N, 1]). Inputs are made contiguous; C <= 16384."""
-    x, scale, shift = x.contiguous(), scale.contiguous(), shift.contiguous()
+    """x [B, N, C], scale/shift [G, B or 1, 1, C] -> [G, B * N, C] in x's dtype of `x * (1 + scale[g]) + shift[g]`,
+    rows of sample b taking row b; with `e4m3` = (amax floor, e4m3 max), the rows quantized instead: (e4m3
+    [G, B * N, C], float32 scales [G, B * N, 1]). C <= 16384."""
     b, n, c = x.shape
     groups = scale.shape[0]
+    x = x.contiguous()
+    scale, shift = (t.expand(groups, b, 1, c).reshape(groups, b, c).contiguous() for t in (scale, shift))
     out = torch.empty((groups, b * n, c), dtype=x.dtype if e4m3 is None else torch.float8_e4m3fn, device=x.device)
     qscale = torch.empty((groups, b * n, 1) if e4m3 else (1,), dtype=torch.float32, device=x.device)
     amax_floor, fp8_max = e4m3 or (1.0, 1.0)

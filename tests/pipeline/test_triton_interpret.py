@@ -57,8 +57,8 @@ CHECK = textwrap.dedent("""
             torch.testing.assert_close(got.view(x.shape), expected, rtol=1e-5, atol=1e-5)
     from pipeline.text_kv_triton import modulate_rows  # every block's modulated text context (not its e4m3 form:
     ctx = torch.randn(2, 5, 96)                         # the interpreter's e4m3 conversion is not the GPU's)
-    scale, shift = torch.randn(3, 2, 96), torch.randn(3, 2, 96)
-    expected = (ctx * (1 + scale[:, :, None]) + shift[:, :, None]).view(3, 10, 96)
+    scale, shift = torch.randn(3, 2, 1, 96), torch.randn(3, 2, 1, 96)
+    expected = (ctx * (1 + scale) + shift).view(3, 10, 96)
     torch.testing.assert_close(modulate_rows(ctx, scale, shift), expected, rtol=1e-5, atol=1e-5)
     print("ok")
 """)
