@@ -165,7 +165,7 @@ def test_capture_on_first_use_then_replay(fake_graphs):
         warnings.simplefilter("error")  # the first captures of an executor are not warned misses
         out = executor.run(video, audio, 0.7, HQ)
     assert executor.stats.captures == 3 and executor.stats.misses == 3 and executor.stats.replays == 3
-    assert len(executor.progress_lines) == 3 and executor.progress_lines[0].startswith("captured cond")
+    assert len(executor.progress_lines) == 3 and executor.progress_lines[0].startswith("captured neg")
     expected = _eager(model, conditioning, video, audio, 0.7, HQ)
     for name in expected:
         assert torch.equal(out[name].video, expected[name].video)
@@ -185,10 +185,10 @@ def test_outputs_are_held_per_pass(fake_graphs):
     executor = _executor(model)
     executor.set_conditioning(conditioning)
     out = executor.run(video, audio, 0.7, HQ)
-    cond = out["cond"].video.clone()
-    executor.replay_only(NEG)
+    neg, cond = out["neg"].video.clone(), out["cond"].video.clone()
+    executor.replay_only(COND)  # the graphs captured after neg (neg, cond, modality): they never write its output
     executor.replay_only(MODALITY)
-    assert torch.equal(out["cond"].video, cond)
+    assert torch.equal(out["neg"].video, neg) and torch.equal(out["cond"].video, cond)
     pointers = {out[n].video.data_ptr() for n in out} | {out[n].audio.data_ptr() for n in out}
     assert len(pointers) == 6
 
@@ -255,11 +255,12 @@ def test_text_kv_roles_follow_pass_order_not_spec_order():
 
 @pytest.mark.parametrize("share", [True, False])
 def test_passes_sharing_text_kv_equal_eager_at_every_sigma(fake_graphs, share):
-    """The producer (cond) replays first in every evaluation and the consumers read what it wrote for THIS
+    """The producer (cond) replays before its consumers in every evaluation (after neg, which projects its own
+    text: its temporaries are free for cond's held K/V) and the consumers read what it wrote for THIS
     evaluation's sigma and texts: bitwise equal to eager passes that each project their text."""
     model, conditioning, video, audio = _setup()
     executor = _executor(model, share_text_kv=share)
-    specs = (MODALITY, PERTURBED, NEG, COND)  # any order: cond still produces, and replays first
+    specs = (MODALITY, PERTURBED, NEG, COND)  # any order: cond still produces, and replays before its readers
     executor.set_conditioning(conditioning)
     for sigma, seed in ((0.9, 2), (0.4, 3)):
         video, audio = make_latents(model.config, GRID, device="cpu", seed=seed)
@@ -268,8 +269,9 @@ def test_passes_sharing_text_kv_equal_eager_at_every_sigma(fake_graphs, share):
     roles = {k.pass_name: k.text_kv for k in executor.keys()}
     if share:
         assert roles == {"cond": "produce", "modality": "consume:cond", "perturbed": "consume:cond", "neg": "own"}
-        assert executor._pool.captured[0] == "cond" and executor._pool.replayed[-4] == "cond"
-        assert "[holds the positive text K/V" in executor.progress_lines[0]
+        assert executor._pool.captured == ["neg", "cond", "modality", "perturbed"]  # own, produce, consume
+        assert executor._pool.replayed[-4:] == ["neg", "cond", "modality", "perturbed"]
+        assert "[holds the positive text K/V" in executor.progress_lines[1]
         held = executor.pass_graph(COND).text_kv
         assert len(held) == model.config.num_layers and executor.pass_graph(MODALITY).text_kv is None
     else:
