@@ -11,9 +11,11 @@ edges (the side stream joins the capture at the first fork).
 
 Memory rules (PyTorch's caching allocator reuses a freed block on the stream that allocated it, with no regard
 for other streams still reading it):
-1. a tensor made on the current stream and read on the side stream is handed over with `fork(t)`, which records
-   the side stream's use (`Tensor.record_stream`), so the block is not reused before that read. During a graph
-   capture the allocator keeps such blocks until the capture ends (~50 MiB of pool at 1536 tokens);
+1. a tensor made on the current stream and read on the side stream is handed over with `fork(t)`, which keeps a
+   reference to it until the next `join`: its block cannot be reused before then, and after the join the current
+   stream's later work (which is what may reuse it) waits for the side stream's reads. Not
+   `Tensor.record_stream`: during a graph capture the allocator keeps blocks with recorded stream uses until the
+   capture ends, ~50 MiB of graph pool at 1536 tokens that a kept reference frees at the join;
 2. a tensor made on the side stream and read on the current stream (after `join`) is only freed after that read
    is enqueued, and the side stream allocates again only after the next `fork`, which waits for it: so side-stream
    work (`side()`) is only allowed between a `fork` and the next `join` (checked);
@@ -54,18 +56,19 @@ class OverlapStreams(AudioStreams):
         self.main = torch.cuda.current_stream(side.device)
         self.side_stream = side
         self._forked = False
+        self._handed_over: list[Tensor] = []
 
     def fork(self, *handed_over: Tensor) -> None:
         """The side stream waits for all work enqueued so far on main. `handed_over`: main's tensors that the
-        side stream will read and that the forward may drop before the next join (rule 1)."""
+        side stream will read and that the forward may drop before the next join: kept alive until then (rule 1)."""
         self.side_stream.wait_stream(self.main)
-        for t in handed_over:
-            t.record_stream(self.side_stream)
+        self._handed_over.extend(handed_over)
         self._forked = True
 
     def join(self) -> None:
-        """Main waits for all work enqueued so far on the side stream."""
+        """Main waits for all work enqueued so far on the side stream; then the handed-over tensors may go."""
         self.main.wait_stream(self.side_stream)
+        self._handed_over.clear()
         self._forked = False
 
     @contextlib.contextmanager

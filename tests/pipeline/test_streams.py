@@ -1,7 +1,8 @@
 """pipeline.streams on CPU: the sequential stand-in does nothing, the side-stream cache never travels with a
 copy of a model (CUDA streams cannot be copied or pickled), and the model's fork/join/side orchestration keeps
-the memory rules for every pass shape (a recording stand-in for the streams). The two-stream path itself is
-checked bitwise on a GPU in tests/pipeline/test_model.py::test_audio_side_stream_changes_no_bit."""
+the memory rules for every pass shape (a recording stand-in for the streams). On a GPU: a handed-over tensor
+outlives a late side-stream read (memory rule 1). The two-stream path itself is checked bitwise on a GPU in
+tests/pipeline/test_model.py::test_audio_side_stream_changes_no_bit."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.config import LatentGrid
-from pipeline.streams import SEQUENTIAL, AudioStreams, SideStreamCache
+from pipeline.streams import SEQUENTIAL, AudioStreams, OverlapStreams, SideStreamCache
 from tests.graphs.helpers import make_conditioning, make_latents, tiny_model
 
 
@@ -104,3 +105,23 @@ def test_an_error_inside_the_blocks_still_joins():
     with pytest.raises(RuntimeError, match="broken region"):
         _forward(model)
     assert recorder.log[-1] == "join" and not recorder.forked
+
+
+@pytest.mark.cuda
+def test_a_handed_over_tensor_outlives_a_late_side_read():
+    """Rule 1: main drops a tensor right after handing it over and allocates again while the side stream has not
+    read it yet (it sleeps first). The new tensor must not get its block: without the kept reference it would,
+    and its fill (main does not wait for the side stream) would land before the read."""
+    streams = OverlapStreams(torch.cuda.Stream())
+    x = torch.full((1 << 20,), 1.0, device="cuda")
+    streams.fork(x)
+    with streams.side():
+        torch.cuda._sleep(100_000_000)  # tens of ms of GPU cycles: the side read comes late
+        y = x * 2
+    address = x.data_ptr()
+    del x
+    z = torch.full((1 << 20,), 5.0, device="cuda")
+    streams.join()
+    torch.cuda.synchronize()
+    assert z.data_ptr() != address
+    assert torch.equal(y, torch.full_like(y, 2.0))
