@@ -145,9 +145,9 @@ def kernel_alone_ms(fn: Callable[[], object], device: torch.device, *, calls: in
         with torch.cuda.graph(graph, stream=stream):
             for i in range(calls):
                 fn(i)
-    if min_seconds > 0:
-        replay_ms = time_cuda(graph.replay, warmup=2, repeats=2, device=device).median_ms
-        repeats = max(repeats, math.ceil(min_seconds * 1e3 / replay_ms))
+    if min_seconds > 0:  # sized from a short run, with a margin: replays get faster as the clock climbs
+        replay_ms = time_cuda(graph.replay, warmup=10, repeats=5, device=device).median_ms
+        repeats = max(repeats, math.ceil(1.25 * min_seconds * 1e3 / replay_ms))
     started = time.monotonic()
     ms = time_cuda(graph.replay, warmup=2, repeats=repeats, device=device).median_ms / calls
     if timed_windows is not None:
