@@ -15,7 +15,7 @@ for other streams still reading it):
    reference to it until the next `join`: its block cannot be reused before then, and after the join the current
    stream's later work (which is what may reuse it) waits for the side stream's reads. Not
    `Tensor.record_stream`: during a graph capture the allocator keeps blocks with recorded stream uses until the
-   capture ends, ~50 MiB of graph pool at 1536 tokens that a kept reference frees at the join;
+   capture ends: 22-24 MiB more graph pool at `ltx2.3` scale than a kept reference, freed at the join (H200);
 2. a tensor made on the side stream and read on the current stream (after `join`) is only freed after that read
    is enqueued, and the side stream allocates again only after the next `fork`, which waits for it: so side-stream
    work (`side()`) is only allowed between a `fork` and the next `join` (checked);
