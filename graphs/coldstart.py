@@ -13,12 +13,18 @@ they are: the time every later start pays (run it once with `warm` first to fill
 Where the compile time went comes from dynamo's own counters (`torch._dynamo.utils.compile_times`), the
 difference over this measurement: tracing Python (dynamo), the backend (AOT autograd + inductor lowering and
 code generation), and inside that, building and loading the generated kernels (Triton on a GPU, C++ on CPU).
+
+Also counted: the Python modules first imported inside the window (dynamo and inductor import much of themselves
+lazily, at the first compile). Where Python writes no bytecode cache (`PYTHONDONTWRITEBYTECODE`, as on some
+container images that ship torch without it), every process compiles those modules from source, which shows in
+warm starts as seconds a normal installation does not pay; the report says so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -65,6 +71,8 @@ class ColdStart:
     captures: int | None
     compiles: int | None
     phases: dict[str, float | None] = field(default_factory=dict)  # label -> seconds (None: not recorded)
+    modules_imported: int = 0  # Python modules first imported inside the window
+    bytecode_cache: bool = True  # False: Python writes no bytecode, imports compile from source every process
 
     @property
     def total_s(self) -> float:
@@ -144,6 +152,7 @@ def measure(workload: Workload, executor_name: str, guidance: str, cache: str, p
     caches = fresh_compile_caches() if cache == "fresh" else contextlib.nullcontext()
     with caches, cpu_threads(workload):
         before = compile_counters()
+        modules_before = set(sys.modules)
         started = time.perf_counter()
         model = build_model(workload, progress)
         if workload.device.type == "cuda":
@@ -154,10 +163,11 @@ def measure(workload: Workload, executor_name: str, guidance: str, cache: str, p
         executor = make_executor(executor_name, model, progress=progress, share_text_kv=workload.share_text_kv)
         stats = warm_up(executor, executor_name, specs, random_conditioning(workload), video, audio, progress=progress)
         phases = phase_seconds(before, compile_counters())
+        modules_imported = len(set(sys.modules) - modules_before)
     return ColdStart(
         workload=workload.describe(), executor=executor_name, passes=tuple(s.name for s in specs), cache=cache,
         build_s=built - started, warmup_s=stats.seconds, captures=stats.captures, compiles=stats.compiles,
-        phases=phases,
+        phases=phases, modules_imported=modules_imported, bytecode_cache=not sys.dont_write_bytecode,
     )
 
 
@@ -171,6 +181,10 @@ def format_cold_start(result: ColdStart, import_s: float | None) -> str:
     ]
     if import_s is not None:
         lines.append(f"  (not included: importing torch and this package, {import_s:.1f} s)")
+    if result.modules_imported:
+        source = "" if result.bytecode_cache else (
+            "; Python writes no bytecode here (PYTHONDONTWRITEBYTECODE), so each process compiles them from source")
+        lines.append(f"  {result.modules_imported} Python modules first imported inside the window{source}")
     if any(v is not None and v > 0 for v in result.phases.values()):
         lines.append("  where the compile time went (dynamo's counters; nested, not additive):")
         lines += [f"    {label:36s} " + ("not recorded in this run" if s is None else f"{s:6.1f} s")

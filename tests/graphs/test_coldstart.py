@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -119,6 +120,16 @@ def test_report_lists_the_phases_and_says_which_were_not_recorded():
     assert "total                     14.0 s" in text and "(4 compile(s))" in text and "2.0 s" in text
     assert f"{PHASES[0][0]:36s}   12.5 s" in text
     assert text.count("not recorded in this run") == len(PHASES) - 1
+    assert "modules first imported" not in text  # none imported: no line
+
+
+def test_report_counts_modules_imported_inside_the_window_and_a_missing_bytecode_cache():
+    result = ColdStart(workload="w", executor="compile", passes=("cond",), cache="warm", build_s=1.0,
+                       warmup_s=2.0, captures=None, compiles=1, modules_imported=812)
+    assert "812 Python modules first imported inside the window\n" in format_cold_start(result, None) + "\n"
+    result.bytecode_cache = False
+    assert "812 Python modules first imported inside the window; Python writes no bytecode here" in \
+        format_cold_start(result, None)
 
 
 def test_measure_rejects_an_unknown_cache_mode():
@@ -142,6 +153,7 @@ def test_coldstart_command_on_cpu(capsys, tmp_path):
     data = json.loads(out_file.read_text())
     assert data["passes"] == ["cond", "neg", "modality"] and data["executor"] == "eager"
     assert data["total_s"] == pytest.approx(data["build_s"] + data["warmup_s"])
+    assert data["modules_imported"] >= 0 and data["bytecode_cache"] is (not sys.dont_write_bytecode)
 
 
 def test_coldstart_refuses_graphs_without_a_gpu(capsys):
