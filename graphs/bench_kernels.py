@@ -65,6 +65,18 @@ def kernel_ms_by_class(kernels, start_ns: int, end_ns: int) -> dict[str, float]:
     return totals
 
 
+def kernel_counts_by_class(kernels, start_ns: int, end_ns: int) -> dict[str, int]:
+    """Kernels per class that started inside the window [start_ns, end_ns).
+
+    Why: GEMMs and attention calls are fixed by the model (18 GEMMs and 6 SDPA calls per LTX-2.3 block); the
+    "other" count is the part fusion can still take away, so it tracks the kernels-per-pass goal."""
+    counts = dict.fromkeys(KERNEL_CLASSES, 0)
+    for k in kernels:
+        if start_ns <= k.start < end_ns:
+            counts[kernel_class(k.name)] += 1
+    return counts
+
+
 @dataclass
 class KernelActivity:
     """What `kernel_activity` saw; fields stay None when the source cannot measure them."""
@@ -74,6 +86,7 @@ class KernelActivity:
     busy_pct: float | None = None
     wall_ms: float | None = None
     ms_by_class: dict[str, float] | None = None  # kernel time per `kernel_class` (CUPTI only)
+    count_by_class: dict[str, int] | None = None  # kernels per `kernel_class` (CUPTI only)
 
     def per_call(self, calls: int) -> float | None:
         return None if self.kernels is None else self.kernels / calls
@@ -150,6 +163,7 @@ def _cupti_activity(device: torch.device) -> Iterator[KernelActivity]:
     window = next((r for r in prof.timeline.ranges if r.name == MEASURED_RANGE), None)
     if window is not None:
         result.ms_by_class = kernel_ms_by_class(prof.timeline.kernels, window.start, window.end)
+        result.count_by_class = kernel_counts_by_class(prof.timeline.kernels, window.start, window.end)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ Column meanings (units in the headers):
 - kernels: kernels launched per pass (CUPTI or torch.profiler; on CPU the aten ops dispatched, see
   `graphs.bench_kernels`); GPU busy: kernel time / wall time over a few back-to-back passes;
 - kernel time by class (CUPTI only): GEMM / attention / other (elementwise, norms, copies) ms per pass, from
-  the kernels' names (`graphs.bench_kernels.kernel_class`); "other" is what fusion can still remove;
+  the kernels' names (`graphs.bench_kernels.kernel_class`), and the kernels per pass in each class; "other"
+  is what fusion can still remove;
 - TFLOP/s: the analytic FLOPs of the pass (`graphs.bench_flops`; a graph row whose pass reads the text keys/values
   another pass holds is not charged their projections) / median time; MFU: that over the bf16 matmul peak
   measured in the same run (`profiling.timing.matmul_peak_tflops`);
@@ -32,6 +33,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from graphs.bench_kernels import KERNEL_CLASSES
 from profiling.gpu_clocks import CardLimits, ClockSummary
 from profiling.timing import TimingStats
 
@@ -50,6 +52,7 @@ class PassRow:
     tflops: float | None = None
     mfu_pct: float | None = None
     kernel_ms: dict[str, float] | None = None  # kernel time per pass by class (gemm, attention, other)
+    kernel_counts: dict[str, float] | None = None  # kernels per pass by class
     clocks: ClockSummary | None = None  # SM clock and power over the timed calls (GPU)
     error: str | None = None
 
@@ -171,13 +174,15 @@ def kernel_class_table(report: BenchReport) -> str | None:
     rows = [r for r in report.passes if r.kernel_ms]
     if not rows:
         return None
-    headers = ["impl", "executor", "tokens", "pass", "pass ms", "GEMM ms", "attention ms", "other ms", "other %"]
+    headers = ["impl", "executor", "tokens", "pass", "pass ms", "GEMM ms", "attention ms", "other ms", "other %",
+               "kernels GEMM / attention / other"]
     body = []
     for r in rows:
         total = sum(r.kernel_ms.values())
+        counts = "-" if not r.kernel_counts else " / ".join(f"{r.kernel_counts[c]:,.0f}" for c in KERNEL_CLASSES)
         body.append([r.impl, r.executor, r.video_tokens, r.pass_name, _ms(r.timing), f"{r.kernel_ms['gemm']:.1f}",
                      f"{r.kernel_ms['attention']:.1f}", f"{r.kernel_ms['other']:.1f}",
-                     f"{100 * r.kernel_ms['other'] / total:.1f}%" if total else "-"])
+                     f"{100 * r.kernel_ms['other'] / total:.1f}%" if total else "-", counts])
     return tabulate(body, headers=headers, tablefmt="github")
 
 

@@ -1,7 +1,7 @@
 """Kernel time by class (GEMM / attention / other), the benchmark's view of where a pass's time goes."""
 
-from graphs.bench_kernels import kernel_class, kernel_ms_by_class
-from graphs.bench_report import BenchReport, PassRow, format_report
+from graphs.bench_kernels import kernel_class, kernel_counts_by_class, kernel_ms_by_class
+from graphs.bench_report import BenchReport, PassRow, format_report, kernel_class_table
 from profiling.timeline import KernelRecord
 from profiling.timing import TimingStats
 
@@ -27,6 +27,8 @@ def test_kernel_time_is_clipped_to_the_window_and_summed_per_class():
                KernelRecord("elementwise_kernel", 3_000_000, 3_500_000, 3),
                KernelRecord("elementwise_kernel", 9_000_000, 9_500_000, 4)]  # after the window
     assert kernel_ms_by_class(kernels, 1_000_000, 4_000_000) == {"gemm": 1.0, "attention": 1.0, "other": 0.5}
+    # counted where they start: the GEMM began before the window
+    assert kernel_counts_by_class(kernels, 1_000_000, 4_000_000) == {"gemm": 0, "attention": 1, "other": 1}
 
 
 def test_report_prints_the_class_table_only_when_measured():
@@ -39,3 +41,6 @@ def test_report_prints_the_class_table_only_when_measured():
     row.kernel_ms = {"gemm": 281.8, "attention": 109.4, "other": 218.0}
     text = format_report(report)
     assert "kernel time per pass by class" in text and "281.8" in text and "35.8%" in text
+    assert kernel_class_table(report).splitlines()[-1].split("|")[-2].strip() == "-"  # no counts measured
+    row.kernel_counts = {"gemm": 993.0, "attention": 288.0, "other": 1176.0}
+    assert kernel_class_table(report).splitlines()[-1].split("|")[-2].strip() == "993 / 288 / 1,176"
