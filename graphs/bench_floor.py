@@ -133,7 +133,8 @@ def kernel_alone_ms(fn: Callable[[], object], device: torch.device, *, calls: in
     the call's index, so a caller can rotate its operands (see `_gemm_call`). Capture runs on an explicit stream
     of `device`, as every capture in this package does.
 
-    `min_seconds` > 0 replays for at least that long (more repeats), so a card at its power limit settles at the
+    `min_seconds` > 0 replays for about that long (more repeats, sized from a first run with a 25% margin, since
+    replays speed up as the clock climbs), so a card at its power limit settles at the
     clock a back-to-back loop sustains instead of timing a burst at its boost clock. `timed_windows` gets the
     (start, end) time.monotonic() of the timed replays, so a clock sampler can read the clock of the kernels
     apart from the set-up around them.

@@ -15,9 +15,9 @@ difference over this measurement: tracing Python (dynamo), the backend (AOT auto
 code generation), and inside that, building and loading the generated kernels (Triton on a GPU, C++ on CPU).
 
 Also counted: the Python modules first imported inside the window (dynamo and inductor import much of themselves
-lazily, at the first compile). Where Python writes no bytecode cache (`PYTHONDONTWRITEBYTECODE`, as on some
-container images that ship torch without it), every process compiles those modules from source, which shows in
-warm starts as seconds a normal installation does not pay; the report says so.
+lazily, at the first compile), and how many of them had no bytecode file to load and left none behind: those are
+compiled from source in every process (an install without bytecode under `PYTHONDONTWRITEBYTECODE`, `-B` or a
+read-only site-packages), seconds of a warm start that an installation with bytecode does not pay.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class ColdStart:
     compiles: int | None
     phases: dict[str, float | None] = field(default_factory=dict)  # label -> seconds (None: not recorded)
     modules_imported: int = 0  # Python modules first imported inside the window
-    bytecode_cache: bool = True  # False: Python writes no bytecode, imports compile from source every process
+    modules_from_source: int = 0  # of those, compiled from source with no bytecode file left (every process)
 
     @property
     def total_s(self) -> float:
@@ -163,12 +163,24 @@ def measure(workload: Workload, executor_name: str, guidance: str, cache: str, p
         executor = make_executor(executor_name, model, progress=progress, share_text_kv=workload.share_text_kv)
         stats = warm_up(executor, executor_name, specs, random_conditioning(workload), video, audio, progress=progress)
         phases = phase_seconds(before, compile_counters())
-        modules_imported = len(set(sys.modules) - modules_before)
+        new_modules = set(sys.modules) - modules_before
     return ColdStart(
         workload=workload.describe(), executor=executor_name, passes=tuple(s.name for s in specs), cache=cache,
         build_s=built - started, warmup_s=stats.seconds, captures=stats.captures, compiles=stats.compiles,
-        phases=phases, modules_imported=modules_imported, bytecode_cache=not sys.dont_write_bytecode,
+        phases=phases, modules_imported=len(new_modules), modules_from_source=modules_without_bytecode(new_modules),
     )
+
+
+def modules_without_bytecode(names) -> int:
+    """How many of these imported modules are Python sources whose bytecode file (`__cached__`) does not exist:
+    compiled from source on import and not written back, so every process compiles them again."""
+    count = 0
+    for name in names:
+        module = sys.modules.get(name)
+        source, cached = getattr(module, "__file__", None), getattr(module, "__cached__", None)
+        if source and source.endswith(".py") and cached and not os.path.exists(cached):
+            count += 1
+    return count
 
 
 def format_cold_start(result: ColdStart, import_s: float | None) -> str:
@@ -182,8 +194,8 @@ def format_cold_start(result: ColdStart, import_s: float | None) -> str:
     if import_s is not None:
         lines.append(f"  (not included: importing torch and this package, {import_s:.1f} s)")
     if result.modules_imported:
-        source = "" if result.bytecode_cache else (
-            "; Python writes no bytecode here (PYTHONDONTWRITEBYTECODE), so each process compiles them from source")
+        source = (f", {result.modules_from_source} of them compiled from source (no bytecode file: every process "
+                  "pays that)") if result.modules_from_source else ""
         lines.append(f"  {result.modules_imported} Python modules first imported inside the window{source}")
     if any(v is not None and v > 0 for v in result.phases.values()):
         lines.append("  where the compile time went (dynamo's counters; nested, not additive):")

@@ -12,8 +12,8 @@ output of its graph; the others are captured reading those held tensors (their k
 options), and replay after it, in the same evaluation. Passes that project their own text keys/values (neg) are
 captured before the producer, so its held keys/values can sit on their temporaries (`capture_rank`). The held
 keys/values are valid from the producer's replay until new inputs are loaded or a graph captured before the
-producer replays (its temporaries may be where they are); a consumer replay (`run` or `replay_only`) outside that
-window raises instead of reading them.
+producer replays (its temporaries may occupy the held keys/values' memory); a consumer replay (`run` or
+`replay_only`) outside that window raises instead of reading them.
 
 Each pass is looked up by its `GraphKey` (pass options, text K/V role, input shapes, device, model, weights,
 compile mode).
@@ -132,7 +132,13 @@ def capture_rank(role: str) -> int:
     round, both sets live in the pool at once: at `ltx2.3` scale with 1024 text tokens, 1.1 GiB more (the neg pass
     of the HQ preset). The price is the rule the executor already keeps: replaying the "own" pass after the
     producer invalidates the held keys/values (module docstring)."""
-    return {"own": 0, "produce": 1}.get(role, 2)
+    if role == "own":
+        return 0
+    if role == "produce":
+        return 1
+    if role.startswith("consume:"):
+        return 2
+    raise ValueError(f"text K/V role must be 'own', 'produce' or 'consume:<producer>', got {role!r}")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -222,11 +228,12 @@ class GraphExecutor:
             self._set_conditioning(conditioning)
 
     def run(self, video: Tensor, audio: Tensor, sigma: float, specs: Sequence[PassSpec]) -> dict[str, Velocity]:
-        """One guided evaluation: each spec's velocity, keyed by spec name, valid until the next `run`.
+        """One guided evaluation: each spec's velocity, keyed by spec name, valid until the next `run`, or until a
+        `replay_only` of a graph captured before that pass's (its temporaries may occupy the outputs' memory).
 
         video [B, Nv, C], audio [B, Na, C] on the model's device, any floating dtype (cast into the model-dtype
         static buffers, as the eager executor casts); `sigma` a host float. The returned tensors are the graphs'
-        held outputs: read them before the next `run`.
+        held outputs: read them before the next `run` or `replay_only`.
         """
         with self._exclusive("run"):
             conditioning = self._require_conditioning()

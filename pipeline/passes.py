@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pipeline.config import block_indices
 from pipeline.guidance import GuidanceConfig, GuidanceParams
 
-PASS_NAMES = ("cond", "neg", "perturbed", "modality")  # also the fixed execution order
+PASS_NAMES = ("cond", "neg", "perturbed", "modality")  # the eager executor's order; graphs replay in capture order
 TEXT_KEYS = ("positive", "negative")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from graphs.coldstart import (
     format_cold_start,
     fresh_compile_caches,
     measure,
+    modules_without_bytecode,
     pass_specs,
     phase_seconds,
 )
@@ -123,13 +125,27 @@ def test_report_lists_the_phases_and_says_which_were_not_recorded():
     assert "modules first imported" not in text  # none imported: no line
 
 
-def test_report_counts_modules_imported_inside_the_window_and_a_missing_bytecode_cache():
+def test_report_counts_modules_imported_inside_the_window_and_those_without_bytecode():
     result = ColdStart(workload="w", executor="compile", passes=("cond",), cache="warm", build_s=1.0,
                        warmup_s=2.0, captures=None, compiles=1, modules_imported=812)
-    assert "812 Python modules first imported inside the window\n" in format_cold_start(result, None) + "\n"
-    result.bytecode_cache = False
-    assert "812 Python modules first imported inside the window; Python writes no bytecode here" in \
+    assert format_cold_start(result, None).endswith("812 Python modules first imported inside the window")
+    result.modules_from_source = 700
+    assert "812 Python modules first imported inside the window, 700 of them compiled from source" in \
         format_cold_start(result, None)
+
+
+def test_modules_without_bytecode_are_sources_whose_bytecode_file_is_missing(monkeypatch, tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("")
+    compiled = tmp_path / "m.cpython.pyc"
+    modules = {"no_pyc": types.SimpleNamespace(__file__=str(source), __cached__=str(tmp_path / "gone.pyc")),
+               "with_pyc": types.SimpleNamespace(__file__=str(source), __cached__=str(compiled)),
+               "extension": types.SimpleNamespace(__file__=str(tmp_path / "m.so"), __cached__=None),
+               "builtin": types.SimpleNamespace()}
+    compiled.write_bytes(b"")
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, f"ltx2_test_{name}", module)
+    assert modules_without_bytecode([f"ltx2_test_{name}" for name in modules]) == 1
 
 
 def test_measure_rejects_an_unknown_cache_mode():
@@ -153,7 +169,7 @@ def test_coldstart_command_on_cpu(capsys, tmp_path):
     data = json.loads(out_file.read_text())
     assert data["passes"] == ["cond", "neg", "modality"] and data["executor"] == "eager"
     assert data["total_s"] == pytest.approx(data["build_s"] + data["warmup_s"])
-    assert data["modules_imported"] >= 0 and data["bytecode_cache"] is (not sys.dont_write_bytecode)
+    assert isinstance(data["modules_imported"], int) and isinstance(data["modules_from_source"], int)
 
 
 def test_coldstart_refuses_graphs_without_a_gpu(capsys):

@@ -1,7 +1,8 @@
 """pipeline.streams on CPU: the sequential stand-in does nothing, the side-stream cache never travels with a
 copy of a model (CUDA streams cannot be copied or pickled), and the model's fork/join/side orchestration keeps
-the memory rules for every pass shape (a recording stand-in for the streams). On a GPU: a handed-over tensor
-outlives a late side-stream read (memory rule 1). The two-stream path itself is checked bitwise on a GPU in
+the memory rules for every pass shape (a recording stand-in for the streams), and `fork` keeps handed-over
+tensors alive until `join` (stand-in streams). On a GPU: a handed-over tensor outlives a late side-stream read
+(memory rule 1). The two-stream path itself is checked bitwise on a GPU in
 tests/pipeline/test_model.py::test_audio_side_stream_changes_no_bit."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -105,6 +107,35 @@ def test_an_error_inside_the_blocks_still_joins():
     with pytest.raises(RuntimeError, match="broken region"):
         _forward(model)
     assert recorder.log[-1] == "join" and not recorder.forked
+
+
+class _FakeStream:
+    """Stands in for a torch.cuda.Stream on CPU: records waits, runs nothing."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, log: list[str], name: str) -> None:
+        self.log, self.name = log, name
+
+    def wait_stream(self, other: _FakeStream) -> None:
+        self.log.append(f"{self.name} waits for {other.name}")
+
+
+def test_fork_keeps_handed_over_tensors_alive_until_join(monkeypatch):
+    """Rule 1's mechanism: the forward may drop a handed-over tensor; `fork` keeps it until `join` (after which
+    main waits for the side stream), then lets it go."""
+    log: list[str] = []
+    main = _FakeStream(log, "main")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    streams = OverlapStreams(_FakeStream(log, "side"))
+    x = torch.ones(4)
+    alive = weakref.ref(x)
+    streams.fork(x)
+    del x
+    assert alive() is not None
+    streams.join()
+    assert alive() is None
+    assert log == ["side waits for main", "main waits for side"]
 
 
 @pytest.mark.cuda
