@@ -185,11 +185,25 @@ def test_outputs_are_held_per_pass(fake_graphs):
     executor = _executor(model)
     executor.set_conditioning(conditioning)
     out = executor.run(video, audio, 0.7, HQ)
-    neg, cond = out["neg"].video.clone(), out["cond"].video.clone()  # (FakePool: only the bookkeeping is real)
+    neg, cond = out["neg"].video.clone(), out["cond"].video.clone()
     executor.replay_only(MODALITY)  # captured after neg and cond: it never writes their outputs
     assert torch.equal(out["neg"].video, neg) and torch.equal(out["cond"].video, cond)
     pointers = {out[n].video.data_ptr() for n in out} | {out[n].audio.data_ptr() for n in out}
     assert len(pointers) == 6
+
+
+def test_the_fake_pool_poisons_what_a_real_pool_may_overwrite(fake_graphs):
+    """A replay may overwrite the held outputs of the graphs captured after it (graphs.capture). FakePool fills
+    them with NaN, so a replay-order bug in any test here fails instead of passing by luck."""
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    out = executor.run(video, audio, 0.7, HQ)  # captured and replayed: neg, cond, modality
+    assert all(not torch.isnan(v.video).any() for v in out.values())
+    executor.replay_only(NEG)
+    assert torch.isnan(out["cond"].video).all() and torch.isnan(out["modality"].video).all()
+    assert all(torch.isnan(t).all() for kv in executor.pass_graph(COND).text_kv for t in kv)
+    assert not torch.isnan(out["neg"].video).any()
 
 
 @pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
@@ -205,6 +219,9 @@ def test_replays_follow_capture_order_whatever_the_spec_order(fake_graphs):
     out = executor.run(video, audio, 0.7, (NEG, MODALITY, COND))
     assert pool.replayed == ["cond", "modality", "neg"]
     assert list(out) == ["neg", "modality", "cond"]  # returned in the caller's order
+    expected = _eager(model, conditioning, video, audio, 0.7, (NEG, MODALITY, COND))
+    for name in expected:  # any other replay order leaves NaN in FakePool (helpers.FakeGraph)
+        assert torch.equal(out[name].video, expected[name].video), name
     assert [k.pass_name for k in executor.keys()] == ["cond", "modality", "neg"]
 
 
