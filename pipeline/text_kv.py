@@ -10,8 +10,9 @@ kernel quantizes, `fp8.modulate_quantize_rows`), the blocks' projections written
 buffer, and one key-norm kernel over all of it (`fused.rms_norm_` with the stacked norm weights). Block by block it
 was three kernels per block and stream (modulation, GEMM, key norm): ~180 launches more per pass of the `ltx2.3`
 preset. The modulated contexts of all blocks exist at once (0.6 GB for both streams at 1024 text tokens in bf16),
-and a pass that computes its own keys/values holds all blocks' (1.2 GB) instead of one block's at a time
-(profiling/PERF_LOG.md has the measurements).
+and a pass that computes its own keys/values holds all blocks' (1.2 GB) instead of one block's at a time; the
+graph executor captures such a pass before the one that holds keys/values for others, so that pool memory is
+shared (`graphs.executor.capture_rank`; profiling/PERF_LOG.md has the measurements).
 
 Each block's keys and values are views of its slice of the stream's buffer, the normed keys written over the raw
 ones: held keys/values keep that buffer alive (all blocks'), and nothing else. When autograd records (any input
