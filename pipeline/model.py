@@ -96,6 +96,9 @@ class FeedForward(nn.Module):
 
 # Row slices of the 9-row AdaLN tables (shift, scale, gate each): self-attention, FFN, text cross-attention query.
 SELF_ATTN, FFN, TEXT_ATTN = slice(0, 3), slice(3, 6), slice(6, 9)
+FFN_GATE, TEXT_GATE = FFN.stop - 1, TEXT_ATTN.stop - 1  # the gate rows of the residual adds handed over
+# Rows of `Modulation.audio_gates`: the modulation rows of the audio chain's handed-over residual gates.
+AUDIO_TEXT_GATE, AUDIO_FFN_GATE, AUDIO_V2A_GATE = 0, 1, 2
 
 
 def ada_rows(table: Tensor, mod: Tensor, rows: slice) -> tuple[Tensor, ...]:
@@ -113,71 +116,65 @@ class Modulation(NamedTuple):
     video_av: Tensor  # 4 rows: a2v scale, a2v shift, v2a scale, v2a shift (video side)
     audio_av: Tensor  # 4 rows (audio side)
     video_av_gate: Tensor  # 1 row: A2V gate
-    audio_av_gate: Tensor  # 1 row: V2A gate
+    # 3 rows: audio's text and FFN gate rows and the V2A gate (AUDIO_*_GATE), copied into one tensor so that every
+    # audio hand-over (`PendingResidual`) has one layout: the audio FFN region then compiles one variant whether
+    # the exchange ran before it (V2A residual) or not (text residual). One small kernel per forward.
+    audio_gates: Tensor
 
 
-class PendingTextResidual(NamedTuple):
-    """A stream's residual after self-attention (`x`) and its text cross-attention output (`text_out`), not yet
-    gated and added. The video region returns it so the add happens in the next region, fused by inductor with
-    the norm that reads the sum, instead of a sum written by one region and read back by the next. The gate is
-    not carried: the consumer recomputes it from the block's AdaLN table and the modulation (a broadcast add that
-    fuses for free); carried, it became one more region output and kernel. Measured on an H200: 48 kernels fewer
-    per pass, time unchanged within noise (profiling/PERF_LOG.md)."""
+class PendingResidual(NamedTuple):
+    """A residual add handed to the next compiled region: `x + delta * gate`, the gate being the producing block's
+    AdaLN table row plus the forward's modulation row for it.
 
-    x: Tensor
-    text_out: Tensor
+    A region that ended with the add would write the sum and the next region read it back for its norm; handed
+    over, the add fuses with that norm (inductor): one kernel fewer per hand-over, 48 per pass and hand-over kind
+    (profiling/PERF_LOG.md). The gate travels as its two halves, both views (a parameter row, a modulation row):
+    carried as a tensor it would be one more region output and kernel. The hand-overs of one chain share one
+    layout (for audio, `Modulation.audio_gates`), so a region compiles one variant for all blocks and passes."""
 
-    def add(self, table: Tensor, mod: Tensor) -> Tensor:
-        """x + text_out * gate, with the text cross-attention's gate row of the stream's 9-row AdaLN."""
-        return self.x + self.text_out * ada_rows(table, mod, TEXT_ATTN)[2]
+    x: Tensor  # [B, N, D]: the residual stream before the add
+    delta: Tensor  # [B, N, D]: the sublayer output (attention or FFN), not yet gated
+    gate_table: Tensor  # [D]: the gate row of the producing block's AdaLN table
+    gate_mod: Tensor  # [B, T, D]: the forward's AdaLN output for that row
 
-
-class PendingFFNResidual(NamedTuple):
-    """A block's video residual before its FFN (`x`) and the FFN output, not yet gated and added: the next block's
-    first region (or the output head after the last block) adds them, so under compile the add fuses with the norm
-    that reads the sum, as `PendingTextResidual` does between the regions of one block. The gate row belongs to
-    the producing block, so its AdaLN `table` (a parameter: no kernel) travels along."""
-
-    x: Tensor
-    ffn_out: Tensor
-    table: Tensor
-
-    def add(self, mod: Tensor) -> Tensor:
-        """x + ffn_out * gate, with the FFN gate row of the producing block's 9-row AdaLN (`mod`: the stream's)."""
-        return self.x + self.ffn_out * ada_rows(self.table, mod, FFN)[2]
+    def add(self) -> Tensor:
+        """The residual stream as a tensor: x + delta * (gate_table + gate_mod)."""
+        return self.x + self.delta * (self.gate_table + self.gate_mod)
 
 
-def resolved(v: Tensor | PendingFFNResidual, mod: Tensor) -> Tensor:
-    """The video residual stream as a tensor, adding a pending FFN residual if one is handed over."""
-    return v.add(mod) if isinstance(v, PendingFFNResidual) else v
+def nothing_pending(x: Tensor, gate_table: Tensor, gate_mod: Tensor) -> PendingResidual:
+    """`x` as a hand-over that adds zero (`x + 0 * gate`: x, for a finite gate), so block 0's first region reads
+    the layout every later block's reads and compiles no variant of its own; the gate halves only set that layout.
+    Costs a zero fill and its read per pass (~40 us at 8160 video tokens on an H200)."""
+    return PendingResidual(x, torch.zeros_like(x), gate_table, gate_mod)
+
+
+def table_row(table: Tensor, row: int) -> Tensor:
+    """Row `row` of a block's AdaLN table, as a `PendingResidual` carries it: detached when autograd is off. Made
+    under no_grad, a view of a parameter still says requires_grad (with no grad_fn), and torch's module tracker
+    (FlopCounterMode) refuses such a tensor in a module's inputs."""
+    return table[row] if torch.is_grad_enabled() else table[row].detach()
 
 
 def self_and_text_attention(x: Tensor, text_kv: tuple[Tensor, Tensor], self_attn: SelfAttention,
                             text_attn: CrossAttention, table: Tensor, mod: Tensor, rope: CosSin, skip: bool,
-                            eps: float) -> PendingTextResidual:
+                            eps: float) -> tuple[Tensor, Tensor]:
     """One stream's self-attention (STG `skip`: value pass-through) and text cross-attention, each modulated; the
-    self-attention is gated and added here, the text cross-attention by the caller (`PendingTextResidual.add`).
-    x [B, N, D]; text_kv: the stream's text keys/values (`pipeline.text_kv`); table/mod: the 9-row AdaLN of the stream."""
+    self-attention is gated and added here. Returns (x after self-attention, text cross-attention output): the
+    caller hands the text residual on (`PendingResidual`). x [B, N, D]; text_kv: the stream's text keys/values
+    (`pipeline.text_kv`); table/mod: the 9-row AdaLN of the stream."""
     shift, scale, gate = ada_rows(table, mod, SELF_ATTN)  # [B, T, D] each
     q_shift, q_scale, _ = ada_rows(table, mod, TEXT_ATTN)
     h = modulate(rms(x, eps), scale, shift)
     h = self_attn.value_passthrough(h) if skip else self_attn(h, rope)
     x = x + h * gate
-    h = text_attn.attend_to(modulate(rms(x, eps), q_scale, q_shift), *text_kv)
-    return PendingTextResidual(x, h)
+    return x, text_attn.attend_to(modulate(rms(x, eps), q_scale, q_shift), *text_kv)
 
 
 def ffn_of(x: Tensor, ff: FeedForward, table: Tensor, mod: Tensor, eps: float) -> Tensor:
     """FFN(modulated rms(x)), with the FFN shift/scale rows of the stream's 9-row AdaLN (not gated, not added)."""
     shift, scale, _ = ada_rows(table, mod, FFN)
     return ff(modulate(rms(x, eps), scale, shift))
-
-
-def gated_ffn(x: Tensor, ff: FeedForward, table: Tensor, mod: Tensor, eps: float) -> Tensor:
-    """x + FFN(modulated rms(x)) * gate, with the FFN rows of the stream's 9-row AdaLN (one table add, not two:
-    this is the audio chain's eager path too)."""
-    shift, scale, gate = ada_rows(table, mod, FFN)
-    return x + ff(modulate(rms(x, eps), scale, shift)) * gate
 
 
 class AudioVideoBlock(nn.Module):
@@ -204,20 +201,22 @@ class AudioVideoBlock(nn.Module):
         self.audio_av_table = nn.Parameter(torch.empty(5, ad))  # 4 scale/shift rows + the V2A gate row
 
     # Compiled one by one under regional torch.compile (graphs/compile.py): the stream switches between them
-    # stay in Python, in `forward`. The split is the same with one stream (CPU, overlap off). On the video chain
-    # the boundary costs no extra pass: `video_attention` hands its last residual add to the next region
-    # (`PendingTextResidual`), where it fuses with the norm that reads the sum; `exchange_and_video_ffn` hands its
-    # FFN residual add to the next block's `video_attention` the same way (`PendingFFNResidual`).
+    # stay in Python, in `forward`. The split is the same with one stream (CPU, overlap off). The boundaries cost
+    # no extra pass over the residual streams: each region hands its last residual add to the next region
+    # (`PendingResidual`), where it fuses with the norm that reads the sum: video text residual -> exchange,
+    # video FFN residual -> next block; audio text residual -> exchange (or audio FFN when no exchange runs), V2A
+    # residual -> audio FFN, audio FFN residual -> next block.
     # The text keys/values come in computed (`LTX2Transformer.text_kv`, all blocks at once, not compiled).
     compile_regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
 
-    def forward(self, v: Tensor | PendingFFNResidual, a: Tensor, text_kv: BlockTextKV, mod: Modulation,
+    def forward(self, v: PendingResidual, a: PendingResidual, text_kv: BlockTextKV, mod: Modulation,
                 rope: RopeTables, *, skip_video_self_attn: bool, skip_audio_self_attn: bool, a2v: bool, v2a: bool,
-                streams: AudioStreams = SEQUENTIAL) -> tuple[PendingFFNResidual, Tensor]:
-        """v [B, Nv, Dv] (or the previous block's `PendingFFNResidual`), a [B, Na, Da]; text_kv: this block's text
-        keys/values (`LTX2Transformer.text_kv`). Returns the video stream as a `PendingFFNResidual` (`resolved`
-        makes it a tensor). Audio-only work runs under `streams.side()` (pipeline/streams.py), which the caller
-        forked before the first block and joins after the last.
+                streams: AudioStreams = SEQUENTIAL) -> tuple[PendingResidual, PendingResidual]:
+        """v [B, Nv, Dv] and a [B, Na, Da], each with its last residual add pending (`PendingResidual.add` makes it
+        a tensor; `nothing_pending` before block 0); text_kv: this block's text keys/values
+        (`LTX2Transformer.text_kv`). Returns both streams the same way. Audio-only work runs under
+        `streams.side()` (pipeline/streams.py), which the caller forked before the first block and joins after
+        the last.
 
         Per block: audio attention (side) next to video attention (main); join; exchange + video FFN (main); fork;
         audio FFN (side). The fork comes after the whole exchange region, video FFN included, so the audio FFN
@@ -225,39 +224,52 @@ class AudioVideoBlock(nn.Module):
         """
         with streams.side():
             a = self.audio_attention(a, (text_kv.audio_k, text_kv.audio_v), mod, rope, skip_audio_self_attn)
-        v_pending = self.video_attention(v, (text_kv.video_k, text_kv.video_v), mod, rope, skip_video_self_attn)
+        v = self.video_attention(v, (text_kv.video_k, text_kv.video_v), mod, rope, skip_video_self_attn)
         exchange = a2v or v2a
         if exchange:
             streams.join()  # the exchange reads both chains
-        v, a = self.exchange_and_video_ffn(v_pending, a, mod, rope, a2v, v2a)
+        v, a = self.exchange_and_video_ffn(v, a, mod, rope, a2v, v2a)
         if exchange:
-            streams.fork(a)  # the audio FFN (side stream) reads the exchange's audio output
+            streams.fork(*a)  # the audio FFN (side stream) reads the exchange's audio outputs
         with streams.side():
             a = self.audio_ffn(a, mod)
         return v, a
 
-    def video_attention(self, v: Tensor | PendingFFNResidual, kv: tuple[Tensor, Tensor], mod: Modulation,
-                        rope: RopeTables, skip: bool) -> PendingTextResidual:
-        v = resolved(v, mod.video)
-        return self_and_text_attention(v, kv, self.video_self, self.video_text, self.video_table, mod.video,
-                                       rope.video, skip, self.eps)
+    def video_gate(self, mod: Modulation, row: int) -> tuple[Tensor, Tensor]:
+        """The halves a `PendingResidual` carries of a video gate: this block's table row `row` (`FFN_GATE` or
+        `TEXT_GATE`) and the forward's modulation row."""
+        return table_row(self.video_table, row), mod.video[:, :, row]
 
-    def audio_attention(self, a: Tensor, kv: tuple[Tensor, Tensor], mod: Modulation, rope: RopeTables,
-                        skip: bool) -> Tensor:
-        return self_and_text_attention(a, kv, self.audio_self, self.audio_text, self.audio_table, mod.audio,
-                                       rope.audio, skip, self.eps).add(self.audio_table, mod.audio)
+    def audio_gate(self, mod: Modulation, row: int) -> tuple[Tensor, Tensor]:
+        """The halves of an audio gate: row `row` of `mod.audio_gates` (`AUDIO_TEXT_GATE`, `AUDIO_FFN_GATE` or
+        `AUDIO_V2A_GATE`) and the matching table row (the audio table's text or FFN gate, or the A/V table's)."""
+        table, table_index = ((self.audio_table, TEXT_GATE), (self.audio_table, FFN_GATE), (self.audio_av_table, 4))[row]
+        return table_row(table, table_index), mod.audio_gates[:, :, row]
 
-    def exchange_and_video_ffn(self, v_pending: PendingTextResidual, a: Tensor, mod: Modulation, rope: RopeTables,
-                               a2v: bool, v2a: bool) -> tuple[PendingFFNResidual, Tensor]:
+    def video_attention(self, v: PendingResidual, kv: tuple[Tensor, Tensor], mod: Modulation, rope: RopeTables,
+                        skip: bool) -> PendingResidual:
+        x, text_out = self_and_text_attention(v.add(), kv, self.video_self, self.video_text, self.video_table,
+                                              mod.video, rope.video, skip, self.eps)
+        return PendingResidual(x, text_out, *self.video_gate(mod, TEXT_GATE))
+
+    def audio_attention(self, a: PendingResidual, kv: tuple[Tensor, Tensor], mod: Modulation, rope: RopeTables,
+                        skip: bool) -> PendingResidual:
+        x, text_out = self_and_text_attention(a.add(), kv, self.audio_self, self.audio_text, self.audio_table,
+                                              mod.audio, rope.audio, skip, self.eps)
+        return PendingResidual(x, text_out, *self.audio_gate(mod, AUDIO_TEXT_GATE))
+
+    def exchange_and_video_ffn(self, v_pending: PendingResidual, a_pending: PendingResidual, mod: Modulation,
+                               rope: RopeTables, a2v: bool, v2a: bool) -> tuple[PendingResidual, PendingResidual]:
         """A2V/V2A cross-attention (both read the same pre-update snapshot rms(v), rms(a)), then the video FFN.
 
-        The video's pending text cross-attention residual is added first, and the video FFN shares this region,
-        so under compile each residual add fuses with the norm after it; the FFN's own residual add is handed on
-        (`PendingFFNResidual`) to the next block's first region, where it fuses with that block's first norm.
+        The pending text residuals are added first, and the video FFN shares this region, so under compile each
+        residual add fuses with the norm after it. The video FFN's residual is handed on to the next block, the
+        V2A residual to the audio FFN (`PendingResidual`); without V2A the audio stream goes on as it came.
         """
         eps = self.eps
-        v = v_pending.add(self.video_table, mod.video)
+        v = v_pending.add()
         if a2v or v2a:
+            a = a_pending.add()
             nv, na = rms(v, eps), rms(a, eps)
             v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift = (self.video_av_table[:4] + mod.video_av).unbind(2)
             a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift = (self.audio_av_table[:4] + mod.audio_av).unbind(2)
@@ -278,11 +290,15 @@ class AudioVideoBlock(nn.Module):
             if a2v:
                 v = v + (self.video_av_table[4:] + mod.video_av_gate).squeeze(2) * h_video  # gate [B, 1, Dv]
             if v2a:
-                a = a + (self.audio_av_table[4:] + mod.audio_av_gate).squeeze(2) * h_audio  # gate [B, 1, Da]
-        return PendingFFNResidual(v, ffn_of(v, self.video_ff, self.video_table, mod.video, eps), self.video_table), a
+                a_pending = PendingResidual(a, h_audio, *self.audio_gate(mod, AUDIO_V2A_GATE))
+        v_ffn = PendingResidual(v, ffn_of(v, self.video_ff, self.video_table, mod.video, eps),
+                                *self.video_gate(mod, FFN_GATE))
+        return v_ffn, a_pending
 
-    def audio_ffn(self, a: Tensor, mod: Modulation) -> Tensor:
-        return gated_ffn(a, self.audio_ff, self.audio_table, mod.audio, self.eps)
+    def audio_ffn(self, a: PendingResidual, mod: Modulation) -> PendingResidual:
+        x = a.add()
+        return PendingResidual(x, ffn_of(x, self.audio_ff, self.audio_table, mod.audio, self.eps),
+                               *self.audio_gate(mod, AUDIO_FFN_GATE))
 
 
 class LTX2Transformer(nn.Module):
@@ -377,10 +393,11 @@ class LTX2Transformer(nn.Module):
         s_gate = timestep_sinusoid(t_sample * self.config.cross_attn_gate_scale, self.dtype)
         video, video_emb = self.video_time(s_video)
         audio, audio_emb = self.audio_time(s_sample)
+        audio_gates = torch.stack([audio[:, :, TEXT_GATE], audio[:, :, FFN_GATE], self.audio_av_gate(s_gate)[0][:, :, 0]],
+                                  dim=2)  # [B, 1, 3, Da]: the AUDIO_*_GATE rows
         mod = Modulation(
             video=video, audio=audio, video_av=self.video_av(s_sample)[0], audio_av=self.audio_av(s_sample)[0],
-            video_av_gate=self.video_av_gate(s_gate)[0],
-            audio_av_gate=self.audio_av_gate(s_gate)[0],
+            video_av_gate=self.video_av_gate(s_gate)[0], audio_gates=audio_gates,
         )
         return mod, video_emb, audio_emb
 
@@ -441,10 +458,11 @@ class LTX2Transformer(nn.Module):
         if text_kv is None:
             text_kv = self._text_kv(video_context, audio_context, sigma)
         mod, video_emb, audio_emb = self.modulation(sigma)
-        v = self.video_in(video)  # [B, Nv, Dv]
-        a = self.audio_in(audio)  # [B, Na, Da]
+        first = self.blocks[0]  # block 0 reads the embedded inputs in the layout of a hand-over (`nothing_pending`)
+        v = nothing_pending(self.video_in(video), *first.video_gate(mod, FFN_GATE))  # [B, Nv, Dv]
+        a = nothing_pending(self.audio_in(audio), *first.audio_gate(mod, AUDIO_FFN_GATE))  # [B, Na, Da]
         streams = self._streams()
-        streams.fork(a)  # the audio chain starts on the side stream once its inputs and the AdaLN outputs exist
+        streams.fork(*a)  # the audio chain starts on the side stream once its inputs and the AdaLN outputs exist
         try:
             with self._sdpa_context():
                 for i, block in enumerate(self.blocks):
@@ -453,7 +471,7 @@ class LTX2Transformer(nn.Module):
                                  v2a=not disable_v2a_cross_attn, streams=streams)
         finally:
             streams.join()  # also on an error, so no side-stream work is left unjoined (or a capture unjoined)
-        v = resolved(v, mod.video)
+        v, a = v.add(), a.add()  # the last block's FFN residuals
         shift, scale = (self.video_out_table + video_emb.unsqueeze(2)).unbind(2)  # [B, T, Dv] each
         v = self.video_out(modulate(F.layer_norm(v, (v.shape[-1],), eps=eps), scale, shift))  # [B, Nv, 128]
         shift, scale = (self.audio_out_table + audio_emb.unsqueeze(2)).unbind(2)  # [B, 1, Da] each

@@ -83,30 +83,32 @@ def test_one_structure_serves_every_block_and_variants_are_counted(tiny, fresh_d
         compiled_cond = _forward(model, grid, COND)
     regions = AudioVideoBlock.compile_regions
     assert blocks.regions == regions == ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
-    # One graph per region, shared by both blocks; the video attention region has two: block 0 reads the embedded
-    # tensor, block 1 the FFN residual block 0 left pending (`PendingFFNResidual`). The text keys/values of all
-    # blocks come in computed (not compiled).
-    assert blocks.compiles == 5
-    assert blocks.cached_variants() == {**dict.fromkeys(regions, 1), "video_attention": 2}
+    # One graph per region, shared by both blocks: block 0 reads the embedded inputs as hand-overs that add zero
+    # (`nothing_pending`), in the layout of the residuals later blocks receive (`PendingResidual`). The text
+    # keys/values of all blocks come in computed (not compiled).
+    assert blocks.compiles == 4
+    assert blocks.cached_variants() == dict.fromkeys(regions, 1)
     torch.testing.assert_close(compiled_cond, eager_cond)
     with blocks.compiling():
-        _forward(model, grid, MODALITY)  # a2v/v2a off: one more variant of the exchange region only
+        # a2v/v2a off: one more variant of the exchange region only; the audio FFN region receives the text
+        # residual instead of the V2A one, in the same layout (`Modulation.audio_gates`)
+        _forward(model, grid, MODALITY)
         _forward(model, grid, COND)  # cached
-    assert blocks.compiles == 6
-    assert blocks.cached_variants()["exchange_and_video_ffn"] == 2
+    assert blocks.compiles == 5
+    assert blocks.cached_variants() == {**dict.fromkeys(regions, 1), "exchange_and_video_ffn": 2}
     for b in model.blocks:  # eager outside the contexts
         assert b._compiled_call_impl is None and not set(regions) & set(vars(b))
 
 
 def test_deeper_models_compile_no_more_variants(fresh_dynamo):
-    """The pending FFN residual carries its block's AdaLN table: a parameter input, not a per-block recompile."""
+    """A hand-over carries its block's AdaLN gate row: an input, not a per-block recompile."""
     model = build_model(dataclasses.replace(ModelConfig.preset("tiny"), num_layers=4), device="cpu",
                         dtype=torch.float32, seed=0)
     grid = LatentGrid.from_tokens(8, audio_tokens=4)
     blocks = CompiledBlocks(model, "default", backend="eager")
     with blocks.compiling():
         _forward(model, grid, COND)
-    assert blocks.cached_variants()["video_attention"] == 2 and blocks.compiles == 5
+    assert blocks.cached_variants()["video_attention"] == 1 and blocks.compiles == 4
 
 
 def test_frozen_runs_cached_variants_and_refuses_recompiles(tiny, fresh_dynamo):
@@ -130,7 +132,7 @@ def test_variant_limit_is_an_error_not_an_eager_fallback(tiny, fresh_dynamo):
         _forward(model, grid, MODALITY)  # the exchange region's second variant
     with pytest.raises(CaptureError, match="more than 2 variants of the 2 AudioVideoBlock blocks"):
         with blocks.compiling():
-            _forward(model, grid, COND, tokens=12)  # two more video attention variants
+            _forward(model, grid, COND, tokens=12)  # a third exchange variant
 
 
 def _exception(type_name: str, message: str) -> Exception:
@@ -233,7 +235,6 @@ def test_compiled_executor_runs_passes_with_compiled_blocks(tiny, fresh_dynamo):
         theirs = eager.run(video, audio, 0.5, (COND, MODALITY))
     for name in ("cond", "modality"):
         torch.testing.assert_close(ours[name].video, theirs[name].video)
-    assert executor.blocks.compiles == 6  # 4 regions for cond (video attention twice: block 0 reads a tensor,
-    # block 1 a pending FFN residual), the exchange region again for modality
+    assert executor.blocks.compiles == 5  # the 4 regions for cond, the exchange region again for modality
     with pytest.raises(ValueError, match="needs a compile mode"):
         CompiledExecutor(model, False)

@@ -174,22 +174,25 @@ def test_exchange_directions_are_independent(tiny):
     """Both directions read the same pre-update snapshot, so one direction alone is bitwise that direction's part
     of both together (on CPU `exchange_attention` is bitwise the two calls) and the other stream passes through:
     each branch of `exchange_and_video_ffn` modulates only the inputs of the directions that run."""
-    from pipeline.model import PendingTextResidual
+    from pipeline.model import AUDIO_TEXT_GATE, TEXT_GATE, PendingResidual
 
     block, rope = tiny.blocks[1], build_rope_tables(tiny.config, GRID, device="cpu")
     x = random_inputs(tiny.config, GRID, seed=13)
     gen = torch.Generator().manual_seed(13)
-    v, text = (torch.randn(1, GRID.num_video_tokens, tiny.config.video_dim, generator=gen) for _ in range(2))
-    a = torch.randn(1, GRID.audio_tokens, tiny.config.audio_dim, generator=gen)
+    v, v_text = (torch.randn(1, GRID.num_video_tokens, tiny.config.video_dim, generator=gen) for _ in range(2))
+    a, a_text = (torch.randn(1, GRID.audio_tokens, tiny.config.audio_dim, generator=gen) for _ in range(2))
     with torch.no_grad():
         mod = tiny.modulation(x.sigma)[0]
-        out = {(a2v, v2a): block.exchange_and_video_ffn(PendingTextResidual(v, text), a, mod, rope, a2v, v2a)
+        v_in = PendingResidual(v, v_text, *block.video_gate(mod, TEXT_GATE))
+        a_in = PendingResidual(a, a_text, *block.audio_gate(mod, AUDIO_TEXT_GATE))
+        out = {(a2v, v2a): block.exchange_and_video_ffn(v_in, a_in, mod, rope, a2v, v2a)
                for a2v in (True, False) for v2a in (True, False)}
+        audio = {k: o[1].add() for k, o in out.items()}
     both, a2v_only, v2a_only, neither = out[True, True], out[True, False], out[False, True], out[False, False]
-    assert torch.equal(a2v_only[0].x, both[0].x) and torch.equal(a2v_only[0].ffn_out, both[0].ffn_out)
-    assert a2v_only[1] is a and neither[1] is a
-    assert torch.equal(v2a_only[1], both[1]) and not torch.equal(v2a_only[1], a)
-    assert torch.equal(v2a_only[0].x, neither[0].x) and torch.equal(v2a_only[0].ffn_out, neither[0].ffn_out)
+    assert torch.equal(a2v_only[0].x, both[0].x) and torch.equal(a2v_only[0].delta, both[0].delta)
+    assert a2v_only[1] is a_in and neither[1] is a_in  # no V2A: the audio hand-over goes on as it came
+    assert torch.equal(audio[False, True], audio[True, True]) and not torch.equal(audio[False, True], a_in.add())
+    assert torch.equal(v2a_only[0].x, neither[0].x) and torch.equal(v2a_only[0].delta, neither[0].delta)
     assert not torch.equal(both[0].x, neither[0].x)
 
 
@@ -408,8 +411,10 @@ def test_adalns_fed_one_timestep_share_its_sinusoids(tiny):
         with torch.no_grad():
             expected = {"video": own(tiny.video_time, t_video), "audio": own(tiny.audio_time, t_sample),
                         "video_av": own(tiny.video_av, t_sample), "audio_av": own(tiny.audio_av, t_sample),
-                        "video_av_gate": own(tiny.video_av_gate, t_gate),
-                        "audio_av_gate": own(tiny.audio_av_gate, t_gate)}
+                        "video_av_gate": own(tiny.video_av_gate, t_gate)}
+            audio = expected["audio"]  # audio's text and FFN gate rows and the V2A gate (AUDIO_*_GATE)
+            expected["audio_gates"] = torch.stack([audio[:, :, 8], audio[:, :, 5], own(tiny.audio_av_gate, t_gate)[:, :, 0]],
+                                                  dim=2)
         for field, value in expected.items():
             assert torch.equal(getattr(mod, field), value), field
 

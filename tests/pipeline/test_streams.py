@@ -82,18 +82,19 @@ def _forward(model, **options):
 
 
 @pytest.mark.parametrize("options, per_block", [
-    ({}, ["side", "join", "fork(1)", "side"]),
-    (dict(disable_a2v_cross_attn=True), ["side", "join", "fork(1)", "side"]),
-    (dict(disable_v2a_cross_attn=True), ["side", "join", "fork(1)", "side"]),
+    ({}, ["side", "join", "fork(4)", "side"]),
+    (dict(disable_a2v_cross_attn=True), ["side", "join", "fork(4)", "side"]),
+    (dict(disable_v2a_cross_attn=True), ["side", "join", "fork(4)", "side"]),
     (dict(disable_a2v_cross_attn=True, disable_v2a_cross_attn=True), ["side", "side"]),
 ])
 def test_block_orchestration_keeps_the_memory_rules(options, per_block):
     """Per block: audio attention on the side stream, a join before the exchange and a fork (handing over the
     exchange's audio output) after it, the audio FFN on the side stream; one fork before the blocks (handing over
-    the audio input) and one join after them. Without an exchange the audio chain never leaves the side stream."""
+    the audio input) and one join after them. Without an exchange the audio chain never leaves the side stream.
+    Each fork hands over one `PendingResidual`: its 4 tensors."""
     model, recorder = _recorded_model()
     _forward(model, **options)
-    assert recorder.log == ["fork(1)", *per_block * model.config.num_layers, "join"]
+    assert recorder.log == ["fork(4)", *per_block * model.config.num_layers, "join"]
     assert not recorder.forked
 
 
