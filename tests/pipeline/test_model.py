@@ -196,6 +196,30 @@ def test_exchange_directions_are_independent(tiny):
     assert not torch.equal(both[0].x, neither[0].x)
 
 
+def test_hand_overs_share_one_layout_per_chain_and_block_0_adds_zero(tiny):
+    """`PendingResidual`: every audio hand-over's gate halves have one shape and stride (the audio FFN region
+    compiles once whether the V2A or the text residual reaches it), the table row is detached without autograd
+    (torch's module tracker refuses a no_grad view of a parameter in a module's inputs), and block 0's hand-over
+    adds exactly zero, whatever the gate."""
+    from pipeline.model import AUDIO_FFN_GATE, AUDIO_TEXT_GATE, AUDIO_V2A_GATE, FFN_GATE, TEXT_GATE, nothing_pending
+
+    x = random_inputs(tiny.config, GRID, seed=21)
+    block = tiny.blocks[1]
+    with torch.no_grad():
+        mod = tiny.modulation(x.sigma)[0]
+        for gates in ([block.audio_gate(mod, row) for row in (AUDIO_TEXT_GATE, AUDIO_FFN_GATE, AUDIO_V2A_GATE)],
+                      [block.video_gate(mod, row) for row in (TEXT_GATE, FFN_GATE)]):
+            assert len({(t.shape, t.stride(), m.shape, m.stride()) for t, m in gates}) == 1
+            assert not any(t.requires_grad for t, _ in gates)
+        assert torch.equal(block.audio_gate(mod, AUDIO_V2A_GATE)[0], block.audio_av_table[4])
+        assert torch.equal(mod.audio_gates[:, :, AUDIO_FFN_GATE], mod.audio[:, :, FFN_GATE])
+        v = torch.randn(1, 5, tiny.config.video_dim)
+        huge = torch.full((1, 1, tiny.config.video_dim), 1e30)
+        assert torch.equal(nothing_pending(v, huge[0, 0], huge).add(), v)
+    gate_row = block.video_gate(mod, FFN_GATE)[0]
+    assert gate_row.requires_grad and gate_row.grad_fn is not None  # with autograd: a view that gradients reach
+
+
 def test_skip_lists_are_independent(tiny):
     rope = build_rope_tables(tiny.config, GRID, device="cpu")
     x = random_inputs(tiny.config, GRID, seed=4)
