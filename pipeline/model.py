@@ -97,6 +97,7 @@ class FeedForward(nn.Module):
 # Row slices of the 9-row AdaLN tables (shift, scale, gate each): self-attention, FFN, text cross-attention query.
 SELF_ATTN, FFN, TEXT_ATTN = slice(0, 3), slice(3, 6), slice(6, 9)
 FFN_GATE, TEXT_GATE = FFN.stop - 1, TEXT_ATTN.stop - 1  # the gate rows of the residual adds handed over
+AV_GATE = 4  # the gate row of the 5-row A2V/V2A tables
 # Rows of `Modulation.audio_gates`: the modulation rows of the audio chain's handed-over residual gates.
 AUDIO_TEXT_GATE, AUDIO_FFN_GATE, AUDIO_V2A_GATE = 0, 1, 2
 
@@ -145,7 +146,8 @@ class PendingResidual(NamedTuple):
 def nothing_pending(x: Tensor, gate_table: Tensor, gate_mod: Tensor) -> PendingResidual:
     """`x` as a hand-over that adds zero (`x + 0 * gate`: x, for a finite gate), so block 0's first region reads
     the layout every later block's reads and compiles no variant of its own; the gate halves only set that layout.
-    Costs a zero fill and its read per pass (~40 us at 8160 video tokens on an H200)."""
+    Costs a zero fill and its read per pass: pass times unchanged within noise, 64 MiB more graph pool at 8160
+    video tokens (H200; profiling/PERF_LOG.md)."""
     return PendingResidual(x, torch.zeros_like(x), gate_table, gate_mod)
 
 
@@ -243,8 +245,8 @@ class AudioVideoBlock(nn.Module):
     def audio_gate(self, mod: Modulation, row: int) -> tuple[Tensor, Tensor]:
         """The halves of an audio gate: row `row` of `mod.audio_gates` (`AUDIO_TEXT_GATE`, `AUDIO_FFN_GATE` or
         `AUDIO_V2A_GATE`) and the matching table row (the audio table's text or FFN gate, or the A/V table's)."""
-        table, table_index = ((self.audio_table, TEXT_GATE), (self.audio_table, FFN_GATE), (self.audio_av_table, 4))[row]
-        return table_row(table, table_index), mod.audio_gates[:, :, row]
+        tables = ((self.audio_table, TEXT_GATE), (self.audio_table, FFN_GATE), (self.audio_av_table, AV_GATE))
+        return table_row(*tables[row]), mod.audio_gates[:, :, row]
 
     def video_attention(self, v: PendingResidual, kv: tuple[Tensor, Tensor], mod: Modulation, rope: RopeTables,
                         skip: bool) -> PendingResidual:
@@ -288,7 +290,7 @@ class AudioVideoBlock(nn.Module):
             else:
                 h_audio = self.v2a(v2a_q, v2a_kv, rope.audio_cross, rope.video_cross)
             if a2v:
-                v = v + (self.video_av_table[4:] + mod.video_av_gate).squeeze(2) * h_video  # gate [B, 1, Dv]
+                v = v + (self.video_av_table[AV_GATE:] + mod.video_av_gate).squeeze(2) * h_video  # [B, 1, Dv] gate
             if v2a:
                 a_pending = PendingResidual(a, h_audio, *self.audio_gate(mod, AUDIO_V2A_GATE))
         v_ffn = PendingResidual(v, ffn_of(v, self.video_ff, self.video_table, mod.video, eps),
@@ -393,8 +395,8 @@ class LTX2Transformer(nn.Module):
         s_gate = timestep_sinusoid(t_sample * self.config.cross_attn_gate_scale, self.dtype)
         video, video_emb = self.video_time(s_video)
         audio, audio_emb = self.audio_time(s_sample)
-        audio_gates = torch.stack([audio[:, :, TEXT_GATE], audio[:, :, FFN_GATE], self.audio_av_gate(s_gate)[0][:, :, 0]],
-                                  dim=2)  # [B, 1, 3, Da]: the AUDIO_*_GATE rows
+        v2a_gate = self.audio_av_gate(s_gate)[0][:, :, 0]  # [B, 1, Da]
+        audio_gates = torch.stack([audio[:, :, TEXT_GATE], audio[:, :, FFN_GATE], v2a_gate], dim=2)  # AUDIO_*_GATE
         mod = Modulation(
             video=video, audio=audio, video_av=self.video_av(s_sample)[0], audio_av=self.audio_av(s_sample)[0],
             video_av_gate=self.video_av_gate(s_gate)[0], audio_gates=audio_gates,

@@ -436,9 +436,8 @@ def test_adalns_fed_one_timestep_share_its_sinusoids(tiny):
             expected = {"video": own(tiny.video_time, t_video), "audio": own(tiny.audio_time, t_sample),
                         "video_av": own(tiny.video_av, t_sample), "audio_av": own(tiny.audio_av, t_sample),
                         "video_av_gate": own(tiny.video_av_gate, t_gate)}
-            audio = expected["audio"]  # audio's text and FFN gate rows and the V2A gate (AUDIO_*_GATE)
-            expected["audio_gates"] = torch.stack([audio[:, :, 8], audio[:, :, 5], own(tiny.audio_av_gate, t_gate)[:, :, 0]],
-                                                  dim=2)
+            audio, v2a_gate = expected["audio"], own(tiny.audio_av_gate, t_gate)[:, :, 0]
+            expected["audio_gates"] = torch.stack([audio[:, :, 8], audio[:, :, 5], v2a_gate], dim=2)  # text, FFN, V2A
         for field, value in expected.items():
             assert torch.equal(getattr(mod, field), value), field
 
