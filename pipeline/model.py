@@ -119,7 +119,8 @@ class Modulation(NamedTuple):
     video_av_gate: Tensor  # 1 row: A2V gate
     # 3 rows: audio's text and FFN gate rows and the V2A gate (AUDIO_*_GATE), copied into one tensor so that every
     # audio hand-over (`PendingResidual`) has one layout: the audio FFN region then compiles one variant whether
-    # the exchange ran before it (V2A residual) or not (text residual). One small kernel per forward.
+    # V2A ran before it (V2A residual) or not (text residual). One small kernel per forward. (Under autograd the
+    # V2A AdaLN gets zero gradients, not none, in passes without V2A.)
     audio_gates: Tensor
 
 
@@ -128,10 +129,11 @@ class PendingResidual(NamedTuple):
     AdaLN table row plus the forward's modulation row for it.
 
     A region that ended with the add would write the sum and the next region read it back for its norm; handed
-    over, the add fuses with that norm (inductor): one kernel fewer per hand-over, 48 per pass and hand-over kind
-    (profiling/PERF_LOG.md). The gate travels as its two halves, both views (a parameter row, a modulation row):
-    carried as a tensor it would be one more region output and kernel. The hand-overs of one chain share one
-    layout (for audio, `Modulation.audio_gates`), so a region compiles one variant for all blocks and passes."""
+    over, the add fuses with that norm (inductor): one kernel fewer per hand-over and block (the last block's FFN
+    residuals are added by the eager output head; profiling/PERF_LOG.md). The gate travels as its two halves,
+    both views (a parameter row, a modulation row): carried as a tensor it would be one more region output and
+    kernel. The hand-overs of one chain share one layout (for audio, `Modulation.audio_gates`), so a region
+    compiles one variant for all blocks and for both hand-over kinds it may receive."""
 
     x: Tensor  # [B, N, D]: the residual stream before the add
     delta: Tensor  # [B, N, D]: the sublayer output (attention or FFN), not yet gated
@@ -145,10 +147,10 @@ class PendingResidual(NamedTuple):
 
 def nothing_pending(x: Tensor, gate_table: Tensor, gate_mod: Tensor) -> PendingResidual:
     """`x` as a hand-over that adds zero (`x + 0 * gate`: x, for a finite gate), so block 0's first region reads
-    the layout every later block's reads and compiles no variant of its own; the gate halves only set that layout.
-    Costs a zero fill and its read per pass: pass times unchanged within noise, 64 MiB more graph pool at 8160
-    video tokens (H200; profiling/PERF_LOG.md)."""
-    return PendingResidual(x, torch.zeros_like(x), gate_table, gate_mod)
+    the layout every later block's reads and compiles no variant of its own; the gate halves only set that layout,
+    and the zeros require grad when x does (dynamo guards on it too). Costs a zero fill and its read per pass: pass
+    times unchanged within noise, 64 MiB more graph pool at 8160 video tokens (H200; profiling/PERF_LOG.md)."""
+    return PendingResidual(x, torch.zeros_like(x).requires_grad_(x.requires_grad), gate_table, gate_mod)
 
 
 def table_row(table: Tensor, row: int) -> Tensor:
@@ -206,8 +208,8 @@ class AudioVideoBlock(nn.Module):
     # stay in Python, in `forward`. The split is the same with one stream (CPU, overlap off). The boundaries cost
     # no extra pass over the residual streams: each region hands its last residual add to the next region
     # (`PendingResidual`), where it fuses with the norm that reads the sum: video text residual -> exchange,
-    # video FFN residual -> next block; audio text residual -> exchange (or audio FFN when no exchange runs), V2A
-    # residual -> audio FFN, audio FFN residual -> next block.
+    # video FFN residual -> next block; audio text residual -> exchange and audio FFN (the exchange passes it on
+    # when V2A is off), V2A residual -> audio FFN, audio FFN residual -> next block.
     # The text keys/values come in computed (`LTX2Transformer.text_kv`, all blocks at once, not compiled).
     compile_regions = ("video_attention", "audio_attention", "exchange_and_video_ffn", "audio_ffn")
 
@@ -232,7 +234,7 @@ class AudioVideoBlock(nn.Module):
             streams.join()  # the exchange reads both chains
         v, a = self.exchange_and_video_ffn(v, a, mod, rope, a2v, v2a)
         if exchange:
-            streams.fork(*a)  # the audio FFN (side stream) reads the exchange's audio outputs
+            streams.fork(*a)  # the audio FFN (side stream) reads the audio hand-over the exchange returns
         with streams.side():
             a = self.audio_ffn(a, mod)
         return v, a
@@ -243,8 +245,9 @@ class AudioVideoBlock(nn.Module):
         return table_row(self.video_table, row), mod.video[:, :, row]
 
     def audio_gate(self, mod: Modulation, row: int) -> tuple[Tensor, Tensor]:
-        """The halves of an audio gate: row `row` of `mod.audio_gates` (`AUDIO_TEXT_GATE`, `AUDIO_FFN_GATE` or
-        `AUDIO_V2A_GATE`) and the matching table row (the audio table's text or FFN gate, or the A/V table's)."""
+        """The halves a `PendingResidual` carries of an audio gate `row` (`AUDIO_TEXT_GATE`, `AUDIO_FFN_GATE` or
+        `AUDIO_V2A_GATE`): the matching table row (the audio table's text or FFN gate, or the A/V table's) and
+        that row of `mod.audio_gates`."""
         tables = ((self.audio_table, TEXT_GATE), (self.audio_table, FFN_GATE), (self.audio_av_table, AV_GATE))
         return table_row(*tables[row]), mod.audio_gates[:, :, row]
 

@@ -59,8 +59,9 @@ class OverlapStreams(AudioStreams):
         self._handed_over: list[Tensor] = []
 
     def fork(self, *handed_over: Tensor) -> None:
-        """The side stream waits for all work enqueued so far on main. `handed_over`: main's tensors that the
-        side stream will read and that the forward may drop before the next join: kept alive until then (rule 1)."""
+        """The side stream waits for all work enqueued so far on main. `handed_over`: tensors the side stream will
+        read and the forward may drop before the next join, made by main: kept alive until then (rule 1). Handing
+        over a tensor the side stream made is harmless."""
         self.side_stream.wait_stream(self.main)
         self._handed_over.extend(handed_over)
         self._forked = True

@@ -111,6 +111,22 @@ def test_deeper_models_compile_no_more_variants(fresh_dynamo):
     assert blocks.cached_variants()["video_attention"] == 1 and blocks.compiles == 4
 
 
+def test_under_autograd_block_0_compiles_no_variant_of_its_own(tiny, fresh_dynamo):
+    """With autograd recording, later blocks' hand-overs require grad; block 0's zero hand-over does too
+    (`nothing_pending`), so dynamo's requires_grad guard does not split off a block-0 variant."""
+    model, grid = tiny
+    conditioning = make_conditioning(model.config, grid, device="cpu")
+    video, audio = make_latents(model.config, grid, device="cpu")
+    text = conditioning.texts[COND.text]
+    blocks = CompiledBlocks(model, "default", backend="eager")
+    with blocks.compiling():
+        v, a = model(video, audio, text.video, text.audio, torch.full((1,), 0.5), conditioning.rope)
+    (v.sum() + a.sum()).backward()
+    assert blocks.cached_variants() == dict.fromkeys(AudioVideoBlock.compile_regions, 1)
+    assert model.blocks[0].audio_av_table.grad is not None
+    model.zero_grad(set_to_none=True)
+
+
 def test_frozen_runs_cached_variants_and_refuses_recompiles(tiny, fresh_dynamo):
     model, grid = tiny
     blocks = CompiledBlocks(model, "default", backend="eager")

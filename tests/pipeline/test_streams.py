@@ -89,9 +89,9 @@ def _forward(model, **options):
 ])
 def test_block_orchestration_keeps_the_memory_rules(options, per_block):
     """Per block: audio attention on the side stream, a join before the exchange and a fork (handing over the
-    exchange's audio output) after it, the audio FFN on the side stream; one fork before the blocks (handing over
-    the audio input) and one join after them. Without an exchange the audio chain never leaves the side stream.
-    Each fork hands over one `PendingResidual`: its 4 tensors."""
+    audio hand-over the exchange returns) after it, the audio FFN on the side stream; one fork before the blocks
+    (handing over the audio input) and one join after them. Without an exchange the audio chain never leaves the
+    side stream. Each fork hands over one `PendingResidual`: its 4 tensors."""
     model, recorder = _recorded_model()
     _forward(model, **options)
     assert recorder.log == ["fork(4)", *per_block * model.config.num_layers, "join"]
