@@ -51,9 +51,16 @@ def _(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def linear_gelu_tanh(x: Tensor, linear: torch.nn.Linear) -> Tensor:
-    """`gelu(linear(x), approximate="tanh")`, fused into the GEMM epilogue on CUDA (see the module docstring)."""
-    if x.is_cuda and isinstance(linear, torch.nn.Linear) and linear.bias is not None:
+def is_plain_linear(module: torch.nn.Module) -> bool:
+    """An `nn.Linear` itself (no subclass) without forward hooks: code that reads its weight and bias directly
+    computes what calling it computes. Anything else (a subclass, hooks) must run its own forward."""
+    return type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def linear_gelu_tanh(x: Tensor, linear: torch.nn.Module) -> Tensor:
+    """`gelu(linear(x), approximate="tanh")`, fused into the GEMM epilogue on CUDA for a plain `nn.Linear` with a
+    bias (see the module docstring); any other module runs its own forward, then the GELU."""
+    if x.is_cuda and is_plain_linear(linear) and linear.bias is not None:
         return _linear_gelu_tanh_op(x, linear.weight, linear.bias)
     return F.gelu(linear(x), approximate="tanh")
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from pipeline.attention import CrossAttention
 from pipeline.fp8 import Float8Linear, modulate_quantize_rows
-from pipeline.fused import _TRITON_MAX_COLS, rms_norm_
+from pipeline.fused import _TRITON_MAX_COLS, is_plain_linear, rms_norm_
 
 
 class BlockTextKV(NamedTuple):
@@ -46,8 +46,7 @@ def linear_into(linear: nn.Module, x: Tensor, out: Tensor) -> Tensor:
     """`linear(x)` for x [M, K] written into `out` [M, N]. A plain `nn.Linear` without hooks writes there directly
     (contiguous `out`: on CUDA the bias stays in the cuBLASLt epilogue); anything else (a subclass, a
     parametrization, hooks) runs its own forward and is copied in."""
-    plain = type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks)
-    if not plain:
+    if not is_plain_linear(linear):
         return out.copy_(linear(x))
     if linear.bias is None:
         return torch.mm(x, linear.weight.t(), out=out)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.fused import (_linear_gelu_tanh_op, _rms_norm_inplace_op, _rms_norm_rope_qk_op, linear_gelu_tanh,
-                            rms_norm_, rms_norm_rope_qk)
+from pipeline.fused import (_linear_gelu_tanh_op, _rms_norm_inplace_op, _rms_norm_rope_qk_op, is_plain_linear,
+                            linear_gelu_tanh, rms_norm_, rms_norm_rope_qk)
 from pipeline.rope import apply_split_rope
 
 
@@ -30,6 +30,19 @@ def test_linear_without_bias_takes_the_plain_path():
     fc = nn.Linear(16, 64, bias=False)
     x = torch.randn(3, 16)
     torch.testing.assert_close(linear_gelu_tanh(x, fc), F.gelu(fc(x), approximate="tanh"), rtol=0, atol=0)
+
+
+def test_only_a_plain_linear_has_its_weights_read_directly():
+    """The fused epilogue reads weight and bias itself; a subclass or a hooked Linear must run its own forward."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    hooked = nn.Linear(4, 4)
+    hooked.register_forward_hook(lambda module, args, out: out + 1)
+    assert is_plain_linear(nn.Linear(4, 4))
+    assert not is_plain_linear(Scaled(4, 4)) and not is_plain_linear(hooked) and not is_plain_linear(nn.Identity())
 
 
 def test_custom_op_registration_is_consistent():
