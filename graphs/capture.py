@@ -61,9 +61,9 @@ class PassGraph:
 
     `outputs` (and `text_kv`, held by a producing pass) are allocated in the pool during this graph's capture, so
     no graph captured later writes them; a graph captured earlier may (its temporaries can be where they were
-    placed). They stay valid until this graph replays again or any graph captured before it replays. `order` is the capture
-    order within the pool (replay in increasing order). `text_kv_source`: the key of the pass whose held `text_kv`
-    this graph reads (None when it projects its text itself).
+    placed). They stay valid until this graph replays again or any graph captured before it replays. `order` is
+    the capture order within the pool (replay in increasing order). `text_kv_source`: the key of the pass whose
+    held `text_kv` this graph reads (None when it projects its text itself).
     """
 
     key: GraphKey
