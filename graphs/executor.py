@@ -21,12 +21,13 @@ A key that is not cached is a miss, handled by the miss policy:
   "capture" (default): capture it now (captures during the first run are silent, later misses warn once);
   "strict": raise `GraphMissError` naming the fields that differ from the nearest cached key;
   "eager": run that pass eagerly (warn once).
-Nothing ever replays a graph for inputs it was not captured with. When the weights change (a load or an in-place
-edit: `weights_version` or the parameters' version counters moved) and no cached graph was captured for the new
-ones, every graph is dropped with its pool before the next captures (in `run` under policies "capture" and
-"eager", and in `warmup`; `run` under "strict" keeps them and raises): each set holds ~1-2 GB at `ltx2.3` scale.
-Tensor addresses alone do not drop anything: they can come back (a peer model switching between grids rebinds
-its coordinate buffers, and switching back hits again).
+Nothing ever replays a graph for inputs it was not captured with. When the weights change (a load, an in-place
+edit or a replaced weight: `weights_version`, the parameters' version counters or the weights' storage moved) and
+no cached graph was captured for the new ones, every graph is dropped with its pool before the next captures (in
+`run` under policies "capture" and "eager", and in `warmup`; `run` under "strict" keeps them and raises): each
+set holds ~1-2 GB at `ltx2.3` scale, and reads the old weights' memory. Other buffers' addresses alone drop
+nothing: they can come back (a peer model switching between grids rebinds its coordinate buffers, and switching
+back hits again).
 
 Sync contract: once every key is captured (`warmup`), `run` and `replay_only` never synchronise the host:
 two device copies, one `fill_` with a host float, one graph launch per pass, host metadata reads. Captures
@@ -56,7 +57,7 @@ from graphs.compile import CompiledBlocks, compile_mode_name
 from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
 from graphs.keys import GraphKey, InputSignature, ModelIdentity, WeightsProbe, explain_miss, pass_options
 from graphs.trees import paths_off_device
-from pipeline.executor import (Conditioning, EagerExecutor, Velocity, check_host_float, check_specs,
+from pipeline.executor import (Conditioning, EagerExecutor, Velocity, check_host_float, check_latents, check_specs,
                                validate_conditioning)
 from pipeline.passes import PASS_NAMES, PassSpec
 from profiling.ranges import region
@@ -97,9 +98,9 @@ def graphs_supported(device: torch.device) -> bool:
 
 
 def _same_weights(a, b) -> bool:
-    """The same loaded weights: what a load or an in-place edit moves (`WeightsState.version`, `param_versions`),
-    ignoring where the tensors live (`storage`), which can return to a cached value."""
-    return (a.version, a.param_versions) == (b.version, b.param_versions)
+    """The same loaded weights: what a load, an in-place edit or a replaced weight moves (`WeightsState.version`,
+    `param_versions`, `storage`), ignoring the other buffers' addresses, which can return to a cached value."""
+    return (a.version, a.param_versions, a.storage) == (b.version, b.param_versions, b.storage)
 
 
 def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, str]:
@@ -141,6 +142,10 @@ def capture_rank(role: str) -> int:
     raise ValueError(f"text K/V role must be 'own', 'produce' or 'consume:<producer>', got {role!r}")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     if param is None:
@@ -176,10 +181,15 @@ class GraphExecutor:
     ) -> None:
         if miss_policy not in MISS_POLICIES:
             raise ValueError(f"miss_policy must be one of {MISS_POLICIES}, got {miss_policy!r}")
-        if warmup_iters < 1:
+        if not _is_int(warmup_iters) or warmup_iters < 1:
             raise ValueError(
-                f"warmup_iters must be >= 1 (lazy initialisation must not happen in capture), got {warmup_iters}"
+                f"warmup_iters must be an int >= 1 (lazy initialisation must not happen in capture), got "
+                f"{warmup_iters!r}"
             )
+        if not _is_int(max_compile_variants) or max_compile_variants < 1:
+            raise ValueError(f"max_compile_variants must be an int >= 1, got {max_compile_variants!r}")
+        if progress is not None and not callable(progress):
+            raise ValueError(f"progress must be a callable taking one line, or None, got {progress!r}")
         self.model = model
         self.miss_policy = miss_policy
         self.compile_mode = compile_mode_name(compile)
@@ -237,9 +247,8 @@ class GraphExecutor:
         """
         with self._exclusive("run"):
             conditioning = self._require_conditioning()
-            specs = tuple(specs)
-            check_specs(specs, conditioning)
-            self._check_latents(video, audio)
+            specs = check_specs(specs, conditioning)
+            self._check_latents(video, audio, conditioning)
             sigma = check_host_float(sigma)
             if not self.graphs_enabled:
                 self._warn_once("cpu", f"CUDA graphs need a CUDA device (model on {self.device}); running every "
@@ -290,9 +299,8 @@ class GraphExecutor:
             if conditioning is not None:
                 self._set_conditioning(conditioning)
             conditioning = self._require_conditioning()
-            specs = tuple(specs)
-            check_specs(specs, conditioning)
-            self._check_latents(video_like, audio_like)
+            specs = check_specs(specs, conditioning)
+            self._check_latents(video_like, audio_like, conditioning)
             sigma = check_host_float(sigma)
             if not self.graphs_enabled:
                 return 0.0
@@ -393,16 +401,12 @@ class GraphExecutor:
             )
         return self._conditioning
 
-    def _check_latents(self, video: Tensor, audio: Tensor) -> None:
-        for name, t in (("video", video), ("audio", audio)):
-            if not isinstance(t, Tensor):
-                raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-            if t.dim() != 3 or not t.dtype.is_floating_point:
-                raise ValueError(f"{name} must be a floating [B, N, C] tensor, got {t.dtype} {tuple(t.shape)}")
-            if t.device != self.device:
-                raise ValueError(f"{name} is on {t.device}, expected the model's device {self.device}")
-        if video.shape[0] != audio.shape[0]:
-            raise ValueError(f"video batch {video.shape[0]} != audio batch {audio.shape[0]}")
+    def _check_latents(self, video: Tensor, audio: Tensor, conditioning: Conditioning) -> None:
+        moved = _model_device(self.model)
+        if moved != self.device:
+            raise CaptureError(f"the model moved from {self.device} to {moved} after this GraphExecutor was built; "
+                               "its graphs and buffers live on the old device: build a new GraphExecutor")
+        check_latents(video, audio, self.device, conditioning)
 
     def _model_dtype(self) -> torch.dtype:
         dtype = getattr(self.model, "dtype", None)
@@ -428,7 +432,7 @@ class GraphExecutor:
             self._warn_once("weights", f"the model's weights changed since its {len(self._graphs)} graph(s) were "
                                        "captured: dropping them and their pool before capturing again")
             self._drop_graphs()
-        identity = ModelIdentity.of(self.model)
+        identity = ModelIdentity.of(self.model, self._weights)
         signature = InputSignature.of(video, audio, conditioning, self._model_dtype())
         roles = text_kv_roles(specs, self.share_text_kv)
         keyed = [(s, GraphKey.make(s, signature, identity, weights, self.compile_mode, roles[s.name])) for s in specs]
@@ -444,9 +448,11 @@ class GraphExecutor:
         return keyed, static
 
     def _pass_graph(self, spec: PassSpec) -> PassGraph:
+        if not isinstance(spec, PassSpec):
+            raise ValueError(f"spec must be a PassSpec (pipeline.passes), got {type(spec).__name__}")
         if self._last_signature is None:
             raise GraphMissError("no run() or warmup() yet: there are no inputs to replay a graph for")
-        identity = ModelIdentity.of(self.model)
+        identity = ModelIdentity.of(self.model, self._weights)
         role = self._last_roles.get(spec.name, "own")
         key = GraphKey.make(spec, self._last_signature, identity, self._weights(), self.compile_mode, role)
         graph = self._graphs.get(key)

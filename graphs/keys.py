@@ -9,7 +9,11 @@ compute the wrong thing, so each of them is a field here and a change is a cache
   and its text keys/values role (`text_kv_role_phrase`: a graph that reads another pass's held keys/values baked
   in their address, so the role names that pass);
 - the inputs: device, shape and dtype of the latents, of each text context and of every RoPE table leaf;
-- the model: identity (id, class, config, attention backend), weights state, compile mode.
+- the model: identity (id, class, config, attention backend, forward hooks, the torch settings that pick its
+  kernels), weights state, compile mode.
+
+What a key cannot see: Python attributes a forward reads (a block's `eps`, an AdaLN's `rows`), which a capture
+freezes like everything else on the host. A model whose such attributes change exposes them in `graph_key_extra`.
 
 `explain_miss` names the fields that differ from the nearest cached key, so a miss says what changed.
 Building a key reads host metadata only (shapes, dtypes, version counters, data pointers): no host sync.
@@ -23,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as nn_module
 
 from graphs import trees
 
@@ -111,27 +116,53 @@ class InputSignature:
         return out
 
 
+def torch_settings() -> tuple[tuple[str, bool], ...]:
+    """The process-wide torch switches that decide which kernels a forward launches: the SDPA backends allowed
+    (a model on attention backend "auto" leaves the choice to them), TF32 and reduced-precision reductions,
+    deterministic algorithms. A capture bakes in the kernels they picked. Host reads only."""
+    cuda, matmul = torch.backends.cuda, torch.backends.cuda.matmul
+    return (
+        ("sdp_flash", cuda.flash_sdp_enabled()),
+        ("sdp_efficient", cuda.mem_efficient_sdp_enabled()),
+        ("sdp_cudnn", cuda.cudnn_sdp_enabled()),
+        ("sdp_math", cuda.math_sdp_enabled()),
+        ("matmul_tf32", matmul.allow_tf32),
+        ("matmul_bf16_reduced_reduction", bool(matmul.allow_bf16_reduced_precision_reduction)),
+        ("matmul_fp16_reduced_reduction", bool(matmul.allow_fp16_reduced_precision_reduction)),
+        ("cudnn_tf32", torch.backends.cudnn.allow_tf32),
+        ("deterministic", torch.are_deterministic_algorithms_enabled()),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelIdentity:
     """Which model a graph was captured from: the object (graphs read its weights by address), its class and
-    config (what the forward does), its attention backend if it has a switchable one, and `graph_key_extra`:
-    any hashable a model exposes for other host-side state its forward bakes into a capture (e.g. an adapter's
-    per-grid Python numbers or cached coordinate tensors replaced per grid)."""
+    config (what the forward does), its attention backend if it has a switchable one, `graph_key_extra`: any
+    hashable a model exposes for other host-side state its forward bakes into a capture (e.g. an adapter's
+    per-grid Python numbers or cached coordinate tensors replaced per grid), its forward hooks (a capture records
+    what they did; a replay runs no Python, so a hook added or removed later would be silently ignored;
+    `WeightsProbe.hooks`) and the `torch_settings` of the moment."""
 
     model_id: int
     model_class: str
     config: Hashable
     attention_backend: Hashable
     extra: Hashable = None
+    hooks: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+    settings: tuple[tuple[str, bool], ...] = ()
 
     @classmethod
-    def of(cls, model: nn.Module) -> ModelIdentity:
+    def of(cls, model: nn.Module, probe: WeightsProbe | None = None) -> ModelIdentity:
+        """The identity of `model` now; `probe` (its `WeightsProbe`, which has walked the module tree) reads the
+        hooks quickly, otherwise the tree is walked here."""
         return cls(
             id(model),
             type(model).__name__,
             _hashable(getattr(model, "config", None)),
             _hashable(getattr(model, "attention_backend", None)),
             _hashable(getattr(model, "graph_key_extra", None)),
+            (probe or WeightsProbe(model)).hooks(),
+            torch_settings(),
         )
 
 
@@ -144,14 +175,18 @@ class WeightsState:
       names in `weight_buffers` (weights kept as buffers, e.g. FP8 weights and their scales; other buffers, such
       as coordinates a forward may rewrite, are not weights): an in-place edit such as `p.add_(...)` or
       `load_state_dict` under `no_grad` bumps it;
-    - `storage`: a hash of the parameters' and buffers' data pointers (a replaced tensor moves, and a graph
-      would keep reading the old address).
+    - `storage`: a hash of the weights' data pointers, shapes, strides and dtypes (a replaced weight moves, or is
+      re-viewed in place through `.data`, and a graph would keep reading the old memory as the old shape);
+    - `buffer_storage`: the same of the other buffers. Unlike weights, their addresses can come back (a peer
+      model switching between grids rebinds its coordinate buffers), so they key graphs but never drop any
+      (`graphs.executor`).
     Reads host metadata only; inference-mode tensors have no version counter and count as 0.
     """
 
     version: int
     param_versions: int
     storage: int
+    buffer_storage: int = 0
 
     @classmethod
     def of(cls, model: nn.Module) -> WeightsState:
@@ -159,7 +194,7 @@ class WeightsState:
 
 
 class WeightsProbe:
-    """Computes `WeightsState` of one model quickly.
+    """Computes `WeightsState` of one model quickly, and its forward hooks (`hooks`) from the same walk.
 
     Walking the module tree (`model.parameters()`) costs ~10 ms for a 48-block model; the probe walks it once
     and keeps each parameter's slot (its module's `_parameters` dict and name), so a parameter replaced by
@@ -174,13 +209,16 @@ class WeightsProbe:
         self._walk()
 
     def _walk(self) -> None:
-        modules = list(self.model.modules())
+        named = list(self.model.named_modules())
+        modules = [m for _, m in named]
+        self._named = named
         self._layout = [(m, dict(m._modules), len(m._parameters), len(m._buffers)) for m in modules]
         # Every parameter slot, None ones too: a bias set later on a Linear built without one is read at its slot.
         # Then the buffers a module names as weights (`weight_buffers`).
         self._weights = [(m._parameters, n) for m in modules for n in m._parameters]
-        self._weights += [(m._buffers, n) for m in modules for n in getattr(m, "weight_buffers", ()) if n in m._buffers]
-        self._buffers = [(m._buffers, n) for m in modules for n in m._buffers]
+        weight_buffers = {(id(m), n) for m in modules for n in getattr(m, "weight_buffers", ()) if n in m._buffers}
+        self._weights += [(m._buffers, n) for m in modules for n in m._buffers if (id(m), n) in weight_buffers]
+        self._buffers = [(m._buffers, n) for m in modules for n in m._buffers if (id(m), n) not in weight_buffers]
 
     def _layout_changed(self) -> bool:
         """Children swapped, added or removed, or parameters/buffers added or removed (a rename keeping the count
@@ -199,7 +237,7 @@ class WeightsProbe:
 
     def _state(self) -> WeightsState:
         versions = 0
-        pointers = []
+        weights = []
         for slots, name in self._weights:
             p = slots[name]
             if p is None:  # set to None after the walk: no tensor to read
@@ -208,9 +246,23 @@ class WeightsProbe:
                 versions += p._version
             except RuntimeError:  # inference tensors track no version
                 pass
-            pointers.append(p.data_ptr())
-        pointers.extend(b.data_ptr() for b in (slots[name] for slots, name in self._buffers) if b is not None)
-        return WeightsState(int(getattr(self.model, "weights_version", 0)), versions, hash(tuple(pointers)))
+            weights.append((p.data_ptr(), p.shape, p.stride(), p.dtype))
+        buffers = [(b.data_ptr(), b.shape, b.stride(), b.dtype)
+                   for b in (slots[name] for slots, name in self._buffers) if b is not None]
+        return WeightsState(int(getattr(self.model, "weights_version", 0)), versions, hash(tuple(weights)),
+                            hash(tuple(buffers)))
+
+    def hooks(self) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]:
+        """(module name, forward pre-hook handles, forward hook handles) of each module that has any, with "*" for
+        the global module hooks (`nn.modules.module.register_module_forward_hook`). Handles are unique per
+        registration, so a hook removed and added again reads as a change. A layout change walks again first."""
+        if self._layout_changed():
+            self._walk()
+        found = [(name, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+                 for name, m in self._named if m._forward_pre_hooks or m._forward_hooks]
+        if nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks:
+            found.append(("*", tuple(nn_module._global_forward_pre_hooks), tuple(nn_module._global_forward_hooks)))
+        return tuple(found)
 
 
 def pass_options(spec: Any) -> tuple[tuple[str, Hashable], ...]:
@@ -265,9 +317,12 @@ class GraphKey:
                 "config": self.model.config,
                 "attention_backend": self.model.attention_backend,
                 "graph_key_extra": self.model.extra,
+                "hooks": self.model.hooks,
+                **{f"torch.{name}": value for name, value in self.model.settings},
                 "weights_version": self.weights.version,
                 "param_versions": self.weights.param_versions,
                 "param_storage": f"{self.weights.storage & 0xFFFFFFFFFFFF:012x}",
+                "buffer_storage": f"{self.weights.buffer_storage & 0xFFFFFFFFFFFF:012x}",
                 "compile": self.compile_mode,
             }
         )

@@ -15,6 +15,7 @@ Contract every executor keeps:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
@@ -95,8 +96,9 @@ class PassExecutor(Protocol):
 
 
 def check_host_float(sigma: object) -> float:
-    """`sigma` as a Python float in [0, 1]; a tensor is refused because reading it would synchronise the host."""
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+    """`sigma` as a Python float in [0, 1]; any host real number is taken (a NumPy scalar too), a tensor is refused
+    because reading it would synchronise the host."""
+    if isinstance(sigma, (bool, Tensor)) or not isinstance(sigma, numbers.Real):
         raise ValueError(
             f"sigma must be a host float (the schedule is Python numbers), got {type(sigma).__name__}; "
             "a device tensor here would need a host sync to read"
@@ -155,7 +157,8 @@ class EagerExecutor:
     def run(self, video: Tensor, audio: Tensor, sigma: float, specs: Sequence[PassSpec]) -> dict[str, Velocity]:
         if self._conditioning is None:
             raise ValueError("EagerExecutor.run called before set_conditioning(conditioning)")
-        check_specs(specs, self._conditioning)
+        specs = check_specs(specs, self._conditioning)
+        check_latents(video, audio, self.model.device, self._conditioning)
         b = video.shape[0]
         dtype = self.model.dtype
         video_in, audio_in = video.to(dtype), audio.to(dtype)
@@ -177,8 +180,12 @@ class EagerExecutor:
         return out
 
 
-def check_specs(specs: Sequence[PassSpec], conditioning: Conditioning) -> None:
-    """Host checks of one evaluation's specs: non-empty PassSpecs, unique names, their texts present."""
+def check_specs(specs: Sequence[PassSpec], conditioning: Conditioning) -> tuple[PassSpec, ...]:
+    """Host checks of one evaluation's specs: a sequence of PassSpecs, non-empty, unique names, their texts
+    present. Returns them as a tuple."""
+    if isinstance(specs, PassSpec) or not isinstance(specs, Sequence):
+        raise ValueError(f"specs must be a sequence of PassSpec (e.g. (COND,)), got {type(specs).__name__}")
+    specs = tuple(specs)
     if not specs:
         raise ValueError("specs must name at least one pass, got none")
     names = [s.name for s in specs if isinstance(s, PassSpec)]
@@ -192,6 +199,27 @@ def check_specs(specs: Sequence[PassSpec], conditioning: Conditioning) -> None:
                 f"pass {spec.name!r} reads the {spec.text!r} text, but the conditioning only has "
                 f"{sorted(conditioning.texts)}"
             )
+    return specs
+
+
+def check_latents(video: Tensor, audio: Tensor, device: torch.device, conditioning: Conditioning) -> None:
+    """Host checks of one evaluation's latents: floating [B, N, C] tensors on the model's `device`, one batch B
+    for both, and every text context of `conditioning` with batch 1 (shared) or B. Metadata only."""
+    for name, t in (("video", video), ("audio", audio)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 3 or not t.dtype.is_floating_point or 0 in t.shape:
+            raise ValueError(f"{name} must be a floating [B, N, C] tensor with no empty dimension, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected the model's device {device}")
+    b = video.shape[0]
+    if audio.shape[0] != b:
+        raise ValueError(f"video batch {b} != audio batch {audio.shape[0]}")
+    for key, text in conditioning.texts.items():
+        if text.video.shape[0] not in (1, b):
+            raise ValueError(f"conditioning.texts[{key!r}] has batch {text.video.shape[0]}, expected 1 or the "
+                             f"latents' batch {b}")
 
 
 def _batch(context: Tensor, b: int) -> Tensor:
@@ -209,6 +237,7 @@ __all__ = [
     "PassExecutor",
     "TextContext",
     "Velocity",
+    "check_latents",
     "check_specs",
     "random_conditioning",
     "validate_conditioning",

@@ -586,8 +586,10 @@ def build_model(config: ModelConfig, *, device: torch.device | str, dtype: torch
     Never materialises the model on the CPU first (the 19B preset builds on a GPU in seconds). `device="meta"`
     returns an unallocated model (for key-map checks).
     """
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     with torch.device("meta"):
         model = LTX2Transformer(config)
     model = model.to(dtype)  # still meta: free

@@ -6,6 +6,9 @@
 * Marker ``@pytest.mark.no_host_sync``: the same check around the whole test body (fixtures excluded).
   Assertions that read tensor values are syncs too: make them after a ``with no_host_sync:`` block, or
   inside ``profiling.syncs.allow_host_sync("check")``.
+* One-time syncs (``allow_host_sync(..., one_time=True)``: a CUDA graph capture, i.e. a cache miss) fail the check
+  too: a loop checked for syncs should be warm. ``with no_host_sync.allowing_one_time(): ...`` or
+  ``@pytest.mark.no_host_sync(allow_one_time=True)`` accepts them.
 
 Detectors: on CPU, the dispatch detector (:func:`profiling.syncs.detect_host_syncs`). On a GPU also
 PyTorch's sync debug mode (set to "warn"; its warnings become findings, duplicates of dispatch findings at
@@ -35,8 +38,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}: fail the test if its body synchronises the host with the device "
-        "(dispatch detector; on a GPU also CUDA sync debug mode, and CUPTI with --ltx2-sync-cupti)",
+        f"{MARKER}(allow_one_time=False): fail the test if its body synchronises the host with the device "
+        "(dispatch detector; on a GPU also CUDA sync debug mode, and CUPTI with --ltx2-sync-cupti), or enters a "
+        "one-time sync such as a graph capture unless allow_one_time",
     )
 
 
@@ -69,12 +73,18 @@ class _SyncDebugWarnings:
 
 
 class HostSyncGuard:
-    """The ``no_host_sync`` fixture's value: ``with guard:`` fails the test after a block that synced."""
+    """The ``no_host_sync`` fixture's value: ``with guard:`` fails the test after a block that synced, or that
+    entered a one-time sync block unless `allow_one_time`."""
 
-    def __init__(self, *, use_cupti: bool = False) -> None:
+    def __init__(self, *, use_cupti: bool = False, allow_one_time: bool = False) -> None:
         self.use_cupti = use_cupti
+        self.allow_one_time = allow_one_time
         self.findings: list = []
         self._stack: ExitStack | None = None
+
+    def allowing_one_time(self) -> HostSyncGuard:
+        """A guard like this one that accepts one-time syncs (graph captures) in its block."""
+        return HostSyncGuard(use_cupti=self.use_cupti, allow_one_time=True)
 
     def __enter__(self) -> HostSyncGuard:
         import torch
@@ -118,6 +128,12 @@ class HostSyncGuard:
         from profiling.syncs import SyncFinding
 
         findings = list(self._report.findings)
+        if not self.allow_one_time:
+            findings += [SyncFinding(op="one-time sync", location="(allow_host_sync block)", ranges=(),
+                                     reason=f"{reason!r} entered inside the checked block: a warm loop makes none "
+                                            "(warm up first, or use no_host_sync.allowing_one_time())",
+                                     detector="one-time")
+                         for reason in self._report.one_time]
         if self._debug is not None:
             seen = Counter(f.location for f in findings)  # one .item() is found by both: keep one
             for finding in self._debug.findings:
@@ -146,7 +162,9 @@ def no_host_sync(request: pytest.FixtureRequest) -> HostSyncGuard:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
-    if item.get_closest_marker(MARKER) is None:
+    marker = item.get_closest_marker(MARKER)
+    if marker is None:
         return (yield)
-    with HostSyncGuard(use_cupti=item.config.getoption("ltx2_sync_cupti")):
+    allow_one_time = marker.kwargs.get("allow_one_time", False)
+    with HostSyncGuard(use_cupti=item.config.getoption("ltx2_sync_cupti"), allow_one_time=allow_one_time):
         return (yield)

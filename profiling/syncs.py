@@ -13,7 +13,9 @@ Two independent detectors, because each misses something the other sees:
   profiler (:mod:`profiling.cupti`) sees those.
 
 Deliberate syncs (timing boundaries, a positive control) go inside :func:`allow_host_sync`, which opens a
-region named ``"allow_host_sync: <reason>"`` so every detector and profiler can tell them apart.
+region named ``"allow_host_sync: <reason>"`` so every detector and profiler can tell them apart. Those a warm loop
+never makes (a CUDA graph capture: a cache miss) are declared ``one_time``: a detector records each such block
+entered, seen sync or not, and the pytest plugin fails a checked block that entered one.
 """
 
 from __future__ import annotations
@@ -59,10 +61,13 @@ class SyncFinding:
 
 @dataclass
 class SyncReport:
-    """What a detector saw. `allowed` holds syncs inside :func:`allow_host_sync` blocks (not failures)."""
+    """What a detector saw. `allowed` holds syncs inside :func:`allow_host_sync` blocks (not failures); `one_time`
+    the reasons of the one-time blocks entered (``allow_host_sync(..., one_time=True)``), whether or not a detector
+    saw their sync (``torch.cuda.synchronize()`` only CUPTI sees)."""
 
     findings: list[SyncFinding] = field(default_factory=list)
     allowed: list[SyncFinding] = field(default_factory=list)
+    one_time: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         return findings_table(self.findings)
@@ -189,21 +194,34 @@ def detect_host_syncs(*, mode: str = "raise") -> Iterator[SyncReport]:
     if mode not in MODES:
         raise ValueError(f"detect_host_syncs(mode=...): got {mode!r}, expected one of {MODES}")
     detector = _Detector(mode)
-    with _FunctionHook(detector), _DispatchHook(detector):
-        yield detector.report
+    reports = _OPEN_REPORTS.__dict__.setdefault("stack", [])
+    reports.append(detector.report)
+    try:
+        with _FunctionHook(detector), _DispatchHook(detector):
+            yield detector.report
+    finally:
+        reports.remove(detector.report)
     if mode == "collect" and detector.report.findings:
         raise HostSyncError(detector.report.findings)
 
 
+_OPEN_REPORTS = threading.local()  # .stack: the reports of this thread's open detect_host_syncs blocks
+
+
 @contextmanager
-def allow_host_sync(reason: str) -> Iterator[None]:
+def allow_host_sync(reason: str, *, one_time: bool = False) -> Iterator[None]:
     """Mark a deliberate sync: inside, detectors record it as allowed instead of failing.
 
     Opens the region ``"allow_host_sync: <reason>"`` (so the CUPTI and nsys reports classify it too) and,
     when this thread holds :func:`cuda_sync_debug`, relaxes the sync debug mode for the block.
+    `one_time`: a sync that a warm loop never makes (a graph capture, a first-call setup). Open detectors
+    record the block in `SyncReport.one_time`, so a check of a loop that should be warm can refuse it.
     """
     if not isinstance(reason, str) or not reason:
         raise ValueError(f"allow_host_sync(reason): expected a non-empty str saying why, got {reason!r}")
+    if one_time:
+        for report in getattr(_OPEN_REPORTS, "stack", ()):
+            report.one_time.append(reason)
     with region(ALLOW_PREFIX + reason), _SYNC_DEBUG.relaxed():
         yield
 

@@ -109,7 +109,11 @@ def test_cpu_model_falls_back_to_eager_when_configured():
     ({"miss_policy": "sometimes"}, "miss_policy must be one of"),
     ({"compile": "reduce-overhead"}, "compile must be False, True or one of"),
     ({"compile": "max-autotune"}, "compile must be False, True or one of"),
-    ({"warmup_iters": 0}, "warmup_iters must be >= 1"),
+    ({"warmup_iters": 0}, "warmup_iters must be an int >= 1"),
+    ({"warmup_iters": True}, "warmup_iters must be an int >= 1"),
+    ({"warmup_iters": 1.5}, "warmup_iters must be an int >= 1"),
+    ({"max_compile_variants": 0}, "max_compile_variants must be an int >= 1"),
+    ({"progress": 5}, "progress must be a callable"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -125,7 +129,8 @@ def test_run_before_set_conditioning(fake_graphs):
         _executor(model).run(video, audio, 0.5, HQ)
 
 
-@pytest.mark.parametrize("case", ["device", "rank", "batch", "sigma_tensor", "dup_names", "int_latents"])
+@pytest.mark.parametrize("case", ["device", "rank", "batch", "sigma_tensor", "dup_names", "int_latents", "one_spec",
+                                  "empty"])
 def test_bad_run_inputs_raise_value_error(fake_graphs, case):
     model, conditioning, video, audio = _setup()
     executor = _executor(model)
@@ -138,11 +143,31 @@ def test_bad_run_inputs_raise_value_error(fake_graphs, case):
         "sigma_tensor": ("sigma", torch.tensor(0.5), "sigma must be a host float"),
         "dup_names": ("specs", (COND, COND), "unique"),
         "int_latents": ("video", video.long(), "floating"),
+        "one_spec": ("specs", COND, r"specs must be a sequence of PassSpec \(e.g. \(COND,\)\), got PassSpec"),
+        "empty": ("video", video[:, :0], "no empty dimension"),
     }[case]
     args[match[0]] = match[1]
     with pytest.raises(ValueError, match=match[2]):
         executor.run(**args)
     assert executor.stats.captures == 0
+
+
+def test_text_batch_must_be_one_or_the_latents_batch(fake_graphs):
+    model, _, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(make_conditioning(model.config, GRID, device="cpu", batch=3))
+    with pytest.raises(ValueError, match=r"conditioning.texts\['positive'\] has batch 3, expected 1 or the latents' "
+                                         r"batch 2"):
+        executor.run(torch.cat([video, video]), torch.cat([audio, audio]), 0.5, HQ)
+
+
+def test_a_model_moved_after_construction_is_refused(fake_graphs):
+    model, conditioning, video, audio = _setup(fresh=True)
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    model.to("meta")
+    with pytest.raises(CaptureError, match="the model moved from cpu to meta.*build a new GraphExecutor"):
+        executor.run(video, audio, 0.5, HQ)
 
 
 def test_conditioning_on_another_device_is_refused(fake_graphs):
@@ -485,6 +510,71 @@ def test_tensors_moving_back_hit_again(fake_graphs):
     assert executor.stats.captures == 6 and executor.stats.graphs == 6
 
 
+def test_a_weight_reviewed_in_place_misses(fake_graphs):
+    """`.data =` a view at the same address bumps no version counter: the key still sees the new shape."""
+    model, conditioning, video, audio = _setup(fresh=True)
+    executor = _executor(model, miss_policy="strict")
+    executor.warmup(HQ, video, audio, conditioning=conditioning)
+    weight = model.video_out.weight
+    weight.data = weight.data[: weight.shape[0] // 2]
+    with pytest.raises(GraphMissError, match="param_storage"):
+        executor.run(video, audio, 0.7, HQ)
+
+
+def test_a_replaced_weight_drops_the_old_graphs(fake_graphs):
+    """A weight replaced by another tensor (`.data =`, a cast, a move) recaptures, and the graphs that read the
+    old memory go with their pool."""
+    model, conditioning, video, audio = _setup(fresh=True)
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, HQ)
+    model.video_out.weight.data = -model.video_out.weight.data
+    with pytest.warns(GraphMissWarning, match="weights changed since its 3 graph"):
+        out = executor.run(video, audio, 0.7, HQ)
+    assert executor.stats.captures == 6 and executor.stats.graphs == 3
+    _assert_equal_to_eager(out, model, conditioning, video, audio, 0.7, HQ)
+
+
+def test_hooks_added_or_removed_after_capture_recapture(fake_graphs):
+    """A replay runs no Python: a forward hook registered after the capture would be skipped silently. Hooks are
+    part of the key, the module's and the global ones."""
+    model, conditioning, video, audio = _setup(fresh=True)
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, HQ)
+    handle = model.blocks[0].video_ff.fc1.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.warns(GraphMissWarning, match=r"hooks: \(\('blocks.0.video_ff.fc1', \(\), \(\d+,\)\),\) "
+                                              r"\(cached: \(\)\)"):
+        out = executor.run(video, audio, 0.7, HQ)
+    _assert_equal_to_eager(out, model, conditioning, video, audio, 0.7, HQ)
+    handle.remove()
+    executor.run(video, audio, 0.7, HQ)  # the hook-free graphs again
+    assert executor.stats.captures == 6
+    strict = _executor(model, miss_policy="strict")
+    strict.warmup(HQ, video, audio, conditioning=conditioning)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
+    try:
+        with pytest.raises(GraphMissError, match=r"hooks: \(\('\*', \(\d+,\), \(\)\),\)"):
+            strict.run(video, audio, 0.7, HQ)
+    finally:
+        handle.remove()
+
+
+def test_torch_kernel_settings_are_part_of_the_key(fake_graphs):
+    """With attention backend "auto" the process-wide SDPA switches pick the kernel a capture bakes in."""
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model, miss_policy="strict")
+    executor.warmup(HQ, video, audio, conditioning=conditioning)
+    flash = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(not flash)
+    try:
+        with pytest.raises(GraphMissError, match=f"torch.sdp_flash: {not flash} \\(cached: {flash}\\)"):
+            executor.run(video, audio, 0.7, HQ)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flash)
+    executor.run(video, audio, 0.7, HQ)
+
+
 def test_a_swapped_module_recaptures_and_matches_the_new_model(fake_graphs):
     """A module replaced after capture (an adapter, a new head) is a weights change, not a stale replay."""
     import copy
@@ -516,6 +606,8 @@ def test_replay_only_needs_a_run_and_a_known_spec(fake_graphs):
     assert executor.pass_graph(COND).key.pass_name == "cond"
     with pytest.raises(GraphMissError, match="pass: 'neg'"):
         executor.replay_only(NEG)
+    with pytest.raises(ValueError, match="spec must be a PassSpec"):
+        executor.replay_only("cond")
 
 
 def test_stats_and_reset(fake_graphs):
@@ -574,7 +666,8 @@ def test_not_reentrant_across_threads(fake_graphs):
         release.set()
         worker.join()
         handle.remove()
-    executor.run(video, audio, 0.5, (COND,))  # usable again once the other call is done
+    with pytest.warns(GraphMissWarning, match="hooks"):  # usable again once the other call is done; the graph
+        executor.run(video, audio, 0.5, (COND,))  # captured with the blocking hook is not reused without it
 
 
 def test_run_reads_no_tensor_data_on_the_host(fake_graphs):

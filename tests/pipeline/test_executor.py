@@ -1,5 +1,7 @@
 """The eager pass executor: one plain model call per spec, keyed by pass name, validated on the host."""
 
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -101,3 +103,11 @@ def test_errors(tiny):
         executor.run(video, audio, float("nan"), SPECS[:1])
     with pytest.raises(ValueError, match="sigma must be a host float"):
         executor.run(video, audio, torch.tensor(0.5), SPECS[:1])
+    with pytest.raises(ValueError, match="video must be a tensor, got NoneType"):
+        executor.run(None, audio, 0.5, SPECS[:1])
+    with pytest.raises(ValueError, match=r"specs must be a sequence of PassSpec"):
+        executor.run(video, audio, 0.5, SPECS[0])
+    executor.set_conditioning(conditioning)
+    with torch.no_grad():  # batch-1 texts serve any latent batch; any host real (a NumPy scalar too) is a sigma
+        out = executor.run(torch.cat([video, video]), torch.cat([audio, audio]), Fraction(1, 2), SPECS[:1])
+    assert out["cond"].video.shape[0] == 2

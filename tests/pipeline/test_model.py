@@ -109,6 +109,17 @@ def test_seeded_build_is_deterministic():
     assert a.weights_version == 0
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dtype": "bf16"}, r"dtype must be a floating-point torch.dtype \(e.g. torch.bfloat16\), got 'bf16'"),
+    ({"dtype": torch.int32}, "dtype must be a floating-point torch.dtype"),
+    ({"seed": -1}, "seed must be an int >= 0, got -1"),
+    ({"seed": "a"}, "seed must be an int >= 0, got 'a'"),
+])
+def test_build_model_names_a_bad_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(ModelConfig.preset("tiny"), **{"device": "meta", "dtype": torch.float32, **kwargs})
+
+
 def test_batch_matches_single_samples(tiny):
     """Batch 2 with batch-1 RoPE tables equals two batch-1 calls (per-sample sigma and AdaLN)."""
     rope = build_rope_tables(tiny.config, GRID, device="cpu")

@@ -99,4 +99,37 @@ def test_options_and_markers_are_registered(pytester):
     help_result = pytester.runpytest("--help")
     help_result.stdout.fnmatch_lines(["*ltx2-graphs host-sync checks*", "*--ltx2-sync-cupti*"])
     markers = pytester.runpytest("--markers")
-    markers.stdout.fnmatch_lines(["*@pytest.mark.no_host_sync:*"])
+    markers.stdout.fnmatch_lines(["*@pytest.mark.no_host_sync(allow_one_time=False):*"])
+
+
+def test_one_time_sync_fails_unless_allowed(pytester):
+    """A one-time sync block (what a graph capture declares) fails a checked block, even where no detector sees
+    a sync inside it (torch.cuda.synchronize is seen only by CUPTI); allowing one-time syncs accepts it."""
+    result = _run(pytester, """
+def capture_like():
+    with allow_host_sync("capture cond", one_time=True):
+        pass
+
+def test_fixture_refuses(no_host_sync):
+    with no_host_sync:
+        capture_like()
+
+def test_fixture_allows(no_host_sync):
+    with no_host_sync.allowing_one_time():
+        capture_like()
+
+@pytest.mark.no_host_sync
+def test_marker_refuses():
+    capture_like()
+
+@pytest.mark.no_host_sync(allow_one_time=True)
+def test_marker_allows():
+    capture_like()
+
+def test_plain_allowed_sync_passes(no_host_sync):
+    with no_host_sync:
+        with allow_host_sync("timing"):
+            torch.ones(2).sum().item()
+""")
+    result.assert_outcomes(passed=3, failed=2)
+    result.stdout.fnmatch_lines(["*one-time sync*'capture cond' entered inside the checked block*"])
