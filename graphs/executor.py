@@ -318,7 +318,7 @@ class GraphExecutor:
     def replay_only(self, spec: PassSpec) -> Velocity:
         """Replay `spec`'s graph for the inputs of the last `run`/`warmup` without copying any input.
 
-        For timing one pass. Re-reads the weights state (host metadata, ~1 us per parameter) so a weight change
+        For timing one pass. Re-reads the weights state (host metadata, ~1 us per weight) so a weight change
         is a `GraphMissError`, never a stale replay; a pass reading held text keys/values that are no longer
         valid (module docstring) raises `GraphMissError` too (replay their producer first). Never synchronises
         the host.

@@ -116,7 +116,7 @@ class InputSignature:
         return out
 
 
-def torch_settings() -> tuple[tuple[str, bool], ...]:
+def torch_settings() -> tuple[tuple[str, Hashable], ...]:
     """The process-wide torch switches that decide which kernels a forward launches: the SDPA backends allowed
     (a model on attention backend "auto" leaves the choice to them), TF32 and reduced-precision reductions,
     deterministic algorithms. A capture bakes in the kernels they picked. Host reads only."""
@@ -127,8 +127,8 @@ def torch_settings() -> tuple[tuple[str, bool], ...]:
         ("sdp_cudnn", cuda.cudnn_sdp_enabled()),
         ("sdp_math", cuda.math_sdp_enabled()),
         ("matmul_tf32", matmul.allow_tf32),
-        ("matmul_bf16_reduced_reduction", bool(matmul.allow_bf16_reduced_precision_reduction)),
-        ("matmul_fp16_reduced_reduction", bool(matmul.allow_fp16_reduced_precision_reduction)),
+        ("matmul_bf16_reduced_reduction", _hashable(matmul.allow_bf16_reduced_precision_reduction)),
+        ("matmul_fp16_reduced_reduction", _hashable(matmul.allow_fp16_reduced_precision_reduction)),
         ("cudnn_tf32", torch.backends.cudnn.allow_tf32),
         ("deterministic", torch.are_deterministic_algorithms_enabled()),
     )
@@ -149,7 +149,7 @@ class ModelIdentity:
     attention_backend: Hashable
     extra: Hashable = None
     hooks: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
-    settings: tuple[tuple[str, bool], ...] = ()
+    settings: tuple[tuple[str, Hashable], ...] = ()
 
     @classmethod
     def of(cls, model: nn.Module, probe: WeightsProbe | None = None) -> ModelIdentity:
@@ -193,12 +193,29 @@ class WeightsState:
         return WeightsProbe(model)()
 
 
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors track no version
+        return 0
+
+
+_TENSOR = torch._C.TensorBase  # its getters skip a Parameter's __torch_function__: ~5x faster per read
+
+
+def _placement(tensors: list[Tensor]) -> int:
+    """A hash of where and as what `tensors` live: data pointers, shapes, strides, dtypes (column by column:
+    ~1 us per tensor, where a tuple per tensor took several)."""
+    return hash((tuple(map(_TENSOR.data_ptr, tensors)), tuple(map(_TENSOR.shape.__get__, tensors)),
+                 tuple(map(_TENSOR.stride, tensors)), tuple(map(_TENSOR.dtype.__get__, tensors))))
+
+
 class WeightsProbe:
     """Computes `WeightsState` of one model quickly, and its forward hooks (`hooks`) from the same walk.
 
     Walking the module tree (`model.parameters()`) costs ~10 ms for a 48-block model; the probe walks it once
     and keeps each parameter's slot (its module's `_parameters` dict and name), so a parameter replaced by
-    assignment or `load_state_dict(assign=True)` is still seen, at ~1 us per parameter. It also keeps the tree's
+    assignment or `load_state_dict(assign=True)` is still seen, at ~1 us per weight. It also keeps the tree's
     layout (each module's children and parameter/buffer counts) and walks again when that changed: a submodule
     swapped in (`model.video_out = nn.Linear(...)`, an adapter wrapping a Linear) brings parameters the old slots
     never see, and a graph would go on reading the old module's weights.
@@ -236,21 +253,10 @@ class WeightsProbe:
             return self._state()
 
     def _state(self) -> WeightsState:
-        versions = 0
-        weights = []
-        for slots, name in self._weights:
-            p = slots[name]
-            if p is None:  # set to None after the walk: no tensor to read
-                continue
-            try:
-                versions += p._version
-            except RuntimeError:  # inference tensors track no version
-                pass
-            weights.append((p.data_ptr(), p.shape, p.stride(), p.dtype))
-        buffers = [(b.data_ptr(), b.shape, b.stride(), b.dtype)
-                   for b in (slots[name] for slots, name in self._buffers) if b is not None]
-        return WeightsState(int(getattr(self.model, "weights_version", 0)), versions, hash(tuple(weights)),
-                            hash(tuple(buffers)))
+        weights = [t for t in (slots[name] for slots, name in self._weights) if t is not None]  # None: set after walk
+        buffers = [t for t in (slots[name] for slots, name in self._buffers) if t is not None]
+        return WeightsState(int(getattr(self.model, "weights_version", 0)), sum(map(_version, weights)),
+                            _placement(weights), _placement(buffers))
 
     def hooks(self) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]:
         """(module name, forward pre-hook handles, forward hook handles) of each module that has any, with "*" for
