@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -65,15 +66,22 @@ def kernel_ms_by_class(kernels, start_ns: int, end_ns: int) -> dict[str, float]:
     return totals
 
 
-def kernel_counts_by_class(kernels, start_ns: int, end_ns: int) -> dict[str, int]:
-    """Kernels per class that started inside the window [start_ns, end_ns).
+def kernel_counts_by_name(kernels, start_ns: int, end_ns: int) -> dict[str, int]:
+    """Kernels per name that started inside the window [start_ns, end_ns), most frequent first.
+
+    Why: when a pass's kernel count moves, the names say which kernels came or went (a fusion lost, a GEMM that
+    now runs split-K with a reduction kernel of its own), where the class counts only say how many."""
+    return dict(Counter(k.name for k in kernels if start_ns <= k.start < end_ns).most_common())
+
+
+def kernel_counts_by_class(counts_by_name: dict[str, int]) -> dict[str, int]:
+    """`kernel_counts_by_name` summed per `kernel_class`.
 
     Why: GEMMs and attention calls are fixed by the model (18 GEMMs and 6 SDPA calls per LTX-2.3 block); the
     "other" count is the part fusion can still take away, so it tracks the kernels-per-pass goal."""
     counts = dict.fromkeys(KERNEL_CLASSES, 0)
-    for k in kernels:
-        if start_ns <= k.start < end_ns:
-            counts[kernel_class(k.name)] += 1
+    for name, n in counts_by_name.items():
+        counts[kernel_class(name)] += n
     return counts
 
 
@@ -87,6 +95,7 @@ class KernelActivity:
     wall_ms: float | None = None
     ms_by_class: dict[str, float] | None = None  # kernel time per `kernel_class` (CUPTI only)
     count_by_class: dict[str, int] | None = None  # kernels per `kernel_class` (CUPTI only)
+    count_by_name: dict[str, int] | None = None  # kernels per name (CUPTI only)
 
     def per_call(self, calls: int) -> float | None:
         return None if self.kernels is None else self.kernels / calls
@@ -163,7 +172,8 @@ def _cupti_activity(device: torch.device) -> Iterator[KernelActivity]:
     window = next((r for r in prof.timeline.ranges if r.name == MEASURED_RANGE), None)
     if window is not None:
         result.ms_by_class = kernel_ms_by_class(prof.timeline.kernels, window.start, window.end)
-        result.count_by_class = kernel_counts_by_class(prof.timeline.kernels, window.start, window.end)
+        result.count_by_name = kernel_counts_by_name(prof.timeline.kernels, window.start, window.end)
+        result.count_by_class = kernel_counts_by_class(result.count_by_name)
 
 
 @contextlib.contextmanager

@@ -53,6 +53,7 @@ class PassRow:
     mfu_pct: float | None = None
     kernel_ms: dict[str, float] | None = None  # kernel time per pass by class (gemm, attention, other)
     kernel_counts: dict[str, float] | None = None  # kernels per pass by class
+    kernel_names: dict[str, float] | None = None  # kernels per pass by name, most frequent first (JSON only)
     clocks: ClockSummary | None = None  # SM clock and power over the timed calls (GPU)
     error: str | None = None
 

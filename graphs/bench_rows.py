@@ -162,6 +162,8 @@ def _measure_pass(executor, spec, row: PassRow, inputs: CellInputs, plan: CellPl
         row.kernel_ms = {name: ms / plan.kernel_calls for name, ms in activity.ms_by_class.items()}
     if activity.count_by_class is not None:
         row.kernel_counts = {name: n / plan.kernel_calls for name, n in activity.count_by_class.items()}
+    if activity.count_by_name is not None:
+        row.kernel_names = {name: n / plan.kernel_calls for name, n in activity.count_by_name.items()}
     row.tflops = row.flops / (row.timing.median_ms * 1e-3) / 1e12
     if plan.peak_tflops > 0:
         row.mfu_pct = 100.0 * row.tflops / plan.peak_tflops

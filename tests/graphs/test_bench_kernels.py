@@ -1,6 +1,6 @@
 """Kernel time by class (GEMM / attention / other), the benchmark's view of where a pass's time goes."""
 
-from graphs.bench_kernels import kernel_class, kernel_counts_by_class, kernel_ms_by_class
+from graphs.bench_kernels import kernel_class, kernel_counts_by_class, kernel_counts_by_name, kernel_ms_by_class
 from graphs.bench_report import BenchReport, PassRow, format_report, kernel_class_table
 from profiling.timeline import KernelRecord
 from profiling.timing import TimingStats
@@ -28,7 +28,10 @@ def test_kernel_time_is_clipped_to_the_window_and_summed_per_class():
                KernelRecord("elementwise_kernel", 9_000_000, 9_500_000, 4)]  # after the window
     assert kernel_ms_by_class(kernels, 1_000_000, 4_000_000) == {"gemm": 1.0, "attention": 1.0, "other": 0.5}
     # counted where they start: the GEMM began before the window
-    assert kernel_counts_by_class(kernels, 1_000_000, 4_000_000) == {"gemm": 0, "attention": 1, "other": 1}
+    by_name = kernel_counts_by_name(kernels + [KernelRecord("flash_fwd", 3_500_000, 3_600_000, 5)],
+                                    1_000_000, 4_000_000)
+    assert list(by_name.items()) == [("flash_fwd", 2), ("elementwise_kernel", 1)]  # most frequent first
+    assert kernel_counts_by_class(by_name) == {"gemm": 0, "attention": 2, "other": 1}
 
 
 def test_report_prints_the_class_table_only_when_measured():
