@@ -99,8 +99,8 @@ def graphs_supported(device: torch.device) -> bool:
 
 def _same_weights(a, b) -> bool:
     """The same loaded weights: what a load, an in-place edit or a replaced weight moves (`WeightsState.version`,
-    `param_versions`, `storage`), ignoring the other buffers' addresses, which can return to a cached value."""
-    return (a.version, a.param_versions, a.storage) == (b.version, b.param_versions, b.storage)
+    `param_versions`, `weight_storage`), ignoring the other buffers' addresses, which can return to a cached value."""
+    return (a.version, a.param_versions, a.weight_storage) == (b.version, b.param_versions, b.weight_storage)
 
 
 def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, str]:
@@ -402,11 +402,14 @@ class GraphExecutor:
         return self._conditioning
 
     def _check_latents(self, video: Tensor, audio: Tensor, conditioning: Conditioning) -> None:
+        self._check_model_device()
+        check_latents(video, audio, self.device, conditioning)
+
+    def _check_model_device(self) -> None:
         moved = _model_device(self.model)
         if moved != self.device:
             raise CaptureError(f"the model moved from {self.device} to {moved} after this GraphExecutor was built; "
                                "its graphs and buffers live on the old device: build a new GraphExecutor")
-        check_latents(video, audio, self.device, conditioning)
 
     def _model_dtype(self) -> torch.dtype:
         dtype = getattr(self.model, "dtype", None)
@@ -432,7 +435,7 @@ class GraphExecutor:
             self._warn_once("weights", f"the model's weights changed since its {len(self._graphs)} graph(s) were "
                                        "captured: dropping them and their pool before capturing again")
             self._drop_graphs()
-        identity = ModelIdentity.of(self.model, self._weights)
+        identity = ModelIdentity.of(self.model, self._weights.hooks())
         signature = InputSignature.of(video, audio, conditioning, self._model_dtype())
         roles = text_kv_roles(specs, self.share_text_kv)
         keyed = [(s, GraphKey.make(s, signature, identity, weights, self.compile_mode, roles[s.name])) for s in specs]
@@ -452,7 +455,7 @@ class GraphExecutor:
             raise ValueError(f"spec must be a PassSpec (pipeline.passes), got {type(spec).__name__}")
         if self._last_signature is None:
             raise GraphMissError("no run() or warmup() yet: there are no inputs to replay a graph for")
-        identity = ModelIdentity.of(self.model, self._weights)
+        identity = ModelIdentity.of(self.model, self._weights.hooks())
         role = self._last_roles.get(spec.name, "own")
         key = GraphKey.make(spec, self._last_signature, identity, self._weights(), self.compile_mode, role)
         graph = self._graphs.get(key)

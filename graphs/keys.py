@@ -116,20 +116,27 @@ class InputSignature:
         return out
 
 
+# (module name, its forward pre-hook handle ids, its forward hook handle ids) per module with hooks (`WeightsProbe.hooks`)
+Hooks = tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
+
+
 def torch_settings() -> tuple[tuple[str, Hashable], ...]:
     """The process-wide torch switches that decide which kernels a forward launches: the SDPA backends allowed
-    (a model on attention backend "auto" leaves the choice to them), TF32 and reduced-precision reductions,
-    deterministic algorithms. A capture bakes in the kernels they picked. Host reads only."""
+    (a model on attention backend "auto" leaves the choice to them), the BLAS library, float32 precision (TF32)
+    and reduced-precision reductions, deterministic algorithms. A capture bakes in the kernels they picked. Host
+    reads only; the float32 precision through the `fp32_precision` API, which reads whichever API set it (the
+    legacy `allow_tf32` getters raise once the new API was used)."""
     cuda, matmul = torch.backends.cuda, torch.backends.cuda.matmul
     return (
         ("sdp_flash", cuda.flash_sdp_enabled()),
         ("sdp_efficient", cuda.mem_efficient_sdp_enabled()),
         ("sdp_cudnn", cuda.cudnn_sdp_enabled()),
         ("sdp_math", cuda.math_sdp_enabled()),
-        ("matmul_tf32", matmul.allow_tf32),
+        ("blas", str(cuda.preferred_blas_library())),
+        ("matmul_fp32_precision", matmul.fp32_precision),
+        ("cudnn_fp32_precision", torch.backends.cudnn.conv.fp32_precision),
         ("matmul_bf16_reduced_reduction", _hashable(matmul.allow_bf16_reduced_precision_reduction)),
         ("matmul_fp16_reduced_reduction", _hashable(matmul.allow_fp16_reduced_precision_reduction)),
-        ("cudnn_tf32", torch.backends.cudnn.allow_tf32),
         ("deterministic", torch.are_deterministic_algorithms_enabled()),
     )
 
@@ -148,20 +155,20 @@ class ModelIdentity:
     config: Hashable
     attention_backend: Hashable
     extra: Hashable = None
-    hooks: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+    hooks: Hooks = ()
     settings: tuple[tuple[str, Hashable], ...] = ()
 
     @classmethod
-    def of(cls, model: nn.Module, probe: WeightsProbe | None = None) -> ModelIdentity:
-        """The identity of `model` now; `probe` (its `WeightsProbe`, which has walked the module tree) reads the
-        hooks quickly, otherwise the tree is walked here."""
+    def of(cls, model: nn.Module, hooks: Hooks | None = None) -> ModelIdentity:
+        """The identity of `model` now; `hooks` from its `WeightsProbe` (which keeps the module tree walked), or
+        read here by walking the tree."""
         return cls(
             id(model),
             type(model).__name__,
             _hashable(getattr(model, "config", None)),
             _hashable(getattr(model, "attention_backend", None)),
             _hashable(getattr(model, "graph_key_extra", None)),
-            (probe or WeightsProbe(model)).hooks(),
+            WeightsProbe(model).hooks() if hooks is None else hooks,
             torch_settings(),
         )
 
@@ -175,7 +182,7 @@ class WeightsState:
       names in `weight_buffers` (weights kept as buffers, e.g. FP8 weights and their scales; other buffers, such
       as coordinates a forward may rewrite, are not weights): an in-place edit such as `p.add_(...)` or
       `load_state_dict` under `no_grad` bumps it;
-    - `storage`: a hash of the weights' data pointers, shapes, strides and dtypes (a replaced weight moves, or is
+    - `weight_storage`: a hash of the weights' data pointers, shapes, strides and dtypes (a replaced weight moves, or is
       re-viewed in place through `.data`, and a graph would keep reading the old memory as the old shape);
     - `buffer_storage`: the same of the other buffers. Unlike weights, their addresses can come back (a peer
       model switching between grids rebinds its coordinate buffers), so they key graphs but never drop any
@@ -185,7 +192,7 @@ class WeightsState:
 
     version: int
     param_versions: int
-    storage: int
+    weight_storage: int
     buffer_storage: int = 0
 
     @classmethod
@@ -258,7 +265,7 @@ class WeightsProbe:
         return WeightsState(int(getattr(self.model, "weights_version", 0)), sum(map(_version, weights)),
                             _placement(weights), _placement(buffers))
 
-    def hooks(self) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]:
+    def hooks(self) -> Hooks:
         """(module name, forward pre-hook handles, forward hook handles) of each module that has any, with "*" for
         the global module hooks (`nn.modules.module.register_module_forward_hook`). Handles are unique per
         registration, so a hook removed and added again reads as a change. A layout change walks again first."""
@@ -327,7 +334,7 @@ class GraphKey:
                 **{f"torch.{name}": value for name, value in self.model.settings},
                 "weights_version": self.weights.version,
                 "param_versions": self.weights.param_versions,
-                "param_storage": f"{self.weights.storage & 0xFFFFFFFFFFFF:012x}",
+                "weight_storage": f"{self.weights.weight_storage & 0xFFFFFFFFFFFF:012x}",
                 "buffer_storage": f"{self.weights.buffer_storage & 0xFFFFFFFFFFFF:012x}",
                 "compile": self.compile_mode,
             }

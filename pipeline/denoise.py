@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from pipeline import res2s
-from pipeline.executor import Conditioning, PassExecutor, check_specs, validate_conditioning
+from pipeline.executor import Conditioning, PassExecutor, check_latents, check_specs, validate_conditioning
 from pipeline.guidance import GuidanceConfig, GuidanceParams, combine
 from pipeline.noise import NoiseSeeds, SdeNoise, derive_seed, generator, renoise, validate_seed
 from pipeline.passes import PassSpec, pass_specs_for
@@ -151,25 +151,12 @@ class GuidedDenoiser:
 
 def _validate_latents(video: object, audio: object, conditioning: Conditioning, executor: object) -> None:
     """Host checks of the latents against each other, the conditioning and (if known) the model."""
-    for name, t in (("video", video), ("audio", audio)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 3:
-            raise ValueError(f"{name} must be [B, N, C], got shape {list(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must have a floating dtype, got {t.dtype}")
-        if 0 in t.shape:
-            raise ValueError(f"{name} must not be empty, got shape {list(t.shape)}")
-    if audio.shape[0] != video.shape[0]:
-        raise ValueError(f"audio batch {audio.shape[0]} must equal the video batch {video.shape[0]}")
-    if audio.device != video.device:
-        raise ValueError(f"audio is on {audio.device}, expected the video's device {video.device}")
-    b = video.shape[0]
+    if not isinstance(video, Tensor):
+        raise ValueError(f"video must be a tensor, got {type(video).__name__}")
+    check_latents(video, audio, video.device, conditioning, device_is="the video's device")
     for key, text in conditioning.texts.items():
         if text.video.device != video.device:
             raise ValueError(f"conditioning.texts[{key!r}] is on {text.video.device}, expected {video.device}")
-        if text.video.shape[0] not in (1, b):
-            raise ValueError(f"conditioning.texts[{key!r}] has batch {text.video.shape[0]}, expected 1 or {b}")
     rope = conditioning.rope  # a RopeTables (validate_conditioning)
     for name, expected, n in (("video", rope.num_video_tokens, video.shape[1]),
                               ("audio", rope.num_audio_tokens, audio.shape[1])):

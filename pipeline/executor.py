@@ -98,7 +98,7 @@ class PassExecutor(Protocol):
 def check_host_float(sigma: object) -> float:
     """`sigma` as a Python float in [0, 1]; any host real number is taken (a NumPy scalar too), a tensor is refused
     because reading it would synchronise the host."""
-    if isinstance(sigma, (bool, Tensor)) or not isinstance(sigma, numbers.Real):
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
         raise ValueError(
             f"sigma must be a host float (the schedule is Python numbers), got {type(sigma).__name__}; "
             "a device tensor here would need a host sync to read"
@@ -183,7 +183,7 @@ class EagerExecutor:
 def check_specs(specs: Sequence[PassSpec], conditioning: Conditioning) -> tuple[PassSpec, ...]:
     """Host checks of one evaluation's specs: a sequence of PassSpecs, non-empty, unique names, their texts
     present. Returns them as a tuple."""
-    if isinstance(specs, PassSpec) or not isinstance(specs, Sequence):
+    if not isinstance(specs, Sequence):  # a bare PassSpec (a frozen dataclass) is not one
         raise ValueError(f"specs must be a sequence of PassSpec (e.g. (COND,)), got {type(specs).__name__}")
     specs = tuple(specs)
     if not specs:
@@ -202,9 +202,11 @@ def check_specs(specs: Sequence[PassSpec], conditioning: Conditioning) -> tuple[
     return specs
 
 
-def check_latents(video: Tensor, audio: Tensor, device: torch.device, conditioning: Conditioning) -> None:
-    """Host checks of one evaluation's latents: floating [B, N, C] tensors on the model's `device`, one batch B
-    for both, and every text context of `conditioning` with batch 1 (shared) or B. Metadata only."""
+def check_latents(video: Tensor, audio: Tensor, device: torch.device, conditioning: Conditioning, *,
+                  device_is: str = "the model's device") -> None:
+    """Host checks of one evaluation's latents: floating [B, N, C] tensors on `device` (`device_is` says what it
+    is, for the error), one batch B for both, and every text context of `conditioning` with batch 1 (shared) or
+    B. Metadata only."""
     for name, t in (("video", video), ("audio", audio)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -212,7 +214,7 @@ def check_latents(video: Tensor, audio: Tensor, device: torch.device, conditioni
             raise ValueError(f"{name} must be a floating [B, N, C] tensor with no empty dimension, got {t.dtype} "
                              f"{tuple(t.shape)}")
         if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, expected the model's device {device}")
+            raise ValueError(f"{name} is on {t.device}, expected {device_is} {device}")
     b = video.shape[0]
     if audio.shape[0] != b:
         raise ValueError(f"video batch {b} != audio batch {audio.shape[0]}")

@@ -144,8 +144,8 @@ class Float8Linear(nn.Module):
     already are) and the padding is sliced off the output. `project_rows` gives the STG value pass-through the
     rows it needs without touching the others."""
 
-    # Buffers that are weights: the graph executor's in-place-edit check counts their version counters as it
-    # counts parameters' (graphs/keys.py `WeightsProbe`).
+    # Buffers that are weights: the graph executor's weights check counts their version counters and placement as
+    # it counts parameters' (graphs/keys.py `WeightsProbe`), so an edited or replaced one drops the old graphs.
     weight_buffers = ("weight_e4m3", "weight_scale", "bias")
 
     def __init__(self, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, out_features: int,

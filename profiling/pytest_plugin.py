@@ -125,15 +125,10 @@ class HostSyncGuard:
         return False
 
     def _collect(self) -> list:
+        from profiling.ranges import ALLOW_PREFIX
         from profiling.syncs import SyncFinding
 
         findings = list(self._report.findings)
-        if not self.allow_one_time:
-            findings += [SyncFinding(op="one-time sync", location="(allow_host_sync block)", ranges=(),
-                                     reason=f"{reason!r} entered inside the checked block: a warm loop makes none "
-                                            "(warm up first, or use no_host_sync.allowing_one_time())",
-                                     detector="one-time")
-                         for reason in self._report.one_time]
         if self._debug is not None:
             seen = Counter(f.location for f in findings)  # one .item() is found by both: keep one
             for finding in self._debug.findings:
@@ -151,6 +146,12 @@ class HostSyncGuard:
                 findings.append(SyncFinding(op=f"CUPTI {sync.kind} {sync.api}".rstrip(), location="(CUDA API call)",
                                             ranges=sync.ranges, reason="recorded by the CUPTI profiler",
                                             detector="cupti"))
+        if not self.allow_one_time:
+            findings += [SyncFinding(op="one-time sync", location="(allow_host_sync block)",
+                                     ranges=(ALLOW_PREFIX + reason,), detector="one-time",
+                                     reason=f"{reason!r} entered inside the checked block: a warm loop makes none "
+                                            "(warm up first, or use no_host_sync.allowing_one_time())")
+                         for reason in self._report.one_time]
         return findings
 
 
@@ -165,6 +166,9 @@ def pytest_runtest_call(item: pytest.Item):
     marker = item.get_closest_marker(MARKER)
     if marker is None:
         return (yield)
+    if marker.args or set(marker.kwargs) - {"allow_one_time"}:
+        raise pytest.UsageError(f"@pytest.mark.{MARKER} takes only allow_one_time=<bool>, got args {marker.args} "
+                                f"and kwargs {marker.kwargs} ({item.nodeid})")
     allow_one_time = marker.kwargs.get("allow_one_time", False)
     with HostSyncGuard(use_cupti=item.config.getoption("ltx2_sync_cupti"), allow_one_time=allow_one_time):
         return (yield)

@@ -100,6 +100,17 @@ def user_frame() -> tuple[str, str]:
     return "<unknown>", ""
 
 
+class _OpenReports(threading.local):
+    """The reports of this thread's open `detect_host_syncs` blocks, outermost first (`allow_host_sync` records a
+    one-time block in each)."""
+
+    def __init__(self) -> None:
+        self.stack: list[SyncReport] = []
+
+
+_OPEN_REPORTS = _OpenReports()
+
+
 class _Detector:
     """State shared by the function-level and dispatch-level hooks of one :func:`detect_host_syncs` block."""
 
@@ -194,18 +205,15 @@ def detect_host_syncs(*, mode: str = "raise") -> Iterator[SyncReport]:
     if mode not in MODES:
         raise ValueError(f"detect_host_syncs(mode=...): got {mode!r}, expected one of {MODES}")
     detector = _Detector(mode)
-    reports = _OPEN_REPORTS.__dict__.setdefault("stack", [])
-    reports.append(detector.report)
+    _OPEN_REPORTS.stack.append(detector.report)
     try:
         with _FunctionHook(detector), _DispatchHook(detector):
             yield detector.report
     finally:
-        reports.remove(detector.report)
+        stack = _OPEN_REPORTS.stack  # by identity: two empty reports are equal dataclasses
+        del stack[next(i for i, r in enumerate(stack) if r is detector.report)]
     if mode == "collect" and detector.report.findings:
         raise HostSyncError(detector.report.findings)
-
-
-_OPEN_REPORTS = threading.local()  # .stack: the reports of this thread's open detect_host_syncs blocks
 
 
 @contextmanager
@@ -215,12 +223,13 @@ def allow_host_sync(reason: str, *, one_time: bool = False) -> Iterator[None]:
     Opens the region ``"allow_host_sync: <reason>"`` (so the CUPTI and nsys reports classify it too) and,
     when this thread holds :func:`cuda_sync_debug`, relaxes the sync debug mode for the block.
     `one_time`: a sync that a warm loop never makes (a graph capture, a first-call setup). Open detectors
-    record the block in `SyncReport.one_time`, so a check of a loop that should be warm can refuse it.
+    record the block in `SyncReport.one_time`, so a check of a loop that should be warm can refuse it (like the
+    dispatch detector, only blocks opened on this thread).
     """
     if not isinstance(reason, str) or not reason:
         raise ValueError(f"allow_host_sync(reason): expected a non-empty str saying why, got {reason!r}")
     if one_time:
-        for report in getattr(_OPEN_REPORTS, "stack", ()):
+        for report in _OPEN_REPORTS.stack:
             report.one_time.append(reason)
     with region(ALLOW_PREFIX + reason), _SYNC_DEBUG.relaxed():
         yield

@@ -517,7 +517,7 @@ def test_a_weight_reviewed_in_place_misses(fake_graphs):
     executor.warmup(HQ, video, audio, conditioning=conditioning)
     weight = model.video_out.weight
     weight.data = weight.data[: weight.shape[0] // 2]
-    with pytest.raises(GraphMissError, match="param_storage"):
+    with pytest.raises(GraphMissError, match="weight_storage"):
         executor.run(video, audio, 0.7, HQ)
 
 
@@ -572,6 +572,14 @@ def test_torch_kernel_settings_are_part_of_the_key(fake_graphs):
             executor.run(video, audio, 0.7, HQ)
     finally:
         torch.backends.cuda.enable_flash_sdp(flash)
+    matmul = torch.backends.cuda.matmul
+    precision = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"  # the new TF32 API: the legacy allow_tf32 getter would raise now
+    try:
+        with pytest.raises(GraphMissError, match="torch.matmul_fp32_precision: 'tf32'"):
+            executor.run(video, audio, 0.7, HQ)
+    finally:
+        matmul.fp32_precision = precision
     executor.run(video, audio, 0.7, HQ)
 
 

@@ -126,7 +126,7 @@ def test_explain_miss_names_compile_mode_and_model_fields():
     model.overlap_audio = True
     other = tiny_model(seed=0)
     message = explain_miss(_key(COND, other, conditioning, video, audio), cached)
-    assert "model:" in message and "param_storage" in message
+    assert "model:" in message and "weight_storage" in message
 
 
 def test_explain_miss_with_nothing_cached():
@@ -160,7 +160,7 @@ def test_in_place_weight_edit_changes_param_versions():
         model.blocks[0].video_ff.fc1.weight.add_(1.0)
     after = probe()
     assert after.param_versions == before.param_versions + 1
-    assert after.storage == before.storage
+    assert after.weight_storage == before.weight_storage
 
 
 def test_in_place_edit_of_fp8_weights_changes_param_versions():
@@ -176,7 +176,7 @@ def test_in_place_edit_of_fp8_weights_changes_param_versions():
     with torch.no_grad():
         layer.weight_scale.mul_(2.0)
     after = probe()
-    assert after.param_versions == before.param_versions + 1 and after.storage == before.storage
+    assert after.param_versions == before.param_versions + 1 and after.weight_storage == before.weight_storage
     with torch.no_grad():
         layer.weight_e4m3.copy_(layer.weight_e4m3.flip(0))
         layer(torch.randn(3, layer.in_features))
@@ -192,7 +192,7 @@ def test_replaced_parameter_changes_storage():
     probe = WeightsProbe(model)
     before = probe()
     model.video_in.weight = nn.Parameter(model.video_in.weight.detach().clone())
-    assert probe().storage != before.storage  # the probe re-reads each parameter slot
+    assert probe().weight_storage != before.weight_storage  # the probe re-reads each parameter slot
 
 
 def test_swapped_submodule_is_seen():
@@ -205,7 +205,7 @@ def test_swapped_submodule_is_seen():
     before = probe()
     model.blocks[0].video_ff.fc1 = copy.deepcopy(model.blocks[0].video_ff.fc1)
     after = probe()
-    assert after.storage != before.storage and after == WeightsProbe(model)()
+    assert after.weight_storage != before.weight_storage and after == WeightsProbe(model)()
     model.video_in.register_buffer("scale", torch.ones(1))  # a buffer added in place counts too
     assert probe() != after and probe() == WeightsProbe(model)()
     scale = model.video_in._buffers.pop("scale")

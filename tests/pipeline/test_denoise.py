@@ -289,8 +289,8 @@ def _bad_inputs(tiny):
     return [
         (dict(conditioning=no_rope), "conditioning.rope must be RopeTables"),
         (dict(conditioning=narrow), r"conditioning.texts\['positive'\].video is 7 wide, the model expects"),
-        (dict(video=video[0]), "video must be \\[B, N, C\\]"),
-        (dict(video=video.long()), "floating dtype"),
+        (dict(video=video[0]), "video must be a floating \\[B, N, C\\] tensor"),
+        (dict(video=video.long()), r"video must be a floating \[B, N, C\] tensor .*got torch.int64"),
         (dict(audio=audio.expand(2, -1, -1)), "audio batch 2"),
         (dict(video=video[:, :5]), "5 tokens but the RoPE tables were built for 12"),
         (dict(audio=audio[..., :64]), "64 channels"),

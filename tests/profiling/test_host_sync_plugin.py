@@ -133,3 +133,21 @@ def test_plain_allowed_sync_passes(no_host_sync):
 """)
     result.assert_outcomes(passed=3, failed=2)
     result.stdout.fnmatch_lines(["*one-time sync*'capture cond' entered inside the checked block*"])
+
+
+def test_marker_and_fixture_nest_and_a_misspelt_marker_argument_is_refused(pytester):
+    result = _run(pytester, """
+@pytest.mark.no_host_sync
+def test_nested_then_sync(no_host_sync):
+    with no_host_sync:
+        pass
+    torch.ones(2).sum().item()
+
+@pytest.mark.no_host_sync(allow_onetime=True)
+def test_misspelt():
+    pass
+""")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*no_host_sync: 1 host sync(s) where none is allowed*",
+                                 "*takes only allow_one_time=<bool>*allow_onetime*"])
+    result.stdout.no_fnmatch_line("*x not in list*")

@@ -191,6 +191,25 @@ def test_allow_host_sync_records_instead_of_failing():
     assert len(report.allowed) == 1 and report.allowed[0].ranges == ("allow_host_sync: read the final loss",)
 
 
+def test_one_time_blocks_reach_every_open_report_and_nested_blocks_close_cleanly():
+    """A one-time block is recorded in each detector open on this thread, whether or not a sync is seen in it; an
+    inner block closing leaves the outer one recording (both reports are empty, hence equal, when it closes)."""
+    with detect_host_syncs(mode="record") as outer:
+        with detect_host_syncs(mode="record") as inner:
+            with allow_host_sync("capture cond", one_time=True):
+                pass
+        with allow_host_sync("capture neg", one_time=True):
+            torch.tensor(1.0).item()
+    assert inner.one_time == ["capture cond"] and outer.one_time == ["capture cond", "capture neg"]
+    assert outer.findings == [] and len(outer.allowed) == 1
+    with detect_host_syncs(mode="record") as outer:
+        with detect_host_syncs(mode="record"):
+            pass
+        with allow_host_sync("capture cond", one_time=True):
+            pass
+    assert outer.one_time == ["capture cond"]
+
+
 def test_arguments_are_validated():
     with pytest.raises(ValueError, match="mode"):
         with detect_host_syncs(mode="warn"):
