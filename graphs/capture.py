@@ -19,8 +19,7 @@ Why each rule:
 Sync contract: capturing synchronises the device (`torch.cuda.graph` does, to free memory first, and the
 warm-up is timed). That sync is deliberate: it is declared with `profiling.syncs.allow_host_sync` as one-time (a
 warm loop captures nothing, so the pytest plugin's checks fail on it) and PyTorch's sync debug mode is suspended
-around it. `PassGraph.replay` launches one graph on the current stream and never
-synchronises the host.
+around it. `PassGraph.replay` launches one graph on the current stream and never synchronises the host.
 """
 
 from __future__ import annotations

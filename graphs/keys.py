@@ -116,7 +116,7 @@ class InputSignature:
         return out
 
 
-# (module name, its forward pre-hook handle ids, its forward hook handle ids) per module with hooks (`WeightsProbe.hooks`)
+# Per module with hooks: (name, forward pre-hook handle ids, forward hook handle ids); see `WeightsProbe.hooks`
 Hooks = tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
 
 
@@ -182,8 +182,9 @@ class WeightsState:
       names in `weight_buffers` (weights kept as buffers, e.g. FP8 weights and their scales; other buffers, such
       as coordinates a forward may rewrite, are not weights): an in-place edit such as `p.add_(...)` or
       `load_state_dict` under `no_grad` bumps it;
-    - `weight_storage`: a hash of the weights' data pointers, shapes, strides and dtypes (a replaced weight moves, or is
-      re-viewed in place through `.data`, and a graph would keep reading the old memory as the old shape);
+    - `weight_storage`: a hash of the weights' data pointers, shapes, strides and dtypes (a replaced weight
+      moves, or is re-viewed in place through `.data`, and a graph would keep reading the old memory as the old
+      shape);
     - `buffer_storage`: the same of the other buffers. Unlike weights, their addresses can come back (a peer
       model switching between grids rebinds its coordinate buffers), so they key graphs but never drop any
       (`graphs.executor`).
