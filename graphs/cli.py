@@ -1,8 +1,9 @@
-"""The `ltx2-graphs` command: `run`, `bench`, `coldstart` and `profile`, with one set of flags shared where they
-mean the same.
+"""The `ltx2-graphs` command: `run`, `bench`, `compare`, `coldstart` and `profile`, with one set of flags shared
+where they mean the same.
 
 This module only parses arguments and turns failures into one line; the work lives in `graphs.runner` (run),
-`graphs.bench` (bench), `graphs.coldstart` (coldstart) and `graphs.cli_profile` (profile). Every value called
+`graphs.bench` (bench), `graphs.bench_compare` (compare), `graphs.coldstart` (coldstart) and `graphs.cli_profile`
+(profile). Every value called
 "auto" is resolved once the device is known (`graphs.run_workload`): on a machine without a GPU the defaults are
 the tiny preset, fp32, eager passes and the dispatch-level sync detector, so `ltx2-graphs run` finishes in
 seconds; with a GPU they are the `ltx2.3` preset in bf16 with one CUDA graph per guidance pass.
@@ -294,7 +295,7 @@ def build_parser() -> OneLineParser:
         description="Sync-free, per-pass CUDA-graph execution of the LTX-2.3 audio-video denoising loop. "
         + NO_TEXT_ENCODER,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,bench,coldstart,profile}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,bench,compare,coldstart,profile}")
 
     run = sub.add_parser(
         "run",
@@ -384,6 +385,20 @@ def build_parser() -> OneLineParser:
     add_output_flags(bench)
     bench.set_defaults(handler=_bench)
 
+    compare = sub.add_parser(
+        "compare",
+        help="two `bench --json` reports side by side: ms, M cycles, kernels, and the kernels whose count changed",
+        description="Compare two `ltx2-graphs bench --json` reports row by row (same impl, executor, tokens and "
+        "pass): median ms, M cycles (ms x SM MHz: what to compare across cards and clocks under the power cap), "
+        "kernels per pass, and the kernel names whose count per pass changed. Reads JSON only (no GPU).",
+    )
+    compare.add_argument("before", metavar="BEFORE.json", help="the report of the code before the change")
+    compare.add_argument("after", metavar="AFTER.json", help="the report of the code after it")
+    compare.add_argument("--names", type=positive_int, default=8, metavar="N",
+                         help="kernel names listed per pass whose count changed (default 8, largest change first)")
+    add_output_flags(compare)
+    compare.set_defaults(handler=_compare)
+
     coldstart = sub.add_parser(
         "coldstart",
         help="time build + compile + capture of every guidance pass for one shape (fresh or warm compile caches)",
@@ -454,6 +469,12 @@ def _bench(args: argparse.Namespace, progress: Progress) -> int:
     from graphs import bench
 
     return bench.main(args, progress)
+
+
+def _compare(args: argparse.Namespace, progress: Progress) -> int:
+    from graphs import bench_compare
+
+    return bench_compare.main(args, progress)
 
 
 def _coldstart(args: argparse.Namespace, progress: Progress) -> int:

@@ -46,7 +46,7 @@ def test_help_of_each_subcommand(capsys, command):
 
 def test_top_level_help_lists_the_commands(capsys):
     code, out, _ = run_cli(capsys, "--help")
-    assert code == 0 and all(c in out for c in SUBCOMMANDS)
+    assert code == 0 and all(c in out for c in (*SUBCOMMANDS, "compare"))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,169 @@
+"""`ltx2-graphs compare BEFORE.json AFTER.json`: two `bench --json` reports side by side.
+
+Why: every change in profiling/PERF_LOG.md is judged by a before/after pair of benches, and three things make a
+raw pair misleading. The passes run at the board power limit, so two cards (or two minutes of one card) hold
+different clocks: the M cycles column (median ms x median SM MHz) compares code, the ms column compares runs.
+A kernel count can move for reasons other than the code (a GEMM that picks a split-K algorithm adds a reduction
+kernel): the kernels whose per-name count changed say which. And rows present in only one report are listed, not
+silently dropped. Reads JSON only: no torch, no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PASS_KEY = ("impl", "executor", "video_tokens", "pass_name")
+STEP_KEY = ("impl", "executor", "video_tokens", "passes")
+NAME_WIDTH = 90  # kernel names are long (cuBLAS encodes its tile and schedule in them)
+
+
+def load_report(path: str | Path) -> dict:
+    """A `ltx2-graphs bench --json` report. ValueError naming the file when it is not one."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON ({e}); expected a `ltx2-graphs bench --json` report") from None
+    if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
+        raise ValueError(f"{path} has no 'passes' list: expected a `ltx2-graphs bench --json` report")
+    return data
+
+
+def _key(row: dict, fields: tuple[str, ...]) -> tuple:
+    return tuple(tuple(v) if isinstance(v := row.get(name), list) else v for name in fields)
+
+
+def _median_ms(row: dict, timing: str) -> float | None:
+    stats = row.get(timing)
+    return None if row.get("error") or not stats else stats.get("median_ms")
+
+
+def m_cycles(row: dict, timing: str) -> float | None:
+    """Median ms x median SM MHz / 1000 (millions of cycles), None without a clock reading."""
+    ms, clocks = _median_ms(row, timing), row.get("clocks") or {}
+    mhz = clocks.get("sm_mhz_median")
+    return None if ms is None or not mhz else ms * mhz / 1000
+
+
+def kernel_name_changes(before: dict | None, after: dict | None) -> list[tuple[str, float, float]]:
+    """(name, count before, count after) per kernel name whose count per pass changed, largest change first."""
+    if not before or not after:
+        return []
+    names = list(before) + [n for n in after if n not in before]
+    changed = [(n, before.get(n, 0.0), after.get(n, 0.0)) for n in names if before.get(n, 0.0) != after.get(n, 0.0)]
+    return sorted(changed, key=lambda c: -abs(c[2] - c[1]))
+
+
+@dataclass
+class RowPair:
+    """One row present in both reports (its key, and the row as each report has it)."""
+
+    key: tuple
+    before: dict
+    after: dict
+
+
+def pair_rows(before: list[dict], after: list[dict], fields: tuple[str, ...]) -> tuple[list[RowPair], list, list]:
+    """(rows in both, keys only in before, keys only in after), in the order of `after` (then `before`)."""
+    old = {_key(r, fields): r for r in before}
+    new = {_key(r, fields): r for r in after}
+    both = [RowPair(k, old[k], r) for k, r in new.items() if k in old]
+    return both, [k for k in old if k not in new], [k for k in new if k not in old]
+
+
+def _change(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or a == 0 else f"{100 * (b - a) / a:+.1f}%"
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _header(label: str, report: dict, path: str) -> str:
+    fields = (report.get("card"), f"torch {report.get('torch_version')}", report.get("date"), report.get("preset"),
+              report.get("dtype"))
+    return f"{label}: " + " | ".join(str(f) for f in fields if f is not None) + f"  ({path})"
+
+
+def compare(before: dict, after: dict, *, names_per_row: int = 8) -> dict:
+    """The comparison as plain data (what `--json` writes): per pass and per step, both values and the change."""
+    passes, pass_only_before, pass_only_after = pair_rows(before["passes"], after["passes"], PASS_KEY)
+    steps, step_only_before, step_only_after = pair_rows(before.get("steps", []), after.get("steps", []), STEP_KEY)
+    out = {"passes": [], "steps": [], "only_before": pass_only_before + step_only_before,
+           "only_after": pass_only_after + step_only_after,
+           "kernel_names_missing": any(not (p.before.get("kernel_names") and p.after.get("kernel_names"))
+                                       for p in passes)}
+    for p in passes:
+        changes = kernel_name_changes(p.before.get("kernel_names"), p.after.get("kernel_names"))
+        out["passes"].append({
+            "key": p.key,
+            "ms": (_median_ms(p.before, "timing"), _median_ms(p.after, "timing")),
+            "m_cycles": (m_cycles(p.before, "timing"), m_cycles(p.after, "timing")),
+            "kernels": (p.before.get("kernels"), p.after.get("kernels")),
+            "errors": (p.before.get("error"), p.after.get("error")),
+            "kernel_name_changes": changes[:names_per_row],
+            "kernel_names_changed": len(changes),
+        })
+    for s in steps:
+        out["steps"].append({
+            "key": s.key,
+            "ms": (_median_ms(s.before, "step"), _median_ms(s.after, "step")),
+            "m_cycles": (m_cycles(s.before, "step"), m_cycles(s.after, "step")),
+            "syncs_per_step": (s.before.get("syncs_per_step"), s.after.get("syncs_per_step")),
+        })
+    return out
+
+
+def format_comparison(before: dict, after: dict, result: dict, before_path: str, after_path: str) -> str:
+    from tabulate import tabulate
+
+    lines = [_header("before", before, before_path), _header("after ", after, after_path), "", "per pass:"]
+    rows = []
+    for p in result["passes"]:
+        (ms0, ms1), (c0, c1), (k0, k1) = p["ms"], p["m_cycles"], p["kernels"]
+        failed = " / ".join(f"{side} failed" for side, e in zip(("before", "after"), p["errors"]) if e)
+        rows.append([*p["key"], _fmt(ms0, ".2f"), _fmt(ms1, ".2f"), failed or _change(ms0, ms1), _fmt(c0, ".1f"),
+                     _fmt(c1, ".1f"), _change(c0, c1), _fmt(k0, ".0f"), _fmt(k1, ".0f")])
+    lines.append(tabulate(rows, headers=["impl", "executor", "tokens", "pass", "ms before", "ms after", "change",
+                                         "M cycles before", "M cycles after", "change", "kernels before",
+                                         "kernels after"], tablefmt="github", disable_numparse=True))
+    if result["steps"]:
+        rows = []
+        for s in result["steps"]:
+            (ms0, ms1), (c0, c1), (y0, y1) = s["ms"], s["m_cycles"], s["syncs_per_step"]
+            rows.append([*s["key"][:3], ",".join(s["key"][3]), _fmt(ms0, ".2f"), _fmt(ms1, ".2f"), _change(ms0, ms1),
+                         _fmt(c0, ".1f"), _fmt(c1, ".1f"), _change(c0, c1), f"{_fmt(y0, '.1f')} -> {_fmt(y1, '.1f')}"])
+        lines += ["", "per step:", tabulate(rows, headers=[
+            "impl", "executor", "tokens", "step passes", "ms before", "ms after", "change", "M cycles before",
+            "M cycles after", "change", "host syncs/step"], tablefmt="github", disable_numparse=True)]
+    changed = [p for p in result["passes"] if p["kernel_name_changes"]]
+    if changed:
+        lines += ["", "kernels whose count per pass changed (before -> after):"]
+        for p in changed:
+            lines.append("  " + " ".join(str(k) for k in p["key"]) + ":")
+            lines += [f"    {n0:g} -> {n1:g}  {name[:NAME_WIDTH]}" for name, n0, n1 in p["kernel_name_changes"]]
+            if p["kernel_names_changed"] > len(p["kernel_name_changes"]):
+                lines.append(f"    ... {p['kernel_names_changed'] - len(p['kernel_name_changes'])} more names")
+    for label in ("only_before", "only_after"):
+        if result[label]:
+            lines += ["", f"rows {label.replace('_', ' in ')} (not compared): "
+                      + "; ".join(" ".join(str(v) for v in k) for k in result[label])]
+    if result["kernel_names_missing"]:
+        lines += ["", "note: some rows have no per-name kernel counts to compare (CUPTI rows only; reports written "
+                      "before `kernel_names` existed have none)"]
+    return "\n".join(lines)
+
+
+def main(args, progress) -> int:
+    """The `compare` command: read both reports, print (or `--json`) the comparison."""
+    from graphs.cli_console import emit_json
+
+    before, after = load_report(args.before), load_report(args.after)
+    result = compare(before, after, names_per_row=args.names)
+    if args.json:
+        emit_json(result, args.json)
+    if args.json != "-":
+        print(format_comparison(before, after, result, args.before, args.after))
+    return 0
