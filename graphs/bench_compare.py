@@ -88,7 +88,7 @@ def _header(label: str, report: dict, path: str) -> str:
 
 
 def compare(before: dict, after: dict, *, names_per_row: int = 8) -> dict:
-    """The comparison as plain data (what `--json` writes): per pass and per step, both values and the change."""
+    """The comparison as plain data (what `--json` writes): per pass and per step, the value in each report."""
     passes, pass_only_before, pass_only_after = pair_rows(before["passes"], after["passes"], PASS_KEY)
     steps, step_only_before, step_only_after = pair_rows(before.get("steps", []), after.get("steps", []), STEP_KEY)
     out = {"passes": [], "steps": [], "only_before": pass_only_before + step_only_before,
