@@ -183,6 +183,21 @@ def modules_without_bytecode(names) -> int:
     return count
 
 
+def bytecode_hint() -> str:
+    """How this process could keep the bytecode it compiled, for the report's line on modules compiled from source.
+
+    Two causes leave no bytecode behind: writing it is off (`PYTHONDONTWRITEBYTECODE`, `-B`), or the directory
+    next to the sources is not writable; `PYTHONPYCACHEPREFIX` moves the bytecode to a writable tree in both cases.
+    Measured on an H200 (profiling/PERF_LOG.md, fifteenth session): a warm start took 5.4 s with bytecode and 7.0 s
+    without, on one machine."""
+    prefix = "set PYTHONPYCACHEPREFIX to a writable directory"
+    later = "later processes then load bytecode instead"
+    if sys.dont_write_bytecode:
+        return f"writing bytecode is off here (PYTHONDONTWRITEBYTECODE or -B): turn it on (and {prefix} if the " \
+            f"sources' directories are read-only); {later}"
+    return f"{prefix} (the sources' directories look read-only); {later}"
+
+
 def format_cold_start(result: ColdStart, import_s: float | None) -> str:
     lines = [
         f"cold start ({result.cache} compile caches): {result.workload}",
@@ -197,6 +212,8 @@ def format_cold_start(result: ColdStart, import_s: float | None) -> str:
         source = (f", {result.modules_from_source} of them compiled from source (no bytecode file: every process "
                   "pays that)") if result.modules_from_source else ""
         lines.append(f"  {result.modules_imported} Python modules first imported inside the window{source}")
+        if result.modules_from_source:
+            lines.append(f"  (hint: {bytecode_hint()})")
     if any(v is not None and v > 0 for v in result.phases.values()):
         lines.append("  where the compile time went (dynamo's counters; nested, not additive):")
         lines += [f"    {label:36s} " + ("not recorded in this run" if s is None else f"{s:6.1f} s")

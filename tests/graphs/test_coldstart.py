@@ -19,6 +19,7 @@ from graphs.coldstart import (
     CACHE_ENV,
     PHASES,
     ColdStart,
+    bytecode_hint,
     format_cold_start,
     fresh_compile_caches,
     measure,
@@ -132,6 +133,15 @@ def test_report_counts_modules_imported_inside_the_window_and_those_without_byte
     result.modules_from_source = 700
     assert "812 Python modules first imported inside the window, 700 of them compiled from source" in \
         format_cold_start(result, None)
+    assert format_cold_start(result, None).endswith(f"(hint: {bytecode_hint()})")
+
+
+@pytest.mark.parametrize("writing_off", [True, False])
+def test_bytecode_hint_names_the_cause_and_the_remedy(monkeypatch, writing_off):
+    monkeypatch.setattr(sys, "dont_write_bytecode", writing_off)
+    hint = bytecode_hint()
+    assert "PYTHONPYCACHEPREFIX" in hint
+    assert ("PYTHONDONTWRITEBYTECODE" in hint) == writing_off and ("look read-only" in hint) != writing_off
 
 
 def test_modules_without_bytecode_are_sources_whose_bytecode_file_is_missing(monkeypatch, tmp_path):
