@@ -33,7 +33,7 @@ import torch
 
 from graphs.bench_report import BenchReport, StepRow, format_report
 from graphs.bench_rows import CellInputs, CellPlan, measure_cell
-from graphs.cli_console import CommandError, Progress, emit_json, one_line
+from graphs.cli_console import CommandError, Progress, emit_json, failure_line
 from graphs.run_executors import EXECUTOR_NAMES
 from graphs.run_workload import (
     Workload,
@@ -61,6 +61,9 @@ def plan_from_args(args, workload: Workload):
     from pipeline.passes import PassSpec
 
     gpu = workload.device.type == "cuda"
+    if args.no_peer and args.peer_executors:
+        raise CommandError("--no-peer and --peer-executors contradict each other",
+                           hint="drop one: --no-peer skips the peer rows that --peer-executors chooses")
     executors = args.executors if args.executors is not None else (GPU_EXECUTORS if gpu else CPU_EXECUTORS)
     peers = () if args.no_peer else (args.peer_executors or (GPU_EXECUTORS if gpu else CPU_EXECUTORS))
     for name in (*executors, *peers):
@@ -137,11 +140,20 @@ def bench(args, progress: Progress) -> BenchReport:
         raise CommandError("nothing to measure: --executors none and no peer rows",
                            hint="drop --no-peer, install diffusers, or name executors")
     if getattr(args, "floor", False) and workload.device.type != "cuda":
-        raise CommandError("--floor times kernels in CUDA graphs and needs a GPU", hint="drop --floor on CPU")
+        raise CommandError("--floor times kernels in CUDA graphs and needs a GPU", hint="drop --floor on CPU", code=3)
+    attention = getattr(args, "attention", "auto")
+    if attention not in ("auto", "math") and workload.device.type != "cuda":  # refused now, not row by row
+        what = "times SDPA kernels" if attention == "measure" else "is a CUDA SDPA backend"
+        raise CommandError(f"--attention {attention} {what} and needs a GPU", hint="use --attention auto on CPU",
+                           code=3)
     if getattr(args, "floor_seconds", 0.0) and not getattr(args, "floor", False):
         raise CommandError("--floor-seconds applies to the kernel floor", hint="add --floor")
-    progress(f"measuring the {str(workload.dtype).removeprefix('torch.')} matmul peak on {workload.device}")
-    peak = matmul_peak_tflops(workload.device, workload.dtype)
+    # On CPU a peak measured in a second swings with whatever else the cores run, and MFU against it read from 1%
+    # to over 1000% in one afternoon: no peak, no MFU there.
+    peak = 0.0
+    if workload.device.type == "cuda":
+        progress(f"measuring the {str(workload.dtype).removeprefix('torch.')} matmul peak on {workload.device}")
+        peak = matmul_peak_tflops(workload.device, workload.dtype)
     report = BenchReport(
         device=str(workload.device), card=_device_name(workload.device), torch_version=torch.__version__,
         diffusers_version=_diffusers_version(), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -149,7 +161,8 @@ def bench(args, progress: Progress) -> BenchReport:
         peak_tflops=peak, guidance=args.guidance, repeats=args.repeats,
     )
     plan = CellPlan(timed_specs=timed, guidance=guidance, repeats=args.repeats, warmup=args.warmup,
-                    step_count=STEP_COUNT, peak_tflops=peak, share_text_kv=workload.share_text_kv)
+                    step_count=STEP_COUNT, peak_tflops=peak, share_text_kv=workload.share_text_kv,
+                    debug=args.debug)
     clocks, report.card_limits, no_clocks = nvml_sampler(workload.device)
     if no_clocks and workload.device.type == "cuda":
         report.notes.append(f"clocks: {no_clocks}")
@@ -161,10 +174,11 @@ def bench(args, progress: Progress) -> BenchReport:
     report.notes.append("audio chain: " + ("on a side CUDA stream (overlapping kernels: the per-class kernel times "
                                           "can add up to more than the pass)" if workload.overlap_audio
                                           and workload.device.type == "cuda" else "on the video chain's stream"))
-    report.notes.append("text K/V (our graph rows): " + (
-        "the first pass reading a text computes its keys/values for the later passes of the evaluation (the cond "
-        "row includes the positive text's, the modality row reads them)" if workload.share_text_kv
-        else "projected by every pass (--no-shared-text-kv)"))
+    if any(r.impl.startswith("ours") and "graphs" in r.executor for r in report.passes):
+        report.notes.append("text K/V (our graph rows): " + (
+            "the first pass reading a text computes its keys/values for the later passes of the evaluation (the "
+            "cond row includes the positive text's, the modality row reads them)" if workload.share_text_kv
+            else "projected by every pass (--no-shared-text-kv)"))
     return report
 
 
@@ -176,8 +190,6 @@ def attention_plan(args, model, workload: Workload, tokens: Iterable[int], repor
     if choice != "measure":
         report.notes.append(f"attention: SDPA backend pinned to {choice} for our rows")
         return lambda grid: setattr(model, "attention_backend", choice)
-    if workload.device.type != "cuda":
-        raise CommandError("--attention measure times SDPA kernels and needs a GPU", hint="use --attention auto on CPU")
     from graphs.bench_attention import measure_self_attention
 
     best = {}
@@ -266,7 +278,7 @@ def _fp8_rows(model, executors, shapes: dict[int, CellInputs], plan: CellPlan, r
         quantize(model, progress)
         after = _cond_outputs(model, shapes, plan)
     except Exception as e:
-        message = one_line(f"{type(e).__name__}: {e}")
+        message = failure_line(e, debug=plan.debug)
         progress(f"ours-fp8: FAILED before its rows: {message}")
         report.steps += [StepRow("ours-fp8", "-", tokens, (), error=message) for tokens in shapes]
         return
@@ -309,7 +321,8 @@ def _build_peer(model, workload: Workload, report: BenchReport, progress: Progre
         del state
         report.notes.append("peer weights staged through CPU memory (two copies do not fit on the GPU)")
     else:
-        progress("building diffusers' transformer with our weights (GPU to GPU copy)")
+        where = "GPU to GPU" if workload.device.type == "cuda" else "in memory"
+        progress(f"building diffusers' transformer with our weights ({where} copy)")
         peer = peer_lib.from_ltx2(model)
     progress("diffusers peer ready")
     return peer
@@ -325,9 +338,14 @@ def _diffusers_version() -> str | None:
 
 def _kernel_note(report: BenchReport) -> str:
     sources = sorted({r.kernel_source for r in report.passes if r.kernel_source})
-    if sources == ["aten ops"]:
-        return "on CPU the kernel column counts aten ops dispatched per pass (a stand-in for kernel launches)"
-    return f"counted with {', '.join(sources) or 'nothing'} (graph replays count every kernel node)"
+    cpu = {"aten ops", "not counted (compile)"}
+    if sources and set(sources) <= cpu:
+        return ("on CPU the kernel column counts aten ops dispatched per pass (a stand-in for kernel launches)"
+                + ("; compiled rows are not counted (dynamo runs no compiled code under the counter)"
+                   if "not counted (compile)" in sources else ""))
+    if not sources:
+        return "none counted (every row failed before its kernels were counted)"
+    return f"counted with {', '.join(sources)} (graph replays count every kernel node)"
 
 
 def main(args, progress: Progress) -> int:

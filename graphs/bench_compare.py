@@ -17,15 +17,20 @@ from pathlib import Path
 PASS_KEY = ("impl", "executor", "video_tokens", "pass_name")
 STEP_KEY = ("impl", "executor", "video_tokens", "passes")
 NAME_WIDTH = 90  # kernel names are long (cuBLAS encodes its tile and schedule in them)
+# What both reports must share for a row pair to compare code rather than workloads (the row key does not hold it).
+WORKLOAD_FIELDS = ("preset", "dtype", "text_tokens", "guidance")
 
 
 def load_report(path: str | Path) -> dict:
     """A `ltx2-graphs bench --json` report. ValueError naming the file when it is not one."""
-    with open(path, encoding="utf-8") as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not JSON ({e}); expected a `ltx2-graphs bench --json` report") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}; expected a `ltx2-graphs bench --json` report") \
+            from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e}); expected a `ltx2-graphs bench --json` report") from None
     if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
         raise ValueError(f"{path} has no 'passes' list: expected a `ltx2-graphs bench --json` report")
     return data
@@ -81,6 +86,10 @@ def _fmt(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _key_text(key: tuple) -> str:
+    return " ".join(",".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in key)
+
+
 def _header(label: str, report: dict, path: str) -> str:
     fields = (report.get("card"), f"torch {report.get('torch_version')}", report.get("date"), report.get("preset"),
               report.get("dtype"))
@@ -94,7 +103,9 @@ def compare(before: dict, after: dict, *, names_per_row: int = 8) -> dict:
     out = {"passes": [], "steps": [], "only_before": pass_only_before + step_only_before,
            "only_after": pass_only_after + step_only_after,
            "kernel_names_missing": any(not (p.before.get("kernel_names") and p.after.get("kernel_names"))
-                                       for p in passes)}
+                                       for p in passes),
+           "workload_differs": [(f, before.get(f), after.get(f)) for f in WORKLOAD_FIELDS
+                                if before.get(f) != after.get(f)]}
     for p in passes:
         changes = kernel_name_changes(p.before.get("kernel_names"), p.after.get("kernel_names"))
         out["passes"].append({
@@ -112,6 +123,7 @@ def compare(before: dict, after: dict, *, names_per_row: int = 8) -> dict:
             "ms": (_median_ms(s.before, "step"), _median_ms(s.after, "step")),
             "m_cycles": (m_cycles(s.before, "step"), m_cycles(s.after, "step")),
             "syncs_per_step": (s.before.get("syncs_per_step"), s.after.get("syncs_per_step")),
+            "errors": (s.before.get("error"), s.after.get("error")),
         })
     return out
 
@@ -119,12 +131,15 @@ def compare(before: dict, after: dict, *, names_per_row: int = 8) -> dict:
 def format_comparison(before: dict, after: dict, result: dict, before_path: str, after_path: str) -> str:
     from tabulate import tabulate
 
-    lines = [_header("before", before, before_path), _header("after ", after, after_path), "", "per pass:"]
+    lines = [_header("before", before, before_path), _header("after ", after, after_path)]
+    if result["workload_differs"]:
+        lines.append("warning: the reports measured different workloads, so a change below is not a code effect: "
+                     + ", ".join(f"{f} {a} -> {b}" for f, a, b in result["workload_differs"]))
+    lines += ["", "per pass:"]
     rows = []
     for p in result["passes"]:
         (ms0, ms1), (c0, c1), (k0, k1) = p["ms"], p["m_cycles"], p["kernels"]
-        failed = " / ".join(f"{side} failed" for side, e in zip(("before", "after"), p["errors"]) if e)
-        rows.append([*p["key"], _fmt(ms0, ".2f"), _fmt(ms1, ".2f"), failed or _change(ms0, ms1), _fmt(c0, ".1f"),
+        rows.append([*p["key"], _fmt(ms0, ".2f"), _fmt(ms1, ".2f"), _failed(p) or _change(ms0, ms1), _fmt(c0, ".1f"),
                      _fmt(c1, ".1f"), _change(c0, c1), _fmt(k0, ".0f"), _fmt(k1, ".0f")])
     lines.append(tabulate(rows, headers=["impl", "executor", "tokens", "pass", "ms before", "ms after", "change",
                                          "M cycles before", "M cycles after", "change", "kernels before",
@@ -133,7 +148,8 @@ def format_comparison(before: dict, after: dict, result: dict, before_path: str,
         rows = []
         for s in result["steps"]:
             (ms0, ms1), (c0, c1), (y0, y1) = s["ms"], s["m_cycles"], s["syncs_per_step"]
-            rows.append([*s["key"][:3], ",".join(s["key"][3]), _fmt(ms0, ".2f"), _fmt(ms1, ".2f"), _change(ms0, ms1),
+            rows.append([*s["key"][:3], ",".join(s["key"][3]), _fmt(ms0, ".2f"), _fmt(ms1, ".2f"),
+                         _failed(s) or _change(ms0, ms1),
                          _fmt(c0, ".1f"), _fmt(c1, ".1f"), _change(c0, c1), f"{_fmt(y0, '.1f')} -> {_fmt(y1, '.1f')}"])
         lines += ["", "per step:", tabulate(rows, headers=[
             "impl", "executor", "tokens", "step passes", "ms before", "ms after", "change", "M cycles before",
@@ -142,18 +158,23 @@ def format_comparison(before: dict, after: dict, result: dict, before_path: str,
     if changed:
         lines += ["", "kernels whose count per pass changed (before -> after):"]
         for p in changed:
-            lines.append("  " + " ".join(str(k) for k in p["key"]) + ":")
+            lines.append("  " + _key_text(p["key"]) + ":")
             lines += [f"    {n0:g} -> {n1:g}  {name[:NAME_WIDTH]}" for name, n0, n1 in p["kernel_name_changes"]]
             if p["kernel_names_changed"] > len(p["kernel_name_changes"]):
                 lines.append(f"    ... {p['kernel_names_changed'] - len(p['kernel_name_changes'])} more names")
     for label in ("only_before", "only_after"):
         if result[label]:
             lines += ["", f"rows {label.replace('_', ' in ')} (not compared): "
-                      + "; ".join(" ".join(str(v) for v in k) for k in result[label])]
+                      + "; ".join(_key_text(k) for k in result[label])]
     if result["kernel_names_missing"]:
-        lines += ["", "note: some rows have no per-name kernel counts to compare (CUPTI rows only; reports written "
-                      "before `kernel_names` existed have none)"]
+        lines += ["", "note: some rows have no per-name kernel counts to compare (CUPTI counts them on a GPU; CPU "
+                      "rows and reports written before `kernel_names` existed have none)"]
     return "\n".join(lines)
+
+
+def _failed(pair: dict) -> str:
+    """'before failed' / 'after failed' / both, for the change column of a row pair with an error."""
+    return " / ".join(f"{side} failed" for side, e in zip(("before", "after"), pair["errors"]) if e)
 
 
 def main(args, progress) -> int:

@@ -10,6 +10,8 @@ order of preference:
   profiler is itself a CUPTI client, so it never runs at the same time as the CUPTI profiler.
 - "aten ops" (CPU): no kernels exist; the count is the number of aten ops dispatched, a cheap stand-in
   that tracks launch count (each eager GPU op is about one kernel launch); GPU busy is not measured.
+- "not counted (compile)" (CPU, compiled code): dynamo does not run compiled frames under a Python dispatch
+  mode (the op counter is one), so compiled work is not counted on CPU rather than made to fail.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def kernel_counts_by_class(counts_by_name: dict[str, int]) -> dict[str, int]:
 class KernelActivity:
     """What `kernel_activity` saw; fields stay None when the source cannot measure them."""
 
-    source: str  # "cupti" | "torch.profiler" | "aten ops" | "off"
+    source: str  # "cupti" | "torch.profiler" | "aten ops" | "not counted (compile)" | "off"
     kernels: int | None = None
     busy_pct: float | None = None
     wall_ms: float | None = None
@@ -123,15 +125,20 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
 @contextlib.contextmanager
 def kernel_activity(
-    device: torch.device, *, enabled: bool = True, prefer: str = "auto", cupti_only: bool = False
+    device: torch.device, *, enabled: bool = True, prefer: str = "auto", cupti_only: bool = False,
+    compiled: bool = False,
 ) -> Iterator[KernelActivity]:
     """Measure kernels and GPU busy of the block (see the module docstring). `prefer`: auto|cupti|torch.
 
     `cupti_only`: measure nothing (source "off") rather than fall back to torch.profiler, whose per-event cost
     is too high for long blocks such as a whole eager denoising loop (~1M kernels).
+    `compiled`: the block runs torch.compile'd code; on CPU it is then not counted (see the module docstring).
     """
     if not enabled:
         yield KernelActivity("off")
+        return
+    if device.type != "cuda" and compiled:
+        yield KernelActivity("not counted (compile)")
         return
     if device.type != "cuda":
         counter = _OpCounter()

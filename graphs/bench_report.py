@@ -262,8 +262,8 @@ def format_report(report: BenchReport) -> str:
     head = (
         f"{report.card} | torch {report.torch_version} | diffusers {report.diffusers_version or 'not installed'} | "
         f"{report.date}\n{report.preset} {report.dtype}, batch 1, {report.text_tokens} text tokens; matmul peak "
-        f"{report.peak_tflops:.3g} TFLOP/s (measured); {report.repeats} repeats per pass; step = res2s step of "
-        f"guidance '{report.guidance}'"
+        + (f"{report.peak_tflops:.3g} TFLOP/s (measured)" if report.peak_tflops > 0 else "not measured (no MFU)")
+        + f"; {report.repeats} repeats per pass; step = res2s step of guidance '{report.guidance}'"
     )
     parts = [head, "", "per pass:", pass_table(report), "", "per step:", step_table(report)]
     for r in report.steps:

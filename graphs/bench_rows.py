@@ -23,7 +23,7 @@ import torch
 from graphs.bench_flops import spec_flops
 from graphs.bench_report import PassRow, StepRow
 from graphs.executor import text_kv_roles
-from graphs.cli_console import one_line
+from graphs.cli_console import failure_line
 from graphs.run_executors import make_executor, warm_up
 from graphs.bench_kernels import kernel_activity
 from graphs.run_syncs import count_host_syncs
@@ -56,6 +56,7 @@ class CellPlan:
     kernel_calls: int = 3  # back-to-back passes under the kernel profiler
     peak_tflops: float = 0.0
     share_text_kv: bool = True  # graph executors (graphs/executor.py)
+    debug: bool = False  # --debug: a failed row's traceback goes to stderr
 
 
 def step_sigmas(video_tokens: int, count: int) -> list[float]:
@@ -95,7 +96,7 @@ def measure_cell(
         stats = warm_up(executor, executor_name, all_specs, inputs.conditioning, inputs.video, inputs.audio,
                         progress=progress)
     except Exception as e:  # the whole cell failed
-        message = one_line(f"{type(e).__name__}: {e}")
+        message = failure_line(e, debug=plan.debug)
         for row in rows:
             row.error = message
         step_row.error = message
@@ -105,7 +106,7 @@ def measure_cell(
     # A precompiled peer compiles inside its own library during warm-up, uncounted here: "-", not 0.
     step_row.compiles, step_row.pool_bytes = None if precompiled else stats.compiles, stats.pool_bytes
     for spec, row in zip(plan.timed_specs, rows):
-        _measure_pass(executor, spec, row, inputs, plan, all_specs, clocks)
+        _measure_pass(executor, executor_name, spec, row, inputs, plan, all_specs, clocks)
         progress(f"{impl} {executor_name} @ {tokens} tokens: pass {spec.name} "
                  + (f"{row.timing.median_ms:.2f} ms" if row.timing else f"FAILED: {row.error}"))
     _measure_steps(executor, executor_name, step_row, inputs, plan, clocks)
@@ -133,8 +134,8 @@ def _union(first: Sequence, second: Sequence) -> tuple:
     return tuple(by_name.values())
 
 
-def _measure_pass(executor, spec, row: PassRow, inputs: CellInputs, plan: CellPlan, all_specs: tuple,
-                  clocks: ClockSampler | None) -> None:
+def _measure_pass(executor, executor_name: str, spec, row: PassRow, inputs: CellInputs, plan: CellPlan,
+                  all_specs: tuple, clocks: ClockSampler | None) -> None:
     device = inputs.video.device
     graphed = hasattr(executor, "replay_only")
 
@@ -150,11 +151,11 @@ def _measure_pass(executor, spec, row: PassRow, inputs: CellInputs, plan: CellPl
             started = time.monotonic()
             row.timing = time_cuda(call, warmup=plan.warmup, repeats=plan.repeats, device=device)
             row.clocks = None if clocks is None else clocks.summary_since(started)
-            with kernel_activity(device) as activity:
+            with kernel_activity(device, compiled="compile" in executor_name) as activity:
                 for _ in range(plan.kernel_calls):
                     call()
     except Exception as e:
-        row.error = one_line(f"{type(e).__name__}: {e}")
+        row.error = failure_line(e, debug=plan.debug)
         return
     row.kernels, row.kernel_source = activity.per_call(plan.kernel_calls), activity.source
     row.busy_pct = activity.busy_pct
@@ -195,7 +196,7 @@ def _measure_steps(executor, executor_name: str, row: StepRow, inputs: CellInput
             with count_host_syncs(device, compiled=compiled) as syncs:
                 counted_steps = len(steps(1))
     except Exception as e:
-        row.error = one_line(f"{type(e).__name__}: {e}")
+        row.error = failure_line(e, debug=plan.debug)
         return
     timed = step_ms[1:] if len(step_ms) > 1 else step_ms  # the first step pays one-time costs
     row.step = TimingStats.from_samples(timed)

@@ -12,6 +12,8 @@ seconds; with a GPU they are the `ltx2.3` preset in bf16 with one CUDA graph per
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 import traceback
@@ -74,6 +76,35 @@ def positive_float(text: str) -> float:
     if not 0.0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
+
+
+def unit_fraction(text: str) -> float:
+    """A number in [0, 1] (a blend strength such as --video-rescale)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def output_file(text: str) -> str:
+    """A file to write at the end ('-' for --json: stdout), checked now so that a bad path fails before a long run,
+    not after it: not a directory, and inside a directory that exists and is writable or can be created."""
+    if text == "-":
+        return text
+    if not text or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"expected a file path, got {text!r}" + (" (a directory)" if text else ""))
+    parent = os.path.dirname(os.path.abspath(text))
+    existing = parent
+    while not os.path.isdir(existing):  # the nearest directory that exists (the rest is created when writing)
+        if os.path.exists(existing):
+            raise argparse.ArgumentTypeError(f"cannot write {text!r}: {existing!r} is not a directory")
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory {existing!r} is not writable")
+    return text
 
 
 def resolution(text: str) -> tuple[int, int]:
@@ -233,7 +264,7 @@ def add_guidance_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{modality}-cfg", type=non_negative_float, metavar="X", help=f"{modality} CFG scale")
         group.add_argument(f"--{modality}-stg", type=non_negative_float, metavar="X", help=f"{modality} STG scale")
         group.add_argument(
-            f"--{modality}-rescale", type=non_negative_float, metavar="X", help=f"{modality} rescale (0..1)"
+            f"--{modality}-rescale", type=unit_fraction, metavar="X", help=f"{modality} rescale (0..1)"
         )
         group.add_argument(
             f"--{modality}-modality", type=non_negative_float, metavar="X", help=f"{modality} modality-isolation scale"
@@ -247,6 +278,7 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
         "--json",
         nargs="?",
         const="-",
+        type=output_file,
         metavar="FILE",
         help="write the summary as JSON to FILE (bare --json: to stdout, instead of the table)",
     )
@@ -321,7 +353,8 @@ def build_parser() -> OneLineParser:
         "--capture-range-end=stop ...`",
     )
     run.add_argument(
-        "--output", metavar="FILE.safetensors", help="write the final video/audio latents (atomically) to this file"
+        "--output", type=output_file, metavar="FILE.safetensors",
+        help="write the final video/audio latents (atomically) to this file",
     )
     add_output_flags(run)
     run.set_defaults(handler=_run)
@@ -526,6 +559,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (`... | head`): stop quietly, as a killed writer would
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by the pipe
     except Exception as exc:  # every failure becomes one line; --debug shows where it came from
         if args.debug:
             traceback.print_exc()

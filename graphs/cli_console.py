@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -61,6 +62,14 @@ def one_line(text: str) -> str:
     return first or "(no message)"
 
 
+def failure_line(exc: BaseException, *, debug: bool = False) -> str:
+    """`Type: message` on one line, for a failure a command records and goes on from (a failed `bench` row); with
+    `--debug` the traceback goes to stderr too, as it does for a failure that ends the command."""
+    if debug:
+        traceback.print_exception(exc)
+    return one_line(f"{type(exc).__name__}: {exc}")
+
+
 def shorten(text: str, limit: int = 240) -> str:
     """One line of at most about `limit` characters: long loader reports (hundreds of key names) are cut, with a
     pointer to the full text."""
@@ -77,5 +86,8 @@ def emit_json(data: dict, target: str) -> None:
     text = json.dumps(data, indent=2, default=str)
     if target == "-":
         print(text)
-    else:
+        return
+    try:
         write_text_atomic(target, text + "\n")
+    except OSError as e:
+        raise CommandError(f"--json: cannot write {target}: {e.strerror or e}") from e

@@ -224,12 +224,18 @@ def load_weights(workload: Workload) -> torch.nn.Module:
 
     if not os.path.exists(workload.weights):
         raise CommandError(f"--weights {workload.weights}: no such file or directory", hint="check the path")
+    formats = "pass a Lightricks single-file checkpoint or a diffusers transformer directory"
     if os.path.isfile(workload.weights) and not _has_transformer_keys(workload.weights):
         raise CommandError(
             f"--weights {workload.weights} holds no LTX-2.3 transformer tensors (no key like "
             "'model.diffusion_model.transformer_blocks.0...' or 'transformer_blocks.0...')",
-            hint="pass a Lightricks single-file checkpoint or a diffusers transformer directory",
+            hint=formats,
         )
+    if os.path.isdir(workload.weights):  # a folder without weights is not a preset mismatch
+        try:
+            weights_lib.diffusers_weight_files(workload.weights)
+        except ValueError as e:
+            raise CommandError(f"--weights {workload.weights}: {e}", hint=formats) from e
     # Allocate without initialising (the checkpoint fills every parameter; the loader checks that it does).
     model = model_lib.build_model(workload.config, device="meta", dtype=workload.dtype)
     model = model.to_empty(device=workload.device)

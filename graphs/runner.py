@@ -337,7 +337,10 @@ def _run(options: RunOptions, progress: Progress, loop_context: LoopContext | No
         meta = {"preset": w.preset, "seed": str(w.seed), "executor": options.executor,
                 "guidance": options.guidance_name, "stages": ",".join(map(str, options.stages)),
                 "grid": json.dumps(asdict(grid))}
-        write_safetensors_atomic(options.output, {"video": latents[0], "audio": latents[1]}, meta)
+        try:
+            write_safetensors_atomic(options.output, {"video": latents[0], "audio": latents[1]}, meta)
+        except OSError as e:
+            raise CommandError(f"--output: cannot write {options.output}: {e.strerror or e}") from e
         summary.output = options.output
         progress(f"wrote final latents to {options.output}")
     summary.total_s = time.perf_counter() - started

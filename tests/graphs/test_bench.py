@@ -33,7 +33,7 @@ def test_cpu_bench_with_peer(capsys, tmp_path):
     for row in rows.values():
         assert row["error"] is None, row["error"]
         assert row["timing"]["median_ms"] > 0 and len(row["timing"]["samples"]) == 2
-        assert row["flops"] > 0 and row["tflops"] > 0 and row["mfu_pct"] > 0
+        assert row["flops"] > 0 and row["tflops"] > 0 and row["mfu_pct"] is None  # no CPU peak, no MFU
         assert row["kernels"] > 0 and row["kernel_source"] == "aten ops"
     # Same weights and inputs: the two implementations do the same work per pass.
     assert rows[("ours", "cond")]["flops"] == rows[("diffusers", "cond")]["flops"]
@@ -41,7 +41,22 @@ def test_cpu_bench_with_peer(capsys, tmp_path):
     steps = {r["impl"]: r for r in data["steps"]}
     assert steps["ours"]["passes"] == ["cond", "neg", "modality"] and steps["ours"]["step"]["median_ms"] > 0
     assert steps["ours"]["syncs_per_step"] == 0  # our loop, checked by the dispatch detector
-    assert data["peak_tflops"] > 0 and data["torch_version"] == torch.__version__
+    assert data["peak_tflops"] == 0 and "matmul peak not measured (no MFU)" in table
+    assert data["torch_version"] == torch.__version__
+
+
+def test_cpu_bench_times_compiled_rows_without_counting_their_ops(capsys, tmp_path):
+    """The CPU op counter is a dispatch mode, under which dynamo runs no compiled code: compiled rows are timed and
+    their ops left uncounted, instead of the counter failing the row (and dynamo's later calls with it)."""
+    data, table = bench_json(capsys, tmp_path, "--device", "cpu", "--preset", "tiny", "--repeats", "1",
+                             "--warmup", "1", "--passes", "cond,modality", "--executors", "eager,compile", "--no-peer")
+    rows = {(r["executor"], r["pass_name"]): r for r in data["passes"]}
+    for (executor, _), row in rows.items():
+        assert row["error"] is None and row["timing"]["median_ms"] > 0, row["error"]
+        assert (row["kernel_source"], row["kernels"] is None) == (
+            ("not counted (compile)", True) if executor == "compile" else ("aten ops", False))
+    assert all(r["error"] is None for r in data["steps"])
+    assert "compiled rows are not counted" in table
 
 
 def test_cpu_bench_without_peer_and_json_to_stdout(capsys):
@@ -83,6 +98,11 @@ def test_a_failed_fp8_quantization_keeps_the_rows_measured_before(monkeypatch, c
     assert [r["impl"] for r in data["passes"]] == ["ours"] and data["passes"][0]["error"] is None
     failed = [r for r in data["steps"] if r["impl"] == "ours-fp8"]
     assert len(failed) == 1 and "CUDA out of memory (simulated)" in failed[0]["error"]
+    assert "Traceback" not in capsys.readouterr().err
+    code = main(["bench", "--device", "cpu", "--no-peer", "--fp8", "--repeats", "1", "--warmup", "1", "--passes",
+                 "cond", "--quiet", "--json", "--debug"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" in err and "in broken" in err  # --debug: where the row failed
 
 
 def test_peer_order_runs_compiled_rows_last():

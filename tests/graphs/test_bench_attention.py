@@ -44,8 +44,10 @@ def test_unknown_backend_is_a_clear_error():
                                backends=("turbo",))
 
 
-def test_measure_needs_a_gpu(capsys):
+@pytest.mark.parametrize("choice", ["measure", "cudnn", "flash", "efficient"])
+def test_gpu_only_choices_are_refused_before_any_row_on_cpu(capsys, choice):
     code, _, err = run_cli(capsys, "bench", "--preset", "tiny", "--device", "cpu", "--tokens", "48",
-                           "--attention", "measure", "--no-peer", "--repeats", "1", "--warmup", "1")
+                           "--attention", choice, "--no-peer", "--repeats", "1", "--warmup", "1")
     lines = [line for line in err.splitlines() if not line.startswith("[")]
-    assert code != 0 and len(lines) == 1 and "--attention measure" in lines[0]
+    assert code == 3 and len(lines) == 1 and f"--attention {choice}" in lines[0] and "needs a GPU" in lines[0]
+    assert not any("building" in line for line in err.splitlines())  # refused before the model was built

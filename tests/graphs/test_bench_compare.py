@@ -79,3 +79,33 @@ def test_a_file_that_is_not_a_bench_report_is_one_clear_line(capsys, tmp_path):
     assert main(["compare", str(path), str(path)]) == 2
     assert "is not JSON" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "missing.json"), str(path)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def _step(passes: list[str], ms: float, mhz: float, syncs: float, error: str | None = None) -> dict:
+    return {"impl": "ours", "executor": "compile+graphs", "video_tokens": 1536, "passes": passes,
+            "step": {"median_ms": ms}, "clocks": {"sm_mhz_median": mhz}, "syncs_per_step": syncs, "error": error}
+
+
+def test_step_rows_compare_each_side_and_name_rows_and_workloads_that_differ(capsys, tmp_path):
+    before = _report("a", [], [_step(["cond", "neg", "modality"], 500.0, 1500, 2.0),
+                               _step(["cond"], 90.0, 1500, 0.0), _step(["neg"], 95.0, 1500, 0.0)])
+    after = {**_report("b", [], [_step(["cond", "neg", "modality"], 450.0, 1600, 0.0),
+                                 _step(["neg"], 96.0, 1500, 0.0, error="RuntimeError: boom")]), "dtype": "float8"}
+    result = compare(before, after)
+    hq = next(s for s in result["steps"] if s["key"][3] == ("cond", "neg", "modality"))
+    assert hq["ms"] == (500.0, 450.0) and hq["syncs_per_step"] == (2.0, 0.0)
+    assert hq["m_cycles"] == pytest.approx((750.0, 720.0))
+    assert result["only_before"] == [("ours", "compile+graphs", 1536, ("cond",))]
+    assert result["workload_differs"] == [("dtype", "bfloat16", "float8")]
+    paths = tmp_path / "before.json", tmp_path / "after.json"
+    for path, report in zip(paths, (before, after)):
+        path.write_text(json.dumps(report))
+    assert main(["compare", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "cond,neg,modality" in line)
+    assert all(v in row for v in ("500.00", "450.00", "-10.0%", "750.0", "720.0", "-4.0%", "2.0 -> 0.0")), row
+    assert "after failed" in next(line for line in out.splitlines() if "| neg " in line)
+    assert "rows only in before (not compared): ours compile+graphs 1536 cond" in out  # no Python tuple
+    assert "warning: the reports measured different workloads" in out and "dtype bfloat16 -> float8" in out
+    assert compare(before, before)["workload_differs"] == []

@@ -71,6 +71,11 @@ def test_top_level_help_lists_the_commands(capsys):
         (("run", "--video-stg", "1", "--stg-blocks", "2"), "out of range"),
         (("run", "--device", "tpu"), "--device"),
         (("profile", "--nsys-sqlite", "/nonexistent/x.sqlite"), "no such file"),
+        (("run", "--video-rescale", "5"), "--video-rescale: expected a number in [0, 1]"),
+        (("run", "--output", "/"), "--output: expected a file path, got '/' (a directory)"),  # before the run
+        (("bench", "--json", "/"), "--json: expected a file path"),
+        (("bench", "--no-peer", "--peer-executors", "eager"), "contradict"),
+        (("compare", "/nonexistent/a.json", "/nonexistent/b.json"), "cannot read /nonexistent/a.json"),
     ],
 )
 def test_bad_arguments_give_one_line_and_nonzero_exit(capsys, argv, words):
@@ -86,7 +91,7 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(capsys, argv, words):
 @pytest.mark.parametrize(
     "argv",
     [("run", "--executor", "graphs"), ("run", "--executor", "compile+graphs"), ("run", "--device", "cuda"),
-     ("bench", "--executors", "eager,graphs"), ("profile",)],
+     ("bench", "--executors", "eager,graphs"), ("profile",), ("bench", "--floor"), ("bench", "--attention", "cudnn")],
 )
 def test_gpu_only_requests_on_cpu_give_one_clear_line(capsys, argv):
     code, _, err = run_cli(capsys, *argv)
@@ -94,6 +99,25 @@ def test_gpu_only_requests_on_cpu_give_one_clear_line(capsys, argv):
     assert code == 3
     assert len(lines) == 1 and "GPU" in lines[0] and "hint:" in lines[0], lines
     assert "Traceback" not in err
+
+
+def test_a_weights_folder_without_weights_says_so(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--weights", str(tmp_path))
+    assert code == 2 and "holds neither diffusion_pytorch_model.safetensors" in err
+    assert "preset" not in err  # not misread as a checkpoint of another size
+
+
+def test_a_closed_stdout_ends_the_command_quietly(capsys, monkeypatch):
+    """`ltx2-graphs run --json | head -1`: the reader leaving is not an error of the command."""
+    import graphs.cli
+
+    def reader_gone(args, progress):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(graphs.cli, "_run", reader_gone)
+    monkeypatch.setattr(graphs.cli.os, "dup2", lambda fd, fd2: None)  # keep pytest's stdout
+    code, _, err = run_cli(capsys, "run")
+    assert code == 141 and "error" not in err
 
 
 def test_debug_shows_the_traceback(capsys):
