@@ -323,6 +323,21 @@ def test_passes_sharing_text_kv_equal_eager_at_every_sigma(fake_graphs, share):
     assert torch.equal(out["modality"].video, _eager(model, other, video, audio, 0.4, (MODALITY,))["modality"].video)
 
 
+def test_consumers_read_the_keys_values_their_producer_holds(fake_graphs):
+    """Equality with eager cannot tell a consumer that reads the held K/V from one that projects its own: poison
+    the held tensors and the consumer's output must show it, the producer's (recomputed in its replay) must not."""
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, (COND, MODALITY))
+    for block in executor.pass_graph(COND).text_kv:
+        for tensor in block:
+            tensor.fill_(float("nan"))
+    assert torch.isnan(executor.replay_only(MODALITY).video).all()
+    assert not torch.isnan(executor.replay_only(COND).video).any()  # the producer writes them anew
+    assert not torch.isnan(executor.replay_only(MODALITY).video).any()
+
+
 @pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
 def test_a_consumer_graph_is_keyed_by_its_producer(fake_graphs):
     """modality reading cond's held K/V and modality reading perturbed's are different graphs (different
@@ -515,10 +530,17 @@ def test_a_weight_reviewed_in_place_misses(fake_graphs):
     model, conditioning, video, audio = _setup(fresh=True)
     executor = _executor(model, miss_policy="strict")
     executor.warmup(HQ, video, audio, conditioning=conditioning)
-    weight = model.video_out.weight
-    weight.data = weight.data[: weight.shape[0] // 2]
+    weight, original = model.video_out.weight, model.video_out.weight.data
+    weight.data = original[: weight.shape[0] // 2]
     with pytest.raises(GraphMissError, match="weight_storage"):
         executor.run(video, audio, 0.7, HQ)
+    weight.data = original
+    square = next(p for p in model.parameters() if p.ndim == 2 and p.shape[0] == p.shape[1])
+    strict = _executor(model, miss_policy="strict")
+    strict.warmup(HQ, video, audio, conditioning=conditioning)
+    square.data = square.data.t()  # same address, same shape: only the strides tell
+    with pytest.raises(GraphMissError, match="weight_storage"):
+        strict.run(video, audio, 0.7, HQ)
 
 
 def test_a_replaced_weight_drops_the_old_graphs(fake_graphs):
@@ -580,6 +602,13 @@ def test_torch_kernel_settings_are_part_of_the_key(fake_graphs):
             executor.run(video, audio, 0.7, HQ)
     finally:
         matmul.fp32_precision = precision
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(not deterministic)
+    try:
+        with pytest.raises(GraphMissError, match=f"torch.deterministic: {not deterministic}"):
+            executor.run(video, audio, 0.7, HQ)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     executor.run(video, audio, 0.7, HQ)
 
 
@@ -627,6 +656,7 @@ def test_stats_and_reset(fake_graphs):
     assert "3 graph(s), 3 capture(s)" in str(stats) and "pool 0.0 MiB" in str(stats)
     executor.reset()
     assert executor.stats.graphs == 0 and executor.keys() == ()
+    assert executor.stats.static_bytes == 0 and executor.stats.pool_bytes == 0  # everything given back
     executor.run(video, audio, 0.5, HQ)
     assert executor.stats.graphs == 3
 

@@ -40,3 +40,14 @@ def test_sync_debug_warnings_are_counted_and_other_warnings_still_shown():
     # The rest reach the caller (a graph-cache miss warned inside a timed loop must not vanish); torch's
     # prototype notice is dropped.
     assert [str(w.message) for w in shown] == ["something unrelated"]
+
+
+def test_every_sync_warning_from_one_line_counts():
+    """Python shows a warning once per code location by default: five syncs on one line of a loop are five, even
+    outside `pytest.warns` (which turns every filter to "always" itself)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # Python's own filter: once per location
+        with count_host_syncs(torch.device("cuda")) as result:
+            for _ in range(5):
+                warnings.warn("called a synchronizing CUDA operation", UserWarning)
+    assert result.count == 5

@@ -127,7 +127,7 @@ def reference_guided(x, sigma, params, velocity_fn):
     return pred
 
 
-def reference_loop(latents, sigmas, guidance, seed, stage):
+def reference_loop(latents, sigmas, guidance, seed, stage, eta=0.5, bongmath=True):
     """The res2s HQ loop as in LTX2_REFERENCE section 5, float64 throughout, 100-iteration bongmath."""
     stub = StubExecutor.scale
     fns = (lambda n, x, s: torch.tanh(stub[n] * x) - s * x.flip(-1), lambda n, x, s: torch.sin(stub[n] * x) + s * x)
@@ -139,7 +139,7 @@ def reference_loop(latents, sigmas, guidance, seed, stage):
         n = (n - n.mean()) / n.std()
         return (n - n.mean(dim=(-2, -1), keepdim=True)) / n.std(dim=(-2, -1), keepdim=True)
 
-    def sde(x, x_det, sigma, sigma_next, n, eta=0.5):
+    def sde(x, x_det, sigma, sigma_next, n):
         up = min(eta * sigma_next, 0.9999 * sigma_next)
         res = math.sqrt(sigma_next**2 - up**2)
         alpha = 1 - sigma_next + res
@@ -160,7 +160,7 @@ def reference_loop(latents, sigmas, guidance, seed, stage):
         eps1 = [d - x for d, x in zip(d1, xs)]
         sub = [noise("substep", x) for x in xs]
         x_mid = [sde(x, x + h * a21 * e, sigma, mid, n) for x, e, n in zip(xs, eps1, sub)]
-        if h < 0.5 and sigma > 0.03:
+        if bongmath and h < 0.5 and sigma > 0.03:
             for _ in range(100):
                 xs = [m - h * a21 * e for m, e in zip(x_mid, eps1)]
                 eps1 = [d - x for d, x in zip(d1, xs)]
@@ -186,14 +186,35 @@ def test_stage1_matches_float64_reference_loop(tiny, guidance):
     torch.testing.assert_close(result.audio, want[1], rtol=1e-5, atol=1e-5)
 
 
-def test_stage2_matches_reference_loop(tiny):
+@pytest.mark.parametrize("eta, bongmath", [(0.2, True), (0.5, False), (0.0, True)])
+def test_stage1_eta_and_bongmath_reach_every_step(tiny, eta, bongmath):
+    _, conditioning, video, audio = tiny
+    video, audio = video.double(), audio.double()
+    sigmas = ltx2_sigmas(4, GRID.num_video_tokens)
+    result = denoise_stage1(StubExecutor(), conditioning, video, audio, seed=3, sigmas=sigmas, eta=eta,
+                            bongmath=bongmath, quiet=True)
+    want = reference_loop((video, audio), sigmas, GuidanceConfig.preset("hq"), seed=3, stage=1, eta=eta,
+                          bongmath=bongmath)
+    torch.testing.assert_close(result.video, want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.audio, want[1], rtol=1e-5, atol=1e-5)
+    default = reference_loop((video, audio), sigmas, GuidanceConfig.preset("hq"), seed=3, stage=1)
+    assert not torch.allclose(result.video, default[0], rtol=1e-4, atol=1e-4)  # the settings changed the result
+    if eta == 0.0:  # no noise injected: the seed cannot matter
+        other = denoise_stage1(StubExecutor(), conditioning, video, audio, seed=99, sigmas=sigmas, eta=0.0,
+                               quiet=True)
+        torch.testing.assert_close(other.video, result.video, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bongmath", [True, False])
+def test_stage2_matches_reference_loop(tiny, bongmath):
     _, conditioning, video, audio = tiny
     clean = (video.double() * 0.5, audio.double() * 0.5)
-    result = denoise_stage2(StubExecutor(), conditioning, *clean, seed=4, audio_output="refined", quiet=True)
+    result = denoise_stage2(StubExecutor(), conditioning, *clean, seed=4, audio_output="refined", quiet=True,
+                            bongmath=bongmath)
     sigmas = distilled_stage2_sigmas()
     g = generator(derive_seed(4, 2, "renoise"), "cpu")
     noisy = [x * (1 - sigmas[0]) + torch.randn(x.shape, generator=g, dtype=x.dtype) * sigmas[0] for x in clean]
-    want = reference_loop(noisy, sigmas, GuidanceConfig(), seed=4, stage=2)
+    want = reference_loop(noisy, sigmas, GuidanceConfig(), seed=4, stage=2, bongmath=bongmath)
     torch.testing.assert_close(result.video, want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result.audio, want[1], rtol=1e-5, atol=1e-5)
 
@@ -339,21 +360,23 @@ def test_step_timer_records_on_the_latents_device_stream(monkeypatch):
     """The events go to the stream of the device the steps run on, not the current device's (cuda:1 here)."""
     from pipeline import denoise
 
-    recorded = []
+    recorded, events = [], []
 
     class FakeEvent:
         def __init__(self, enable_timing):
-            pass
+            events.append(self)
 
         def record(self, stream=None):
-            recorded.append(stream)
+            recorded.append((events.index(self), stream))
 
     monkeypatch.setattr(denoise.torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(denoise.torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
-    timer = denoise.StepTimer(torch.device("cuda:1"), num_steps=1)
-    with timer.step(0):
-        pass
-    assert recorded == ["stream of cuda:1"] * 2
+    timer = denoise.StepTimer(torch.device("cuda:1"), num_steps=2)
+    for index in range(2):
+        with timer.step(index):
+            pass
+    # Each step's start event before it, its end event after it: (start, end) pairs in order, never one event twice.
+    assert recorded == [(i, "stream of cuda:1") for i in range(4)]
 
 
 @pytest.mark.cuda

@@ -36,7 +36,7 @@ def mp_coefficients(sigma, sigma_next, c2=0.5):
     a21 = c2 * mp_phi(1, -c2 * h)
     b2 = mp_phi(2, -h) / c2
     b1 = mp_phi(1, -h) - b2
-    return h, a21, b1, b2, mpmath.sqrt(mpmath.mpf(sigma) * mpmath.mpf(sigma_next))
+    return h, a21, b1, b2, mpmath.mpf(sigma) * mpmath.exp(-c2 * h)  # = sqrt(sigma * sigma_next) at c2 = 0.5
 
 
 def close(a, b, rel=1e-13):
@@ -60,11 +60,12 @@ PAIRS = [
 ]
 
 
+@pytest.mark.parametrize("c2", [0.5, 0.3, 0.8])
 @pytest.mark.parametrize("sigma,sigma_next", PAIRS)
-def test_coefficients_vs_independent(sigma, sigma_next):
-    got = res2s_coefficients(sigma, sigma_next)
+def test_coefficients_vs_independent(sigma, sigma_next, c2):
+    got = res2s_coefficients(sigma, sigma_next, c2)
     assert all(type(x) is float for x in got)
-    h, a21, b1, b2, sigma_mid = mp_coefficients(sigma, sigma_next)
+    h, a21, b1, b2, sigma_mid = mp_coefficients(sigma, sigma_next, c2)
     assert close(got.h, h, rel=1e-15)
     # h itself carries the float64 rounding of sigma/sigma_next; the coefficients are smooth in h.
     assert close(got.a21, a21)

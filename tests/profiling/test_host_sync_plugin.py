@@ -151,3 +151,22 @@ def test_misspelt():
     result.stdout.fnmatch_lines(["*no_host_sync: 1 host sync(s) where none is allowed*",
                                  "*takes only allow_one_time=<bool>*allow_onetime*"])
     result.stdout.no_fnmatch_line("*x not in list*")
+
+
+def test_guard_keeps_its_cupti_option_refuses_reentry_and_reports_a_sync_seen_twice_once():
+    """What a GPU run relies on, checked on CPU: `allowing_one_time()` keeps CUPTI on; a guard cannot be entered
+    again while open; a sync that both the dispatch detector and torch's sync-debug mode saw is one finding."""
+    from types import SimpleNamespace
+
+    from profiling.pytest_plugin import HostSyncGuard
+
+    assert HostSyncGuard(use_cupti=True).allowing_one_time().use_cupti
+    guard = HostSyncGuard(allow_one_time=True)
+    with guard, pytest.raises(RuntimeError, match="cannot be nested"):
+        guard.__enter__()
+    one = SimpleNamespace(location="test.py:3")
+    guard._report = SimpleNamespace(findings=[one], one_time=[])
+    guard._debug = SimpleNamespace(findings=[SimpleNamespace(location="test.py:3"),  # the same sync, seen again
+                                             SimpleNamespace(location="test.py:9")])  # seen by sync-debug only
+    guard._profiler = None
+    assert [f.location for f in guard._collect()] == ["test.py:3", "test.py:9"]
