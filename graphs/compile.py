@@ -23,6 +23,13 @@ GEMM outputs became non-contiguous, and `addmm` into a non-contiguous `out` cann
 epilogue: it copies the broadcast bias over the whole output and runs the GEMM with beta = 1 instead. Measured
 on an H200 at 8160 video tokens: 6 such copies per block, 14.3 ms per pass (profiling/PERF_LOG.md).
 
+So is its GEMM shape padding (`shape_padding`), for another reason: whether to pad a GEMM whose sizes are not
+multiples of 8 (here the audio chain's, at 126 rows) is decided by timing both versions while compiling, and a
+padded `addmm` becomes pad + mm + a separate bias-add kernel. The timings are close, so on a fresh compile cache
+the decision flips from machine to machine: on an H200, two fresh processes out of about a dozen compiled 3-4 such
+kernels more per block (2,461 and 2,509 kernels per cond pass against 2,317) at the same cycles per pass. Off, the
+compiled graph depends on the code alone, and a fresh compile skips those timings.
+
 The compiled callables are installed on the blocks only inside `compiling()` / `frozen()`, so the same model
 driven by another executor outside them runs plain eager code. Compiler settings are restored in `finally`.
 """
@@ -177,13 +184,14 @@ class CompiledBlocks:
 
     @contextlib.contextmanager
     def _inductor_settings(self) -> Iterator[None]:
-        """Inductor's CUDA graphs and comprehensive padding off while compiling (module docstring says why)."""
+        """Inductor's CUDA graphs and GEMM padding off while compiling (module docstring says why)."""
         if self.backend != "inductor":
             yield
             return
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch({"triton.cudagraphs": False, "comprehensive_padding": False}):
+        off = {"triton.cudagraphs": False, "comprehensive_padding": False, "shape_padding": False}
+        with inductor_config.patch(off):
             yield
 
     @contextlib.contextmanager
