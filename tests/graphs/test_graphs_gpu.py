@@ -9,7 +9,8 @@
   audio texts shorter than the video texts;
 - a changed skip block, shape or weights is a miss, never a stale replay;
 - the warmed-up loop makes no host sync (PyTorch's sync debug mode, the dispatch detector, CUPTI);
-- every pass graph shares one pool, whose size is reported.
+- every pass graph shares one pool, whose size is reported;
+- a pass that syncs fails its capture with the cause, and the pool is refused afterwards.
 Expected time on one H100/H200: ~1 min without the compile test, ~2-4 min with it (two inductor compiles).
 """
 
@@ -20,7 +21,7 @@ import copy
 import pytest
 import torch
 
-from graphs.errors import GraphMissError, GraphMissWarning
+from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
 from graphs.executor import GraphExecutor
 from pipeline.config import LatentGrid, ModelConfig
 from pipeline.denoise import denoise_stage1, denoise_stage2
@@ -335,3 +336,28 @@ def test_compiled_graph_loop_within_bf16_tolerance(small):
     out = executor.run(video, audio, 0.5, HQ)["cond"]
     expected = eager_pass(model, cond1, video, audio, 0.5, COND)
     assert rel_err(out.video, expected.video) < 3e-2 and rel_err(out.audio, expected.audio) < 3e-2
+
+
+def test_a_host_sync_in_a_pass_fails_its_capture_with_the_cause_and_for_good(small):
+    """The capture of a pass that syncs (here a hook reading a tensor's value) raises `CaptureError` with CUDA's own
+    error and the hint, and leaves the executor's pool unusable: a later capture into it is refused by name, never
+    attempted. A new executor on the same model captures and matches eager. Last in the module: it breaks a
+    capture on purpose."""
+    model, cond1, _, video, audio = small
+    executor = GraphExecutor(model)
+    executor.set_conditioning(cond1)
+    handle = model.video_in.register_forward_pre_hook(lambda module, args: float(args[0].sum()))  # a host sync
+    try:
+        with pytest.raises(CaptureError, match=r"capturing pass 'cond' \(.*\) failed: .+A CUDA graph cannot contain "
+                                               r"a host sync") as caught:
+            executor.run(video, audio, 0.5, (COND,))
+    finally:
+        handle.remove()
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    with pytest.raises(CaptureError, match="unusable after a failed capture .*create a new GraphExecutor"):
+        executor.run(video, audio, 0.5, (COND,))
+    fresh = GraphExecutor(model)
+    fresh.set_conditioning(cond1)
+    out = fresh.run(video, audio, 0.5, (COND,))["cond"]
+    expected = eager_pass(model, cond1, video, audio, 0.5, COND)
+    assert torch.equal(out.video, expected.video) and torch.equal(out.audio, expected.audio)
