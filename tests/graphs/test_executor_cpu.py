@@ -534,6 +534,7 @@ def test_a_weight_reviewed_in_place_misses(fake_graphs):
     weight.data = original[: weight.shape[0] // 2]
     with pytest.raises(GraphMissError, match="weight_storage"):
         executor.run(video, audio, 0.7, HQ)
+    assert executor.stats.misses == len(HQ)  # a strict miss is counted too, one per pass without its graph
     weight.data = original
     square = next(p for p in model.parameters() if p.ndim == 2 and p.shape[0] == p.shape[1])
     strict = _executor(model, miss_policy="strict")

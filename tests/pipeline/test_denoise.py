@@ -2,6 +2,7 @@
 float64 reference loop written here, host validation, regions, progress, and no host sync (with a
 positive control that injects an `.item()` into the sampler)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -307,7 +308,11 @@ def _bad_inputs(tiny):
     narrow = Conditioning({**conditioning.texts, "positive": TextContext(positive.video[..., :7], positive.audio)},
                           conditioning.rope)
     dev = GuidanceConfig.preset("dev")  # STG block 28 of a 2-layer model
+    rope = conditioning.rope
+    on_meta = {f.name: tuple(t.to("meta") for t in getattr(rope, f.name)) for f in dataclasses.fields(rope)}
+    meta_rope = Conditioning(conditioning.texts, dataclasses.replace(rope, **on_meta))
     return [
+        (dict(conditioning=meta_rope), "conditioning.rope is on meta, expected cpu"),
         (dict(conditioning=no_rope), "conditioning.rope must be RopeTables"),
         (dict(conditioning=narrow), r"conditioning.texts\['positive'\].video is 7 wide, the model expects"),
         (dict(video=video[0]), "video must be a floating \\[B, N, C\\] tensor"),
