@@ -109,23 +109,27 @@ def compare(before: dict, after: dict, *, names_per_row: int = 8) -> dict:
     for p in passes:
         changes = kernel_name_changes(p.before.get("kernel_names"), p.after.get("kernel_names"))
         out["passes"].append({
-            "key": p.key,
-            "ms": (_median_ms(p.before, "timing"), _median_ms(p.after, "timing")),
-            "m_cycles": (m_cycles(p.before, "timing"), m_cycles(p.after, "timing")),
+            **_both_sides(p, "timing"),
             "kernels": (p.before.get("kernels"), p.after.get("kernels")),
-            "errors": (p.before.get("error"), p.after.get("error")),
             "kernel_name_changes": changes[:names_per_row],
             "kernel_names_changed": len(changes),
         })
     for s in steps:
         out["steps"].append({
-            "key": s.key,
-            "ms": (_median_ms(s.before, "step"), _median_ms(s.after, "step")),
-            "m_cycles": (m_cycles(s.before, "step"), m_cycles(s.after, "step")),
+            **_both_sides(s, "step"),
             "syncs_per_step": (s.before.get("syncs_per_step"), s.after.get("syncs_per_step")),
-            "errors": (s.before.get("error"), s.after.get("error")),
         })
     return out
+
+
+def _both_sides(pair: RowPair, timing: str) -> dict:
+    """What pass and step rows share: the key, and (before, after) of ms, M cycles and errors."""
+    return {
+        "key": pair.key,
+        "ms": (_median_ms(pair.before, timing), _median_ms(pair.after, timing)),
+        "m_cycles": (m_cycles(pair.before, timing), m_cycles(pair.after, timing)),
+        "errors": (pair.before.get("error"), pair.after.get("error")),
+    }
 
 
 def format_comparison(before: dict, after: dict, result: dict, before_path: str, after_path: str) -> str:
