@@ -179,6 +179,8 @@ class GraphExecutor:
         share_text_kv: bool = True,
         progress: Callable[[str], None] | None = _stderr_line,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module (an LTX2Transformer), got {type(model).__name__}")
         if miss_policy not in MISS_POLICIES:
             raise ValueError(f"miss_policy must be one of {MISS_POLICIES}, got {miss_policy!r}")
         if not _is_int(warmup_iters) or warmup_iters < 1:

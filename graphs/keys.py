@@ -181,7 +181,9 @@ class WeightsState:
     - `param_versions`: the sum of the in-place version counters of the parameters and of the buffers a module
       names in `weight_buffers` (weights kept as buffers, e.g. FP8 weights and their scales; other buffers, such
       as coordinates a forward may rewrite, are not weights): an in-place edit such as `p.add_(...)` or
-      `load_state_dict` under `no_grad` bumps it;
+      `load_state_dict` under `no_grad` bumps it. An edit through `p.data` or a NumPy view bumps no counter and
+      is not seen; it needs no new capture either, since graphs read the weights' memory as it is at replay (no
+      graph keeps a copy or a product of a weight);
     - `weight_storage`: a hash of the weights' data pointers, shapes, strides and dtypes (a replaced weight
       moves, or is re-viewed in place through `.data`, and a graph would keep reading the old memory as the old
       shape);

@@ -53,9 +53,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("num_layers", "video_heads", "video_head_dim", "audio_heads", "audio_head_dim", "in_channels",
                      "audio_in_channels", "video_context_dim", "audio_context_dim", "ffn_mult"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+            if not _is_positive_int(getattr(self, name)):
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}")
         for name, dim, heads in (("video", self.video_dim, self.video_heads), ("audio", self.audio_dim,
                                                                                self.audio_heads)):
             if getattr(self, f"{name}_head_dim") % 2:
@@ -68,9 +67,20 @@ class ModelConfig:
         if (self.audio_dim // 2) % self.video_heads:
             raise ValueError(f"ModelConfig: cross-attention RoPE width {self.audio_dim // 2} must divide into "
                              f"video_heads={self.video_heads}")
-        if len(self.video_max_pos) != 3 or len(self.vae_scale_factors) != 3:
-            raise ValueError("ModelConfig.video_max_pos and vae_scale_factors must have 3 entries (t, h, w), got "
-                             f"{self.video_max_pos!r} and {self.vae_scale_factors!r}")
+        for name in ("audio_max_pos", "audio_scale_factor", "audio_sampling_rate", "audio_hop_length"):
+            if not _is_positive_int(getattr(self, name)):
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        offset = self.causal_offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"ModelConfig.causal_offset must be an int >= 0, got {self.causal_offset!r}")
+        for name in ("video_max_pos", "vae_scale_factors"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) != 3 or not all(map(_is_positive_int, value)):
+                raise ValueError(f"ModelConfig.{name} must be 3 positive ints (t, h, w), got {value!r}")
+        # A NaN or negative eps, or an infinite timestep scale, gave non-finite outputs with no error.
+        for name in ("norm_eps", "rope_theta", "timestep_scale", "cross_attn_gate_scale"):
+            if not _is_positive_finite(getattr(self, name)):
+                raise ValueError(f"ModelConfig.{name} must be a finite number > 0, got {getattr(self, name)!r}")
 
     @property
     def video_dim(self) -> int:
@@ -101,9 +111,18 @@ def audio_tokens_for(num_frames: int, fps: float) -> int:
 
     One rule for `LatentGrid.from_pixels` and `LatentGrid.from_tokens`, so a grid built either way from the same
     video length has the same audio length (121 frames at 24 fps -> 126 tokens)."""
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if not _is_positive_finite(fps):
+        raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
     return max(1, round(AUDIO_LATENTS_PER_SECOND * num_frames / fps))
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_positive_finite(value: object) -> bool:
+    """A real number (not a bool) in (0, inf): NaN and infinities fail."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _shown(value: object) -> str:
@@ -161,11 +180,10 @@ class LatentGrid:
 
     def __post_init__(self) -> None:
         for name in ("frames", "height", "width", "audio_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"LatentGrid.{name} must be a positive int, got {value!r}")
-        if not (isinstance(self.fps, (int, float)) and self.fps > 0):
-            raise ValueError(f"LatentGrid.fps must be a positive number, got {self.fps!r}")
+            if not _is_positive_int(getattr(self, name)):
+                raise ValueError(f"LatentGrid.{name} must be a positive int, got {getattr(self, name)!r}")
+        if not _is_positive_finite(self.fps):  # an infinite fps put every frame at time 0 in the RoPE tables
+            raise ValueError(f"LatentGrid.fps must be a finite number > 0, got {self.fps!r}")
 
     @property
     def num_video_tokens(self) -> int:
@@ -200,7 +218,7 @@ class LatentGrid:
         frame count in (16, 8, 4, 2, 1) that divides, then the most square height x width. Audio tokens default to
         what that many latent frames give at `fps` (16 frames -> 121 pixel frames -> 126 audio tokens).
         """
-        if not isinstance(num_video_tokens, int) or num_video_tokens <= 0:
+        if not _is_positive_int(num_video_tokens):
             raise ValueError(f"num_video_tokens must be a positive int, got {num_video_tokens!r}")
         if num_video_tokens in _KNOWN_FACTORISATIONS:
             frames, height, width = _KNOWN_FACTORISATIONS[num_video_tokens]

@@ -153,17 +153,24 @@ def _validate_latents(video: object, audio: object, conditioning: Conditioning, 
     """Host checks of the latents against each other, the conditioning and (if known) the model."""
     if not isinstance(video, Tensor):
         raise ValueError(f"video must be a tensor, got {type(video).__name__}")
-    check_latents(video, audio, video.device, conditioning, device_is="the video's device")
+    # The model's device is the reference when the executor shows it: latents left on the CPU for a CUDA model
+    # are then the error, not the conditioning that is where it should be.
+    model_device = getattr(getattr(executor, "model", None), "device", None)
+    if isinstance(model_device, torch.device):
+        device, device_is = model_device, "the model's device"
+    else:
+        device, device_is = video.device, "the video's device"
+    check_latents(video, audio, device, conditioning, device_is=device_is)
     for key, text in conditioning.texts.items():
-        if text.video.device != video.device:
-            raise ValueError(f"conditioning.texts[{key!r}] is on {text.video.device}, expected {video.device}")
+        if text.video.device != device:
+            raise ValueError(f"conditioning.texts[{key!r}] is on {text.video.device}, expected {device_is} {device}")
     rope = conditioning.rope  # a RopeTables (validate_conditioning)
     for name, expected, n in (("video", rope.num_video_tokens, video.shape[1]),
                               ("audio", rope.num_audio_tokens, audio.shape[1])):
         if expected != n:
             raise ValueError(f"{name} has {n} tokens but the RoPE tables were built for {expected}")
-    if rope.device != video.device:
-        raise ValueError(f"conditioning.rope is on {rope.device}, expected {video.device}")
+    if rope.device != device:
+        raise ValueError(f"conditioning.rope is on {rope.device}, expected {device_is} {device}")
     config = _model_config(executor)
     if config is not None:
         for name, t, c in (("video", video, config.in_channels), ("audio", audio, config.audio_in_channels)):

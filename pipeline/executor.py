@@ -66,6 +66,10 @@ def random_conditioning(
     `device` in `dtype`.
     """
 
+    for name, value in (("text_tokens", text_tokens), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
     def randn(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
@@ -125,9 +129,10 @@ def validate_conditioning(conditioning: Conditioning) -> None:
             raise ValueError(f"conditioning.texts[{key!r}] must be a TextContext, got {type(text).__name__}")
         for field in ("video", "audio"):
             t = getattr(text, field)
-            if not isinstance(t, Tensor) or t.ndim != 3:
-                shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"conditioning.texts[{key!r}].{field} must be a [B, Nt, D] tensor, got {shape}")
+            if not isinstance(t, Tensor) or t.ndim != 3 or not t.dtype.is_floating_point or 0 in t.shape:
+                got = f"{t.dtype} {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"conditioning.texts[{key!r}].{field} must be a floating [B, Nt, D] tensor with "
+                                 f"no empty dimension (at least one text token), got {got}")
         if text.video.shape[0] != text.audio.shape[0] or text.video.device != text.audio.device:
             raise ValueError(
                 f"conditioning.texts[{key!r}]: video and audio contexts disagree (batch {text.video.shape[0]} "
@@ -140,32 +145,39 @@ class EagerExecutor:
 
     def __init__(self, model: LTX2Transformer):
         self.model = model
-        self._conditioning: Conditioning | None = None
+        self._given: Conditioning | None = None  # as set_conditioning received it
+        self._conditioning: Conditioning | None = None  # its texts in the model's dtype
 
     def set_conditioning(self, conditioning: Conditioning) -> None:
         validate_conditioning(conditioning)
-        device, dtype = self.model.device, self.model.dtype
-        for key, text in conditioning.texts.items():
-            if text.video.device != device:
-                raise ValueError(
-                    f"conditioning.texts[{key!r}] is on {text.video.device}, expected the model's device {device}"
-                )
-        # Cast to the model dtype once per stage, not once per pass.
-        texts = {k: TextContext(t.video.to(dtype), t.audio.to(dtype)) for k, t in conditioning.texts.items()}
-        self._conditioning = Conditioning(texts=texts, rope=conditioning.rope)
+        device = self.model.device
+        placed = [(f"texts[{key!r}]", text.video.device) for key, text in conditioning.texts.items()]
+        for name, where in [*placed, ("rope", conditioning.rope.device)]:
+            if where != device:
+                raise ValueError(f"conditioning.{name} is on {where}, expected the model's device {device}")
+        self._given, self._conditioning = conditioning, None
+
+    def _in_model_dtype(self) -> Conditioning:
+        """The texts cast to the model dtype once per stage, not once per pass (again if the model was cast since)."""
+        if self._given is None:
+            raise ValueError("EagerExecutor.run called before set_conditioning(conditioning)")
+        dtype = self.model.dtype
+        if self._conditioning is None or next(iter(self._conditioning.texts.values())).video.dtype != dtype:
+            texts = {k: TextContext(t.video.to(dtype), t.audio.to(dtype)) for k, t in self._given.texts.items()}
+            self._conditioning = Conditioning(texts=texts, rope=self._given.rope)
+        return self._conditioning
 
     def run(self, video: Tensor, audio: Tensor, sigma: float, specs: Sequence[PassSpec]) -> dict[str, Velocity]:
-        if self._conditioning is None:
-            raise ValueError("EagerExecutor.run called before set_conditioning(conditioning)")
-        specs = check_specs(specs, self._conditioning)
-        check_latents(video, audio, self.model.device, self._conditioning)
+        conditioning = self._in_model_dtype()
+        specs = check_specs(specs, conditioning)
+        check_latents(video, audio, self.model.device, conditioning)
         b = video.shape[0]
         dtype = self.model.dtype
         video_in, audio_in = video.to(dtype), audio.to(dtype)
         sigma_t = torch.full((b,), check_host_float(sigma), dtype=torch.float32, device=video.device)  # no host read
         out: dict[str, Velocity] = {}
         for spec in specs:
-            text = self._conditioning.texts[spec.text]
+            text = conditioning.texts[spec.text]
             with region(f"pass {spec.name}"):
                 v, a = self.model(
                     video_in,
@@ -173,7 +185,7 @@ class EagerExecutor:
                     _batch(text.video, b),
                     _batch(text.audio, b),
                     sigma_t,
-                    self._conditioning.rope,
+                    conditioning.rope,
                     **spec.model_kwargs(),
                 )
             out[spec.name] = Velocity(v, a)

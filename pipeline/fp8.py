@@ -265,6 +265,11 @@ def quantize_fp8(model: nn.Module) -> int:
     how many were replaced. The bf16 weights they held are released (unless referenced elsewhere). Load weights
     first: the checkpoint loaders refuse a quantized model. A model quantized twice is an error (its weights are
     already e4m3)."""
+    from pipeline.model import LTX2Transformer  # here: pipeline.model imports this module
+
+    if not isinstance(model, LTX2Transformer):
+        raise ValueError(f"quantize_fp8 needs an LTX2Transformer (pipeline.model.build_model), got "
+                         f"{type(model).__name__}")
     if is_quantized(model):
         raise ValueError("quantize_fp8 needs an unquantized model; this one is already quantized")
     reason = fp8_unsupported(model.device)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -27,6 +26,7 @@ from pipeline.attention import CrossAttention, SelfAttention, exchange_attention
 from pipeline.config import ModelConfig, block_indices
 from pipeline.fp8 import Float8Linear, is_quantized, refuse_casts
 from pipeline.fused import linear_gelu_tanh
+from pipeline.noise import validate_seed
 from pipeline.rope import CosSin, RopeTables
 from pipeline.streams import SEQUENTIAL, AudioStreams, OverlapStreams, SideStreamCache
 from pipeline.text_kv import BlockTextKV, stream_text_kv
@@ -508,6 +508,9 @@ def _check_text_inputs(model: LTX2Transformer, video_context: Tensor, audio_cont
     _check_tensor("video_context", video_context, (batch, None, c.video_context_dim), dtype, device)
     b = video_context.shape[0]
     _check_tensor("audio_context", audio_context, (b, None, c.audio_context_dim), dtype, device)
+    for name, t in (("video_context", video_context), ("audio_context", audio_context)):
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} has shape {list(t.shape)}: no text tokens, expected at least 1")
     if isinstance(sigma, Tensor) and sigma.ndim == 2:
         _check_tensor("sigma", sigma, (b, video_tokens), torch.float32, device)
     else:
@@ -532,7 +535,11 @@ def validate_inputs(model: LTX2Transformer, video: Tensor, audio: Tensor, video_
     if not isinstance(rope, RopeTables):
         raise ValueError(f"rope must be RopeTables (pipeline.rope.build_rope_tables), got {type(rope).__name__}")
     if rope.batch_size not in (1, b):
-        raise ValueError(f"rope was built for batch size {rope.batch_size}, expected 1 or {b}")
+        raise ValueError(f"rope was built for batch size {rope.batch_size}, but the latents have batch {b} (RoPE "
+                         "tables serve batch 1 or the latents' batch)")
+    for name, n, built in (("video", nv, rope.num_video_tokens), ("audio", na, rope.num_audio_tokens)):
+        if n != built:  # the latents are the likelier culprit: name them before the tables' shapes
+            raise ValueError(f"{name} has {n} tokens but the RoPE tables were built for {built}")
     tables = (("video", rope.video, nv, c.video_heads, c.video_head_dim // 2),
               ("audio", rope.audio, na, c.audio_heads, c.audio_head_dim // 2),
               ("video_cross", rope.video_cross, nv, c.video_heads, c.audio_dim // (2 * c.video_heads)),
@@ -580,6 +587,9 @@ def init_weights(model: LTX2Transformer, seed: int = 0) -> None:
             p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=gen)
 
 
+MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
 def build_model(config: ModelConfig, *, device: torch.device | str, dtype: torch.dtype,
                 seed: int = 0) -> LTX2Transformer:
     """Build on the meta device, allocate directly on `device` in `dtype`, then seeded init there.
@@ -587,14 +597,17 @@ def build_model(config: ModelConfig, *, device: torch.device | str, dtype: torch
     Never materialises the model on the CPU first (the 19B preset builds on a GPU in seconds). `device="meta"`
     returns an unallocated model (for key-map checks).
     """
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
-    if isinstance(seed, bool) or not hasattr(seed, "__index__") or operator.index(seed) < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a ModelConfig (e.g. ModelConfig.preset('tiny')), got {config!r}")
+    if dtype not in MODEL_DTYPES:  # float8 is floating point too, but weights are quantized from these (pipeline.fp8)
+        raise ValueError(f"dtype must be one of {', '.join(map(str, MODEL_DTYPES))}, got {dtype!r}")
+    validate_seed(seed)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA device is available (torch.cuda.is_available() is False)")
     with torch.device("meta"):
         model = LTX2Transformer(config)
     model = model.to(dtype)  # still meta: free
-    device = torch.device(device)
     if device.type == "meta":
         return model.eval()
     model = model.to_empty(device=device)

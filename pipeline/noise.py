@@ -11,6 +11,11 @@ stream the draws come in a fixed order: video, then audio.
 
 SDE noise is drawn in float64, standardised over the whole tensor, then per batch item over (tokens,
 channels) - the reference's `_get_new_noise`.
+
+A batch is one draw, not B single draws: item i of a batch-B run differs from a batch-1 run with the same seed
+(its values sit elsewhere in the stream: after the earlier items', and the audio's after the whole batch's
+video noise; the whole-tensor standardisation also mixes the items). The transformer passes themselves are batch-independent; to reproduce an
+item on its own, run it with batch 1.
 """
 
 from __future__ import annotations

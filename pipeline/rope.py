@@ -101,7 +101,11 @@ def split_rope_table(coords: Tensor, max_pos: tuple[float, ...], *, dim: int, he
 def build_rope_tables(config: ModelConfig, grid: LatentGrid, *, device: torch.device | str,
                       batch_size: int = 1) -> RopeTables:
     """All RoPE tables for `grid`, on `device`. Call once per grid (and batch size), before any forward/capture."""
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+    if not isinstance(grid, LatentGrid):
+        raise ValueError(f"grid must be a LatentGrid (e.g. LatentGrid.from_pixels(...)), got {grid!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     v = video_coords(config, grid, device)  # [3, Nv, 2]
     a = audio_coords(config, grid, device)  # [1, Na, 2]

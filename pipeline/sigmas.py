@@ -41,7 +41,8 @@ def ltx2_sigmas(steps: int, num_tokens: int | None = None, terminal: float = 0.1
 
     1. `s_i = 1 - i/steps`; 2. shift `s' = e^mu / (e^mu + 1/s - 1)` (0 stays 0) with `mu = shift_mu(T)`;
     3. stretch the nonzero part so its last value is `terminal`: `z = 1 - s'`, `s'' = 1 - z / (z_last / (1 -
-    terminal))`. `num_tokens=None` means the 4096-token anchor (the non-HQ presets); HQ stage 1 passes its
+    terminal))`, computed from `z = r / (e^mu + r)`, `r = 1/s - 1`, so that huge token counts keep their digits.
+    `num_tokens=None` means the 4096-token anchor (the non-HQ presets); HQ stage 1 passes its
     real token count. With `steps == 1` the only nonzero sigma is the pinned 1.0, so there is nothing to
     stretch and the schedule is `[1.0, 0.0]`.
 
@@ -58,14 +59,15 @@ def ltx2_sigmas(steps: int, num_tokens: int | None = None, terminal: float = 0.1
     if not (isinstance(terminal, (int, float)) and 0.0 < terminal < 1.0):
         raise ValueError(f"terminal must be a float in the open interval (0, 1), got {terminal!r}")
 
-    exp_mu = math.exp(shift_mu(num_tokens))
-    linear = [1.0 - i / steps for i in range(steps)]  # the nonzero part; the trailing 0 is appended below
-    shifted = [exp_mu / (exp_mu + (1.0 / s - 1.0)) for s in linear]
     if steps == 1:
-        return [shifted[0], 0.0]
-    one_minus = [1.0 - s for s in shifted]
-    scale = one_minus[-1] / (1.0 - terminal)
-    stretched = [1.0 - z / scale for z in one_minus]
+        return [1.0, 0.0]  # s = 1 shifts to 1 at any mu
+    # z = 1 - s' is computed as r / (e^mu + r), r = 1/s - 1, never as a difference: from ~90k tokens e^mu is so
+    # large that s' rounds to 1.0 and `1 - s'` loses every digit. The stretch needs only z_i / z_last, written
+    # with e^-mu so that nothing overflows at any token count.
+    inv_exp_mu = math.exp(-shift_mu(num_tokens))
+    r = [1.0 / (1.0 - i / steps) - 1.0 for i in range(steps)]  # of each nonzero s; the final 0 is appended
+    stretched = [1.0 - (1.0 - terminal) * (r_i / r[-1]) * (1.0 + r[-1] * inv_exp_mu) / (1.0 + r_i * inv_exp_mu)
+                 for r_i in r]
     # The formula puts the last nonzero sigma at `terminal` exactly; pin it so rounding cannot move it.
     stretched[-1] = float(terminal)
     return [*stretched, 0.0]
@@ -95,7 +97,11 @@ def validate_sigmas(sigmas: Sequence[float], *, name: str = "sigmas") -> tuple[f
     A schedule has at least two finite values in [0, 1], strictly decreasing; only the last may be 0.
     """
     try:
-        values = tuple(float(s) for s in sigmas)
+        items = tuple(sigmas)
+        # A string is a sequence of digits and a bool a number to `float`: neither is a schedule.
+        if isinstance(sigmas, (str, bytes)) or any(isinstance(s, bool) for s in items):
+            raise TypeError
+        values = tuple(float(s) for s in items)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name} must be a sequence of Python numbers, got {sigmas!r}") from e
     if len(values) < 2:

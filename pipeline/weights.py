@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from pipeline.config import ModelConfig
 from pipeline.fp8 import is_quantized
+from pipeline.model import LTX2Transformer
 
 OFFICIAL_PREFIX = "model.diffusion_model."
 # Inside the DiT prefix of single-file checkpoints but not part of the DiT (text connectors run outside it).
@@ -144,8 +145,15 @@ def diffusers_key_map(config: ModelConfig) -> KeyMap:
     return _key_map(config, "diffusers")
 
 
-def _check_not_quantized(model: torch.nn.Module) -> None:
-    """Checkpoints map bf16 Linears; a model whose projections are e4m3 (`pipeline.fp8`) has no such weights."""
+def _check_model(model: object) -> None:
+    """What loading and exporting need: an `LTX2Transformer` (the key maps are its parameter names) with storage
+    (a model built on the meta device has none: a load would copy into nothing) and bf16 Linears (a model whose
+    projections are e4m3, `pipeline.fp8`, has no such weights)."""
+    if not isinstance(model, LTX2Transformer):
+        raise ValueError(f"model must be an LTX2Transformer (pipeline.model.build_model), got {type(model).__name__}")
+    if model.device.type == "meta":
+        raise WeightLoadError("the model is on the meta device, which holds no weights: build it on a real device "
+                              "(or call model.to_empty(device=...)) before loading or exporting weights")
     if is_quantized(model):
         raise WeightLoadError("the model's projections are FP8 (pipeline.fp8.quantize_fp8): load or export its "
                               "weights before quantizing")
@@ -153,7 +161,6 @@ def _check_not_quantized(model: torch.nn.Module) -> None:
 
 def _targets(model: torch.nn.Module, key_map: KeyMap) -> dict[str, tuple[str, tuple[int, int] | None, tuple]]:
     """Their name -> (our parameter name, rows, expected shape)."""
-    _check_not_quantized(model)
     params = dict(model.named_parameters())
     if set(params) != set(key_map):
         raise AssertionError(f"key map out of sync with the model: {sorted(set(params) ^ set(key_map))[:10]}")
@@ -164,6 +171,14 @@ def _targets(model: torch.nn.Module, key_map: KeyMap) -> dict[str, tuple[str, tu
             rows = src.rows
             out[src.name] = (ours, rows, shape if rows is None else (rows[1] - rows[0], *shape[1:]))
     return out
+
+
+def _open_safetensors(path: Path):
+    """`safe_open` on the CPU; a file that is not safetensors (truncated, another format, missing) is named."""
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise WeightLoadError(f"{str(path)!r} is not a readable safetensors file ({e})") from None
 
 
 def _problem_report(missing, unexpected, misshaped, mistyped) -> str:
@@ -187,7 +202,7 @@ def _load(model: torch.nn.Module, files: list[Path], key_map: KeyMap, rename) ->
     seen: set[str] = set()
     unexpected, misshaped, mistyped, plan = [], [], [], []
     for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with _open_safetensors(path) as f:
             for key in f.keys():
                 name = rename(key)
                 if name is None:
@@ -210,7 +225,7 @@ def _load(model: torch.nn.Module, files: list[Path], key_map: KeyMap, rename) ->
     params = dict(model.named_parameters())
     with torch.no_grad():
         for path in files:  # one file open at a time, one tensor in host memory at a time
-            with safe_open(path, framework="pt", device="cpu") as f:
+            with _open_safetensors(path) as f:
                 for p, key, name in plan:
                     if p != path:
                         continue
@@ -229,6 +244,7 @@ def _official_rename(key: str) -> str | None:
 
 def load_official_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load a Lightricks single-file checkpoint (DiT keys under `model.diffusion_model.`; the rest ignored)."""
+    _check_model(model)
     _load(model, [Path(path)], official_key_map(model.config), _official_rename)
 
 
@@ -272,6 +288,7 @@ def _index_weight_map(path: Path) -> dict[str, str]:
 
 def load_diffusers_transformer(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load a diffusers-format `LTX2VideoTransformer3DModel` (single file, sharded index, or their folder)."""
+    _check_model(model)
     _load(model, diffusers_weight_files(path), diffusers_key_map(model.config), lambda key: key)
 
 
@@ -280,7 +297,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     the `model.diffusion_model.` prefix, else diffusers."""
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors":
-        with safe_open(p, framework="pt", device="cpu") as f:
+        with _open_safetensors(p) as f:
             if any(k.startswith(OFFICIAL_PREFIX) for k in f.keys()):
                 return load_official_checkpoint(model, p)
     return load_diffusers_transformer(model, p)
@@ -288,7 +305,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 def iter_mapped_tensors(model: torch.nn.Module, key_map: KeyMap) -> Iterator[tuple[str, Tensor]]:
     """(their name, view of our parameter) for every tensor of the other format; views, no copies."""
-    _check_not_quantized(model)
+    _check_model(model)
     params = dict(model.named_parameters())
     for ours, sources in key_map.items():
         p = params[ours].detach()
@@ -303,12 +320,14 @@ def diffusers_state_dict(model: torch.nn.Module, *, device: torch.device | str =
     `LTX2VideoTransformer3DModel.from_config(diffusers_config(cfg))` + `load_state_dict(this)` gives the
     diffusers peer the same weights.
     """
+    _check_model(model)
     return {name: t.to(device=device, dtype=dtype or t.dtype, copy=True).contiguous()
             for name, t in iter_mapped_tensors(model, diffusers_key_map(model.config))}
 
 
 def official_state_dict(model: torch.nn.Module, *, device: torch.device | str = "cpu") -> dict[str, Tensor]:
     """Our weights under single-file names (with the `model.diffusion_model.` prefix), copied to `device`."""
+    _check_model(model)
     return {OFFICIAL_PREFIX + name: t.to(device=device, copy=True).contiguous()
             for name, t in iter_mapped_tensors(model, official_key_map(model.config))}
 
@@ -378,6 +397,10 @@ def save_official_checkpoint(model: torch.nn.Module, path: str | os.PathLike, *,
     from safetensors.torch import save_file
 
     state = official_state_dict(model)
+    clashes = sorted(k for k in extra or {} if k.startswith(OFFICIAL_PREFIX) and _official_rename(k) is not None)
+    if clashes:  # they would overwrite (or add to) the DiT that the loader reads back
+        raise ValueError(f"extra must hold other components' tensors, not the DiT's ({OFFICIAL_PREFIX}...): got "
+                         f"{', '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''}")
     state.update(extra or {})
     meta = {"config": json.dumps({"transformer": diffusers_config(model.config)}), "model_version": "2.3"}
     save_file(state, Path(path), metadata=meta)

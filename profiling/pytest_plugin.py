@@ -166,9 +166,9 @@ def pytest_runtest_call(item: pytest.Item):
     marker = item.get_closest_marker(MARKER)
     if marker is None:
         return (yield)
-    if marker.args or set(marker.kwargs) - {"allow_one_time"}:
+    allow_one_time = marker.kwargs.get("allow_one_time", False)
+    if marker.args or set(marker.kwargs) - {"allow_one_time"} or not isinstance(allow_one_time, bool):  # "no" is true
         raise pytest.UsageError(f"@pytest.mark.{MARKER} takes only allow_one_time=<bool>, got args {marker.args} "
                                 f"and kwargs {marker.kwargs} ({item.nodeid})")
-    allow_one_time = marker.kwargs.get("allow_one_time", False)
     with HostSyncGuard(use_cupti=item.config.getoption("ltx2_sync_cupti"), allow_one_time=allow_one_time):
         return (yield)

@@ -120,6 +120,11 @@ def test_bad_arguments(kwargs, match):
         GraphExecutor(_setup()[0], **{"miss_policy": "eager", **kwargs})
 
 
+def test_a_model_that_is_not_a_module_is_named():
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module .*got NoneType"):
+        GraphExecutor(None, miss_policy="eager")
+
+
 # --------------------------------------------------------------------------- input validation
 
 

@@ -227,6 +227,13 @@ def test_changed_weights_are_a_miss_never_a_stale_replay(small):
         assert executor.stats.captures == 3
         expected = eager_pass(model, cond1, video, audio, 0.5, COND)
         assert torch.equal(out.video, expected.video)
+        # An edit no version counter sees (through `.data`, as a NumPy view would) changes the memory the graph
+        # reads: the same graph replays (no capture) and sees it, as eager does.
+        model.video_out.weight.data.mul_(0.5)
+        out = executor.run(video, audio, 0.5, (COND,))["cond"]
+        assert executor.stats.captures == 3
+        expected = eager_pass(model, cond1, video, audio, 0.5, COND)
+        assert torch.equal(out.video, expected.video)
     finally:
         model.video_out.weight, model.weights_version = weight, version
         with torch.no_grad():
@@ -336,6 +343,19 @@ def test_compiled_graph_loop_within_bf16_tolerance(small):
     out = executor.run(video, audio, 0.5, HQ)["cond"]
     expected = eager_pass(model, cond1, video, audio, 0.5, COND)
     assert rel_err(out.video, expected.video) < 3e-2 and rel_err(out.audio, expected.audio) < 3e-2
+    # Compiled code keeps no copy of a weight either: an edit no version counter sees (`.data`) inside a compiled
+    # region reaches the replay of the same graph.
+    before = out.video.clone()
+    fc2 = model.blocks[0].video_ff.fc2.weight
+    captures = executor.stats.captures
+    try:
+        fc2.data.mul_(0.5)
+        out = executor.run(video, audio, 0.5, HQ)["cond"]
+        expected = eager_pass(model, cond1, video, audio, 0.5, COND)
+    finally:
+        fc2.data.mul_(2.0)  # exact in bf16: a power of two
+    assert executor.stats.captures == captures
+    assert rel_err(out.video, before) > 1e-3 and rel_err(out.video, expected.video) < 3e-2
 
 
 def test_a_host_sync_in_a_pass_fails_its_capture_with_the_cause_and_for_good(small):

@@ -38,13 +38,42 @@ def test_from_pixels_exact_sizes(width, height, frames, grid):
     (dict(num_frames=122), r"num_frames must be 8k\+1 .*got 122$"),
     (dict(num_frames=0), r"num_frames must be 8k\+1 .*got 0$"),
     (dict(num_frames=121.0), r"num_frames must be 8k\+1 .*got 121\.0$"),
-    (dict(fps=0.0), "fps must be a positive number, got 0.0"),
+    (dict(fps=0.0), "fps must be a finite number > 0, got 0.0"),
 ])
 def test_from_pixels_refuses_sizes_the_vae_does_not_produce(kwargs, match):
     """No silent flooring: 100 px used to become 96 px and 120 frames 113."""
     args = dict(width=960, height=544, num_frames=121, fps=24.0) | kwargs
     with pytest.raises(ValueError, match=match):
         LatentGrid.from_pixels(**args)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("norm_eps", float("nan"), "norm_eps must be a finite number > 0, got nan"),  # read as an 'eps mismatch'
+    ("norm_eps", -1.0, "norm_eps must be a finite number > 0"),  # non-finite outputs, no error
+    ("timestep_scale", float("inf"), "timestep_scale must be a finite number > 0"),
+    ("rope_theta", 0, "rope_theta must be a finite number > 0"),  # degenerate RoPE tables, no error
+    ("cross_attn_gate_scale", True, "cross_attn_gate_scale must be a finite number > 0"),
+    ("vae_scale_factors", (0, 0, 0), r"vae_scale_factors must be 3 positive ints \(t, h, w\), got \(0, 0, 0\)"),
+    ("video_max_pos", (20, 2048), "video_max_pos must be 3 positive ints"),
+    ("audio_hop_length", 0, "audio_hop_length must be a positive int"),
+    ("causal_offset", -1, "causal_offset must be an int >= 0"),
+    ("num_layers", 2.0, "num_layers must be a positive int"),
+])
+def test_model_config_refuses_values_that_run_into_nonsense(field, value, match):
+    with pytest.raises(ValueError, match=f"ModelConfig.{match}"):
+        ModelConfig.preset("tiny").replace(**{field: value})
+    assert ModelConfig.preset("tiny").replace(causal_offset=0).causal_offset == 0
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: LatentGrid(frames=1, height=1, width=1, audio_tokens=1, fps=float("inf")),
+     "LatentGrid.fps must be a finite number > 0, got inf"),  # every frame at time 0 in the RoPE tables
+    (lambda: LatentGrid.from_pixels(width=128, height=128, num_frames=17, fps=float("inf")), "fps must be a finite"),
+    (lambda: LatentGrid.from_tokens(True), "num_video_tokens must be a positive int, got True"),
+])
+def test_latent_grid_refuses_infinite_fps_and_bool_sizes(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
 
 
 # ---- audio tokens -----------------------------------------------------------------------------------------------
@@ -63,7 +92,7 @@ def test_from_pixels_and_from_tokens_share_the_audio_rule():
         pixels = LatentGrid.from_pixels(width=384, height=256, num_frames=121, fps=fps)
         tokens = LatentGrid.from_tokens(pixels.num_video_tokens, fps=fps)  # 1536: 16 latent frames = 121 frames
         assert pixels.audio_tokens == tokens.audio_tokens == audio_tokens_for(121, fps)
-    with pytest.raises(ValueError, match="fps must be a positive number, got 0"):
+    with pytest.raises(ValueError, match="fps must be a finite number > 0, got 0"):
         LatentGrid.from_tokens(1536, fps=0)
 
 

@@ -312,7 +312,7 @@ def _bad_inputs(tiny):
     on_meta = {f.name: tuple(t.to("meta") for t in getattr(rope, f.name)) for f in dataclasses.fields(rope)}
     meta_rope = Conditioning(conditioning.texts, dataclasses.replace(rope, **on_meta))
     return [
-        (dict(conditioning=meta_rope), "conditioning.rope is on meta, expected cpu"),
+        (dict(conditioning=meta_rope), "conditioning.rope is on meta, expected the model's device cpu"),
         (dict(conditioning=no_rope), "conditioning.rope must be RopeTables"),
         (dict(conditioning=narrow), r"conditioning.texts\['positive'\].video is 7 wide, the model expects"),
         (dict(video=video[0]), "video must be a floating \\[B, N, C\\] tensor"),
@@ -320,7 +320,9 @@ def _bad_inputs(tiny):
         (dict(audio=audio.expand(2, -1, -1)), "audio batch 2"),
         (dict(video=video[:, :5]), "5 tokens but the RoPE tables were built for 12"),
         (dict(audio=audio[..., :64]), "64 channels"),
-        (dict(video=torch.zeros(1, 12, 128, device="meta")), "audio is on cpu"),
+        # latents elsewhere than the model: the latents are named, not the conditioning that sits with the model
+        (dict(video=torch.zeros(1, 12, 128, device="meta")), "video is on meta, expected the model's device cpu"),
+        (dict(video=video.to("meta"), audio=audio.to("meta")), "video is on meta, expected the model's device"),
         (dict(steps=0), "steps must be an int >= 1"),
         (dict(steps=3, sigmas=[1.0, 0.5, 0.0]), "disagrees"),
         (dict(sigmas=[1.0, 1.0, 0.0]), "strictly decreasing"),

@@ -70,6 +70,21 @@ def test_casts_latents_to_the_model_dtype(tiny):
     assert out["cond"].video.dtype == torch.bfloat16
 
 
+def test_a_model_cast_after_set_conditioning_casts_the_texts_again(tiny):
+    """The texts are cast to the model dtype once per stage; a model cast since must not leave them behind (the
+    model then refused them as "video_context has dtype float32, expected float64")."""
+    _, conditioning, video, audio = tiny
+    model = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=torch.float32, seed=0)
+    executor = EagerExecutor(model)
+    executor.set_conditioning(conditioning)
+    with torch.no_grad():
+        before = executor.run(video, audio, 0.5, SPECS[:1])["cond"].video
+        model.double()
+        after = executor.run(video, audio, 0.5, SPECS[:1])["cond"].video
+    assert after.dtype == torch.float64
+    torch.testing.assert_close(after.float(), before)
+
+
 def test_no_host_sync_and_pass_regions(tiny):
     model, conditioning, video, audio = tiny
     executor = EagerExecutor(model)
@@ -92,7 +107,19 @@ def test_errors(tiny):
     with pytest.raises(ValueError, match=r"\[B, Nt, D\]"):
         executor.set_conditioning(Conditioning({"positive": TextContext(torch.zeros(4, 32), torch.zeros(1, 4, 16))},
                                                conditioning.rope))
-    executor.set_conditioning(Conditioning({"positive": conditioning.texts["positive"]}, conditioning.rope))
+    positive = conditioning.texts["positive"]
+    for bad in (TextContext(positive.video[:, :0], positive.audio[:, :0]),  # no tokens: a reshape error deep down
+                TextContext(positive.video.long(), positive.audio.long())):  # was silently cast to float
+        with pytest.raises(ValueError, match=r"texts\['positive'\]\.video must be a floating \[B, Nt, D\] tensor "
+                                             r"with no empty dimension"):
+            executor.set_conditioning(Conditioning({"positive": bad}, conditioning.rope))
+    on_meta = type(conditioning.rope)(**{k: tuple(t.to("meta") for t in v) for k, v in vars(conditioning.rope).items()})
+    with pytest.raises(ValueError, match="conditioning.rope is on meta, expected the model's device cpu"):
+        executor.set_conditioning(Conditioning(conditioning.texts, on_meta))  # was refused only at run
+    for name, kwargs in (("text_tokens", dict(text_tokens=0)), ("batch", dict(text_tokens=4, batch=True))):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+            random_conditioning(model.config, GRID, generator=torch.Generator(), **kwargs)
+    executor.set_conditioning(Conditioning({"positive": positive}, conditioning.rope))
     with pytest.raises(ValueError, match="'negative' text"):
         executor.run(video, audio, 0.5, SPECS)
     with pytest.raises(ValueError, match="unique"):

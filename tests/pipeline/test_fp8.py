@@ -218,6 +218,8 @@ def test_quantize_fp8_refusals(tmp_path):
     quantize_fp8(model)
     with pytest.raises(ValueError, match="needs an unquantized model; this one is already quantized"):
         quantize_fp8(model)
+    with pytest.raises(ValueError, match="quantize_fp8 needs an LTX2Transformer .*got Linear"):
+        quantize_fp8(torch.nn.Linear(16, 16))
     with pytest.raises(WeightLoadError, match="load or export its weights before quantizing"):
         load_weights(model, tmp_path / "ckpt")
     with pytest.raises(WeightLoadError, match="before quantizing"):

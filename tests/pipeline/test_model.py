@@ -110,14 +110,24 @@ def test_seeded_build_is_deterministic():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"dtype": "bf16"}, r"dtype must be a floating-point torch.dtype \(e.g. torch.bfloat16\), got 'bf16'"),
-    ({"dtype": torch.int32}, "dtype must be a floating-point torch.dtype"),
-    ({"seed": -1}, "seed must be an int >= 0, got -1"),
-    ({"seed": "a"}, "seed must be an int >= 0, got 'a'"),
+    ({"dtype": "bf16"}, r"dtype must be one of torch.bfloat16, torch.float16, torch.float32, torch.float64, "
+                        r"got 'bf16'"),
+    ({"dtype": torch.int32}, "dtype must be one of"),
+    ({"dtype": torch.float8_e4m3fn}, "dtype must be one of"),  # floating point, but init cannot fill it
+    ({"seed": -1}, r"seed must be an int in \[0, 2\*\*63\), got -1"),
+    ({"seed": "a"}, "seed must be an int in .*got 'a'"),
+    ({"seed": 2**70}, "seed must be an int in"),  # overflowed inside torch
+    ({"config": "tiny"}, "config must be a ModelConfig .*got 'tiny'"),
 ])
 def test_build_model_names_a_bad_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        build_model(ModelConfig.preset("tiny"), **{"device": "meta", "dtype": torch.float32, **kwargs})
+        build_model(**{"config": ModelConfig.preset("tiny"), "device": "meta", "dtype": torch.float32, **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_build_model_on_cuda_without_a_gpu_says_so():
+    with pytest.raises(ValueError, match=r"device 'cuda': no CUDA device is available"):
+        build_model(ModelConfig.preset("tiny"), device="cuda", dtype=torch.float32)
 
 
 def test_batch_matches_single_samples(tiny):
@@ -315,6 +325,18 @@ def test_op_recorder_positive_control():
         torch.tensor([1.0, 2.0])
         torch.ones(3).nonzero()
     assert len(recorder.found) == 3, recorder.found
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=True), "batch_size must be a positive int, got True"),  # expand() failed inside torch
+    (dict(batch_size=0), "batch_size must be a positive int, got 0"),
+    (dict(grid=(3, 4, 4, 18)), r"grid must be a LatentGrid .*got \(3, 4, 4, 18\)"),
+    (dict(config=None), "config must be a ModelConfig, got NoneType"),
+])
+def test_build_rope_tables_names_a_bad_argument(kwargs, match):
+    args = dict(config=ModelConfig.preset("tiny"), grid=GRID, device="cpu") | kwargs
+    with pytest.raises(ValueError, match=match):
+        build_rope_tables(**args)
 
 
 def test_forward_builds_no_rope_tables(tiny, monkeypatch):
@@ -606,8 +628,11 @@ def _bad_inputs(config):
         "sigma ": dict(sigma=x.sigma[:1]),
         "sigma  ": dict(sigma=x.sigma[:, None, None]),
         "sigma   ": dict(sigma=0.5),
-        "rope": dict(rope=other_rope),
-        "rope ": dict(rope=(rope.video,)),
+        "video has 18 tokens but the RoPE tables were built for 12": dict(rope=other_rope),  # latents named first
+        "rope": dict(rope=(rope.video,)),
+        "rope was built for batch size 3, but the latents have batch 2": dict(
+            rope=build_rope_tables(config, GRID, device="cpu", batch_size=3)),
+        "video_context has shape .*no text tokens": dict(video_context=x.video_context[:, :0]),
     }
 
 

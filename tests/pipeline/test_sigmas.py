@@ -66,6 +66,24 @@ def test_shape_of_schedule(steps, tokens, terminal):
     assert validate_sigmas(got) == tuple(got)
 
 
+@pytest.mark.parametrize("tokens", [94_000, 130_560, 2_000_000, 10**9])
+def test_huge_grids_keep_their_digits(tokens):
+    """From ~90k video tokens (a 4K grid has 130,560) e^mu makes s' round to 1.0 in float64, so `1 - s'` lost every
+    digit: the schedule came out flat or divided by zero. Against the formula in exact rational arithmetic (mu
+    rounded to a float, as the module has it; e^mu as a Fraction of its float where it fits, else the limit)."""
+    from fractions import Fraction
+    steps, terminal = 15, Fraction(1, 10)
+    mu = shift_mu(tokens)
+    exp_mu = Fraction(math.exp(mu)) if mu < 700 else None  # beyond, e^-mu underflows: the mu -> infinity limit
+    r = [1 / (1 - Fraction(i, steps)) - 1 for i in range(steps)]
+    z = [ri if exp_mu is None else ri / (exp_mu + ri) for ri in r]  # the limit's z is r up to a common factor
+    want = [1 - (1 - terminal) * zi / z[-1] for zi in z]
+    got = ltx2_sigmas(steps, tokens)
+    assert validate_sigmas(got) == tuple(got)  # strictly decreasing, 1.0 ... 0.1, 0.0
+    for a, b in zip(got[:-1], want, strict=True):
+        assert abs(a - float(b)) < 1e-12
+
+
 def test_hq_stage1_values():
     got = ltx2_sigmas(15, 8160)
     assert got[1] == pytest.approx(0.99349095414, abs=1e-10)
@@ -128,6 +146,8 @@ def test_floor_insertion():
         ([1.0, float("nan"), 0.0], "finite"),
         ([1.0, 0.5, -0.1], r"\[0, 1\]"),
         (["a", "b"], "Python numbers"),
+        ("10", "Python numbers"),  # float("1"), float("0") would read it as [1.0, 0.0]
+        ([True, False], "Python numbers"),
     ],
 )
 def test_validate_sigmas(bad, match):

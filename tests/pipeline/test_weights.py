@@ -189,6 +189,35 @@ def test_non_float_and_float8_sources_are_mis_typed(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_what_cannot_be_loaded_into_or_exported_is_refused_by_name(tmp_path):
+    """A meta model (no storage: a load copied into nothing and counted a new weights version), something that is
+    not our model (an AttributeError from deep inside), a file that is not safetensors (an error not naming it) and
+    `extra` tensors that would overwrite the DiT in an exported checkpoint."""
+    path = save_official_checkpoint(build_model(TINY, device="cpu", dtype=torch.float32, seed=1),
+                                    tmp_path / "ltx.safetensors")
+    meta = build_model(TINY, device="meta", dtype=torch.float32)
+    with pytest.raises(WeightLoadError, match="meta device"):
+        load_weights(meta, path)
+    assert meta.weights_version == 0
+    with pytest.raises(WeightLoadError, match="meta device"):
+        official_state_dict(meta)
+    for not_ours in (torch.nn.Linear(2, 2), None):
+        with pytest.raises(ValueError, match="model must be an LTX2Transformer"):
+            load_weights(not_ours, path)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightLoadError, match=f"{str(garbage)!r} is not a readable safetensors file"):
+        load_weights(build_model(TINY, device="cpu", dtype=torch.float32), garbage)
+    index = {"weight_map": {"proj_out.weight": "gone.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightLoadError, match="gone.safetensors' is not a readable safetensors file"):
+        load_weights(build_model(TINY, device="cpu", dtype=torch.float32), tmp_path / "model.safetensors.index.json")
+    dit_key = f"{OFFICIAL_PREFIX}proj_out.weight"
+    with pytest.raises(ValueError, match=f"extra must hold other components' tensors.*{dit_key}"):
+        save_official_checkpoint(build_model(TINY, device="cpu", dtype=torch.float32), tmp_path / "x.safetensors",
+                                 extra={dit_key: torch.zeros(128, 32)})
+
+
 def test_half_precision_sources_still_load(tmp_path):
     state = official_state_dict(build_model(TINY, device="cpu", dtype=torch.float32, seed=1))
     state = {k: v.to(torch.bfloat16 if i % 2 else torch.float16) for i, (k, v) in enumerate(state.items())}

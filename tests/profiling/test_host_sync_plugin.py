@@ -146,10 +146,15 @@ def test_nested_then_sync(no_host_sync):
 @pytest.mark.no_host_sync(allow_onetime=True)
 def test_misspelt():
     pass
+
+@pytest.mark.no_host_sync(allow_one_time="no")
+def test_not_a_bool():
+    pass
 """)
-    result.assert_outcomes(failed=2)
+    result.assert_outcomes(failed=3)
     result.stdout.fnmatch_lines(["*no_host_sync: 1 host sync(s) where none is allowed*",
-                                 "*takes only allow_one_time=<bool>*allow_onetime*"])
+                                 "*takes only allow_one_time=<bool>*allow_onetime*",
+                                 "*takes only allow_one_time=<bool>*'allow_one_time': 'no'*"])
     result.stdout.no_fnmatch_line("*x not in list*")
 
 
