@@ -541,8 +541,6 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
         return f"CUDA graph capture failed: {text} (hint: try --executor eager to check the model itself)", 3
     if "BlindProfilerError" in kinds:
         return f"{text} (hint: detach other profilers (nsys, torch.profiler) from this process)", 3
-    if "HostSyncError" in kinds:
-        return f"host sync in the denoising loop: {text} (hint: `{PROG} profile` reports where it happens)", 4
     if isinstance(exc, ModuleNotFoundError):
         return f"missing package: {text} (hint: pip install the package named, e.g. 'ltx2-graphs[cupti]')", 2
     if isinstance(exc, (ValueError, OSError)):

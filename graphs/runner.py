@@ -357,4 +357,9 @@ def main(args, progress: Progress) -> int:
         print(format_summary(summary))
     if args.json:
         emit_json(summary.to_json(), args.json)
+    synced = sum(stage.syncs.count or 0 for stage in summary.stages)
+    if synced:  # after the report and the latents are out: the run finished, the check failed
+        raise CommandError(f"the sync check counted {synced} host sync(s) in the denoising loop (the report lists "
+                           "the first ones)", hint="`ltx2-graphs profile` with the same flags reports where each happens",
+                           code=4)
     return 0

@@ -45,6 +45,27 @@ def test_dev_preset_on_a_shallow_model_uses_its_last_block(capsys):
     assert data["stages"][0]["passes"] == ["cond", "neg", "perturbed", "modality"] and data["syncs"] == 0
 
 
+def test_a_host_sync_in_the_loop_fails_the_run_after_its_report(capsys, monkeypatch, tmp_path):
+    """`--sync-check on` (the default) is a check: a sync in the loop exits 4, after the report and the latents
+    are written. Here the guidance combine reads a value, as a careless edit might."""
+    import pipeline.denoise
+
+    combine = pipeline.denoise.combine
+
+    def reading_combine(*args, **kwargs):
+        out = combine(*args, **kwargs)
+        float(out[0].sum())  # a host read: on a GPU, a sync
+        return out
+
+    monkeypatch.setattr(pipeline.denoise, "combine", reading_combine)
+    code = main(["run", "--quiet", "--steps", "1", "--json", "--output", str(tmp_path / "out.safetensors")])
+    out = capsys.readouterr()
+    syncs = json.loads(out.out)["syncs"]  # one per combine call (video and audio)
+    assert code == 4 and syncs >= 1 and (tmp_path / "out.safetensors").exists()
+    assert f"the sync check counted {syncs} host sync(s) in the denoising loop" in out.err
+    assert "hint: `ltx2-graphs profile`" in out.err
+
+
 def test_stg_without_blocks_is_a_command_error():
     with pytest.raises(CommandError, match="stg_blocks is empty"):
         guidance_from_args(parse("--audio-stg", "0.5"))
