@@ -360,6 +360,6 @@ def main(args, progress: Progress) -> int:
     synced = sum(stage.syncs.count or 0 for stage in summary.stages)
     if synced:  # after the report and the latents are out: the run finished, the check failed
         raise CommandError(f"the sync check counted {synced} host sync(s) in the denoising loop (the report lists "
-                           "the first ones)", hint="`ltx2-graphs profile` with the same flags reports where each happens",
-                           code=4)
+                           "the first ones)", code=4,
+                           hint="`ltx2-graphs profile` with the same flags reports where each happens")
     return 0

@@ -14,8 +14,8 @@ channels) - the reference's `_get_new_noise`.
 
 A batch is one draw, not B single draws: item i of a batch-B run differs from a batch-1 run with the same seed
 (its values sit elsewhere in the stream: after the earlier items', and the audio's after the whole batch's
-video noise; the whole-tensor standardisation also mixes the items). The transformer passes themselves are batch-independent; to reproduce an
-item on its own, run it with batch 1.
+video noise; the whole-tensor standardisation also mixes the items). The transformer passes themselves are
+batch-independent; to reproduce an item on its own, run it with batch 1.
 """
 
 from __future__ import annotations
