@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from graphs import trees
-from graphs.keys import InputSignature, TensorSig
+from graphs.keys import TensorSig
 from pipeline.executor import check_host_float
 
 
@@ -42,7 +42,7 @@ def check_like(name: str, value: object, expected: Tensor, *, cast: bool = False
 
 
 class StaticInputs:
-    """The buffers shared by all pass graphs of one `InputSignature`.
+    """The buffers shared by all pass graphs of one input signature (`graphs.keys.InputSignature`).
 
     Attributes (all on one device, allocated once, written in place only):
       video  [B, Nv, C]   latents in the model dtype, copied in once per evaluation
@@ -53,16 +53,7 @@ class StaticInputs:
       rope   static copy of the conditioning's `RopeTables` (own dtype)
     """
 
-    def __init__(
-        self,
-        signature: InputSignature,
-        video: Tensor,
-        audio: Tensor,
-        conditioning,
-        dtype: torch.dtype,
-        generation: int = 0,
-    ) -> None:
-        self.signature = signature
+    def __init__(self, video: Tensor, audio: Tensor, conditioning, dtype: torch.dtype, generation: int) -> None:
         device = video.device
         self.video = torch.zeros(video.shape, dtype=dtype, device=device)
         self.audio = torch.zeros(audio.shape, dtype=dtype, device=device)
@@ -75,7 +66,7 @@ class StaticInputs:
         self.conditioning_generation = -1  # which set_conditioning the text/rope copies hold
         self.set_conditioning(conditioning, generation)
 
-    def set_conditioning(self, conditioning, generation: int = 0) -> None:
+    def set_conditioning(self, conditioning, generation: int) -> None:
         """Copy the texts (casting to the model dtype) and RoPE tables into the static copies; no host sync."""
         if sorted(conditioning.texts) != sorted(self.texts):
             raise ValueError(

@@ -127,17 +127,15 @@ class CompiledBlocks:
         *,
         max_variants: int = 16,
         backend: str = "inductor",
-        fullgraph: bool = True,
     ) -> None:
         if mode not in COMPILE_MODES:
             raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
         if max_variants < 1:
             raise ValueError(f"max_variants must be >= 1, got {max_variants}")
-        self.mode = mode
         self.backend = backend
         self.max_variants = max_variants
         self.blocks = find_blocks(model)
-        options: dict = {"backend": backend, "fullgraph": fullgraph, "dynamic": False}
+        options: dict = {"backend": backend, "fullgraph": True, "dynamic": False}
         if backend == "inductor":
             options["mode"] = mode
         # The regions: the methods the block class names in `compile_regions` (a forward that switches CUDA
@@ -160,22 +158,16 @@ class CompiledBlocks:
 
     @contextlib.contextmanager
     def _installed(self) -> Iterator[None]:
-        """Compiled forwards go in `_compiled_call_impl`; other regions shadow the class's methods on each block.
-        Whatever was there before is put back on exit (so the contexts nest)."""
-        methods = [name for name in self.regions if name != "forward"]
-        saved = [(block._compiled_call_impl, {n: block.__dict__.get(n, _MISSING) for n in methods})
-                 for block in self.blocks]
+        """Each region's compiled function shadows the class's method on each block, `forward` too: calling a
+        block still goes through `nn.Module.__call__`, which runs its hooks around it. Whatever was there before
+        is put back on exit (so the contexts nest)."""
+        saved = [{name: block.__dict__.get(name, _MISSING) for name in self.regions} for block in self.blocks]
         try:
             for block, bound in zip(self.blocks, self._bound):
-                for name, fn in bound.items():
-                    if name == "forward":
-                        block._compiled_call_impl = fn
-                    else:
-                        block.__dict__[name] = fn
+                block.__dict__.update(bound)
             yield
         finally:
-            for block, (impl, shadowed) in zip(self.blocks, saved):
-                block._compiled_call_impl = impl
+            for block, shadowed in zip(self.blocks, saved):
                 for name, old in shadowed.items():
                     if old is _MISSING:
                         block.__dict__.pop(name, None)

@@ -1,8 +1,10 @@
 """Errors and warnings of the graph layer.
 
 `CaptureError` is raised when a pass cannot be captured (or must not be): a host sync inside the forward, a
-device that has no CUDA graphs, an unexpected torch.compile recompile. `GraphMissError` is the strict miss
-policy refusing to capture a key it has not seen; it is a `CaptureError` so one `except` catches both.
+device that has no CUDA graphs, an unexpected torch.compile recompile. `GraphMissError` is a graph that cannot
+be replayed: the strict miss policy refusing to capture a key it has not seen, `replay_only`/`pass_graph` asked for
+a key with no graph, or a pass whose held text keys/values are no longer valid. It is a `CaptureError` so one
+`except` catches both.
 Bad arguments are plain `ValueError`s, as everywhere in the project.
 """
 
@@ -14,7 +16,9 @@ class CaptureError(RuntimeError):
 
 
 class GraphMissError(CaptureError):
-    """No graph is cached for a key and the miss policy is "strict". The message names the differing fields."""
+    """No graph can be replayed for a key: none is cached (under the "strict" policy, or asked for by `replay_only`
+    or `pass_graph`; the message names the differing fields), or the text keys/values it reads are no longer
+    valid (the message names the pass to replay first)."""
 
 
 class GraphMissWarning(UserWarning):

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from graphs.buffers import StaticInputs
 from graphs.capture import GraphPool, PassGraph, PassOutputs
-from graphs.compile import CompiledBlocks, compile_mode_name
+from graphs.compile import CompiledBlocks, compile_mode_name, find_blocks
 from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
 from graphs.keys import GraphKey, InputSignature, ModelIdentity, WeightsProbe, explain_miss, pass_options
 from graphs.trees import paths_off_device
@@ -108,7 +108,7 @@ def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, str]:
 
     With `share`, a text read by two or more of the passes is projected once, by the first of its readers in
     `PASS_NAMES` order (so the roles, and the graph keys, do not depend on the order the specs come in). The
-    others' role names that pass and its options ("consume:perturbed(skip_video_self_attn_blocks=(28,), ...)"):
+    others' role names that pass and its options ("consume:perturbed(skip_audio_self_attn_blocks=(28,), ...)", options sorted by name):
     their graphs read the tensors of that very graph, so a producer with other options means other consumers.
     """
     roles = dict.fromkeys((s.name for s in specs), "own")
@@ -217,6 +217,7 @@ class GraphExecutor:
         self._graphs: dict[GraphKey, PassGraph] = {}
         self._pool: GraphPool | None = None
         self._blocks: CompiledBlocks | None = None
+        self._earlier_compiles = 0  # compiled by the `CompiledBlocks` of blocks since swapped out
         self._eager = EagerExecutor(model)  # runs the passes the policy sends to eager
         self._eager_generation = -1
         self._last_signature: InputSignature | None = None  # inputs of the last run/warmup, for replay_only
@@ -253,8 +254,8 @@ class GraphExecutor:
             self._check_latents(video, audio, conditioning)
             sigma = check_host_float(sigma)
             if not self.graphs_enabled:
-                self._warn_once("cpu", f"CUDA graphs need a CUDA device (model on {self.device}); running every "
-                                       "pass eagerly (miss_policy='eager')")
+                self._warn_once("cpu", lambda: f"CUDA graphs need a CUDA device (model on {self.device}); running "
+                                               "every pass eagerly (miss_policy='eager')")
                 return {s.name: self._eager_pass(s, video, audio, sigma) for s in specs}
             keyed, static = self._prepare(video, audio, sigma, specs, conditioning,
                                           drop_stale=self.miss_policy != "strict")  # strict keeps them to explain
@@ -270,13 +271,13 @@ class GraphExecutor:
                 if graph is None:
                     self._misses += 1
                     if self.miss_policy == "eager":
-                        self._warn_once("eager", f"running a pass eagerly (miss_policy='eager'): "
-                                                 f"{explain_miss(key, self._graphs)}")
+                        self._warn_once("eager", lambda: f"running a pass eagerly (miss_policy='eager'): "
+                                                         f"{explain_miss(key, self._graphs)}")
                         outputs[spec.name] = self._eager_pass(spec, video, audio, sigma)
                         continue
                     if self._settled:
-                        self._warn_once("capture", f"capturing a new graph (miss_policy='capture'): "
-                                                   f"{explain_miss(key, self._graphs)}")
+                        self._warn_once("capture", lambda: f"capturing a new graph (miss_policy='capture'): "
+                                                           f"{explain_miss(key, self._graphs)}")
                     graph = self._capture(spec, key, static)
                 outputs[spec.name] = self._replay(graph)
             self._settled = True
@@ -294,8 +295,10 @@ class GraphExecutor:
         """Capture every spec for these shapes ahead of time; returns the seconds spent capturing.
 
         `video_like`/`audio_like` give shapes, dtypes and the values warm-up computes on; `conditioning`
-        (optional) is set first. Each new graph is replayed once so its first timed replay is not an outlier.
-        Captures here are not misses and do not warn. No-op (0.0) on a CPU model.
+        (optional) is set first. Every spec's graph, new or cached, is then replayed once, in order: so a
+        producer's text keys/values are valid before its readers are captured, and no first timed replay is an
+        outlier. Captures here are not misses and do not warn (a weights change that drops the old graphs does).
+        No-op (0.0) on a CPU model.
         """
         with self._exclusive("warmup"):
             if conditioning is not None:
@@ -333,10 +336,14 @@ class GraphExecutor:
 
         `pass_graph(spec).replay()` is a bare graph launch for tight timing loops; it is valid only while the
         weights and the static inputs stay as they are and, for a pass reading held text keys/values, while those
-        are valid (`replay_only` checks that; a bare launch cannot). Raises `GraphMissError` when there is no such graph.
+        are valid (`replay_only` checks that; a bare launch cannot). Since the caller may launch it, the held text
+        keys/values it could overwrite count as gone from here on (`replay_only` of their readers then raises).
+        Raises `GraphMissError` when there is no such graph.
         """
         with self._exclusive("pass_graph"):
-            return self._pass_graph(spec)
+            graph = self._pass_graph(spec)
+            self._forget_text_kv_under(graph)
+            return graph
 
     @property
     def stats(self) -> GraphStats:
@@ -347,7 +354,7 @@ class GraphExecutor:
             replays=self._replays,
             misses=self._misses,
             eager_passes=self._eager_passes,
-            compiles=self._blocks.compiles if self._blocks is not None else 0,
+            compiles=self._compiles(),
             pool_bytes=self._pool_bytes,
             static_bytes=sum(s.nbytes for s in self._statics.values()),
         )
@@ -420,7 +427,7 @@ class GraphExecutor:
     def _static_inputs(self, signature: InputSignature, video: Tensor, audio: Tensor, conditioning) -> StaticInputs:
         static = self._statics.get(signature)
         if static is None:
-            static = StaticInputs(signature, video, audio, conditioning, self._model_dtype(), self._generation)
+            static = StaticInputs(video, audio, conditioning, self._model_dtype(), self._generation)
             self._statics[signature] = static
         elif static.conditioning_generation != self._generation:
             static.set_conditioning(conditioning, self._generation)
@@ -434,8 +441,8 @@ class GraphExecutor:
         `drop_stale`: drop every graph first when the weights changed since all of them (module docstring)."""
         weights = self._weights()  # once per evaluation, not per pass
         if drop_stale and self._graphs and not any(_same_weights(k.weights, weights) for k in self._graphs):
-            self._warn_once("weights", f"the model's weights changed since its {len(self._graphs)} graph(s) were "
-                                       "captured: dropping them and their pool before capturing again")
+            self._warn_once("weights", lambda: f"the model's weights changed since its {len(self._graphs)} graph(s) "
+                                               "were captured: dropping them and their pool before capturing again")
             self._drop_graphs()
         identity = ModelIdentity.of(self.model, self._weights.hooks())
         signature = InputSignature.of(video, audio, conditioning, self._model_dtype())
@@ -469,7 +476,10 @@ class GraphExecutor:
         """Capture `spec`; a consumer of text keys/values reads those of the producer replayed before it."""
         if self._pool is None:
             self._pool = GraphPool(self.device)
-        if self.compile_mode != "off" and self._blocks is None:
+        if self.compile_mode != "off" and (self._blocks is None or self._blocks.blocks != find_blocks(self.model)):
+            # The first capture, or blocks swapped in since (their graphs were dropped): the compiled regions go
+            # on the blocks there are now, which would otherwise run uncompiled under a compiled graph's key.
+            self._earlier_compiles += 0 if self._blocks is None else self._blocks.compiles
             self._blocks = CompiledBlocks(self.model, self.compile_mode, max_variants=self.max_compile_variants)
         args = static.model_args(spec.text)
         kwargs = spec.model_kwargs()
@@ -511,7 +521,7 @@ class GraphExecutor:
         self._capture_seconds += graph.seconds
         self._pool_bytes = self._pool.reserved_bytes()
         if self._progress is not None:
-            compiles = None if self._blocks is None else self._blocks.compiles
+            compiles = None if self._blocks is None else self._compiles()
             compiled = "" if compiles is None else f" incl. compile, {compiles} compiled graph(s) so far"
             self._progress(
                 f"captured {key.short()} in {graph.seconds:.2f} s (warm-up {graph.warmup_seconds:.2f} s{compiled}, "
@@ -530,15 +540,23 @@ class GraphExecutor:
                     f"{key.short()} reads text K/V that no longer match the loaded inputs (new inputs since its "
                     f"producer replayed, or a graph captured before the producer replayed over them): replay "
                     f"{graph.text_kv_source.pass_name} first, or use run()")
-        for text, producer in list(self._valid_text_kv.items()):
-            if producer.order > graph.order:  # captured after this graph: may sit on its temporaries
-                del self._valid_text_kv[text]
+        self._forget_text_kv_under(graph)
         if key.text_kv == "produce":
             self._valid_text_kv[key.text] = graph
         with region(f"replay {graph.key.pass_name}"):
             out = graph.replay()
         self._replays += 1
         return out
+
+    def _compiles(self) -> int:
+        return self._earlier_compiles + (0 if self._blocks is None else self._blocks.compiles)
+
+    def _forget_text_kv_under(self, graph: PassGraph) -> None:
+        """Held text keys/values whose producer was captured after `graph` may sit on its temporaries: a replay of
+        `graph` voids them."""
+        for text, producer in list(self._valid_text_kv.items()):
+            if producer.order > graph.order:
+                del self._valid_text_kv[text]
 
     def _eager_pass(self, spec: PassSpec, video: Tensor, audio: Tensor, sigma: float) -> Velocity:
         """The pass as a plain model call (the uncompiled model) through the eager executor."""
@@ -550,8 +568,11 @@ class GraphExecutor:
         self._eager_passes += 1
         return out
 
-    def _warn_once(self, topic: str, message: str) -> None:
+    def _warn_once(self, topic: str, message: Callable[[], str]) -> None:
+        """Warn about `topic` the first time only; `message` is built only then (explaining a miss compares the
+        key with every cached one)."""
         if topic not in self._warned:
             self._warned.add(topic)
-            warnings.warn(f"GraphExecutor: {message} (further such events are counted in stats, not warned)",
+            warnings.warn(f"GraphExecutor: {message()} (warned once per executor; `stats` counts misses, captures "
+                          "and eager passes)",
                           GraphMissWarning, stacklevel=3)

@@ -171,6 +171,9 @@ def _validate_latents(video: object, audio: object, conditioning: Conditioning, 
             raise ValueError(f"{name} has {n} tokens but the RoPE tables were built for {expected}")
     if rope.device != device:
         raise ValueError(f"conditioning.rope is on {rope.device}, expected {device_is} {device}")
+    if rope.batch_size not in (1, video.shape[0]):
+        raise ValueError(f"conditioning.rope was built for batch size {rope.batch_size}, but the latents have batch "
+                         f"{video.shape[0]} (RoPE tables serve batch 1 or the latents' batch)")
     config = _model_config(executor)
     if config is not None:
         for name, t, c in (("video", video, config.in_channels), ("audio", audio, config.audio_in_channels)):

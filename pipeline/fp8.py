@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.fused import _TRITON_MAX_COLS  # the widest row one Triton program holds in registers
+from pipeline.fused import is_plain_linear
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -245,6 +246,8 @@ def project_rows(linear: nn.Module, x: Tensor, start: int) -> Tensor:
     rows of the weight (the STG value pass-through needs [v | gate] of the fused q/k/v/gate projection)."""
     if isinstance(linear, Float8Linear):
         return linear.project_rows(x, start)
+    if not is_plain_linear(linear):  # a subclass (a LoRA wrapper) or hooks: only its own forward is what it computes
+        return linear(x)[..., start:]
     return F.linear(x, linear.weight[start:], None if linear.bias is None else linear.bias[start:])
 
 

@@ -53,7 +53,9 @@ def _(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 def is_plain_linear(module: torch.nn.Module) -> bool:
     """An `nn.Linear` itself (no subclass) without forward hooks: code that reads its weight and bias directly
-    computes what calling it computes. Anything else (a subclass, hooks) must run its own forward."""
+    computes what calling it computes. Anything else (a subclass, hooks) must run its own forward. Global module
+    hooks (`register_module_forward_hook`) are not looked at: torch's observers install them (`FlopCounterMode`,
+    the module tracker), and they would turn every fused path off while they watch it."""
     return type(module) is torch.nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
 
 

@@ -5,7 +5,8 @@ Per modality (video and audio have their own scales), in x0 space, in float32:
     pred = cond + (cfg - 1)(cond - neg) + stg (cond - perturbed) + (mod - 1)(cond - modality)
     if rescale != 0:  pred = pred * (rescale * std(cond) / std(pred) + (1 - rescale))
 
-A term whose scale makes it vanish is not computed (its pass is not even run): missing terms are zero.
+A term whose scale makes it vanish is not computed for that modality (its pass runs only if the other
+modality's terms need it): missing terms are zero.
 Which terms exist is decided from the Python scales, and the std-ratio rescale stays a device tensor, so
 `combine` never synchronises the host.
 
@@ -125,7 +126,7 @@ def _presets() -> dict[str, GuidanceConfig]:
     }
 
 
-PRESET_NAMES = ("hq", "dev")
+PRESET_NAMES = tuple(_presets())  # ("hq", "dev"); the command line spells them out (it imports no torch to parse)
 
 
 def _std_per_item(x: Tensor) -> Tensor:

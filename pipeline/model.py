@@ -2,7 +2,8 @@
 
 Forward never touches the host: per-pass options (STG skip lists, A2V/V2A switches) are plain Python values that
 select which code runs, RoPE tables come in precomputed, sigma is a device tensor, and all checks on the inputs
-happen in `validate_inputs` (shapes, dtypes, devices, option ranges: metadata only) before any device work.
+happen before any device work, on metadata only: `validate_inputs` (shapes, dtypes, devices, flags) and
+`block_indices` (the STG skip lists and their ranges).
 
 Speed-minded layout: AdaLN MLPs run once per sample (sigma [B]), not per token; one fused projection per
 attention input; `F.rms_norm`; SDPA on [B, H, N, D] under a selectable backend (`attention_backend`); fc1's GELU
@@ -225,7 +226,8 @@ class AudioVideoBlock(nn.Module):
 
         Per block: audio attention (side) next to video attention (main); join; exchange + video FFN (main); fork;
         audio FFN (side). The fork comes after the whole exchange region, video FFN included, so the audio FFN
-        overlaps the next block's video attention.
+        overlaps the next block's video attention. With A2V and V2A both off (the modality pass) nothing crosses
+        the streams: no join or fork, and the audio chain runs on through the blocks on its side stream.
         """
         with streams.side():
             a = self.audio_attention(a, (text_kv.audio_k, text_kv.audio_v), mod, rope, skip_audio_self_attn)
@@ -396,7 +398,8 @@ class LTX2Transformer(nn.Module):
         # One set of sinusoids per distinct timestep, shared by the AdaLNs it feeds (bitwise what each would make).
         s_video = timestep_sinusoid(t_video, self.dtype)
         s_sample = s_video if t_sample is t_video else timestep_sinusoid(t_sample, self.dtype)
-        s_gate = timestep_sinusoid(t_sample * self.config.cross_attn_gate_scale, self.dtype)
+        gate_scale = self.config.cross_attn_gate_scale  # 1.0 in LTX-2.3: the gates see the sample's timestep
+        s_gate = s_sample if gate_scale == 1.0 else timestep_sinusoid(t_sample * gate_scale, self.dtype)
         video, video_emb = self.video_time(s_video)
         audio, audio_emb = self.audio_time(s_sample)
         v2a_gate = self.audio_av_gate(s_gate)[0][:, :, 0]  # [B, 1, Da]

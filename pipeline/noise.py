@@ -91,8 +91,6 @@ class SdeNoise:
     """
 
     def __init__(self, seeds: NoiseSeeds, device: torch.device | str):
-        self.seeds = seeds
-        self.device = torch.device(device)
         self._generators = {"step": generator(seeds.step, device), "substep": generator(seeds.substep, device)}
 
     def __call__(self, kind: str, like: Sequence[Tensor]) -> tuple[Tensor, ...]:

@@ -1,9 +1,10 @@
 """The res2s sampler (RES4LYF `res_2s`, as LTX-2.3 HQ uses it), split into host numbers and device math.
 
-Host side (Python floats, decided before the first step): step size `h = ln(sigma / sigma_next)`, the
-Runge-Kutta coefficients `a21, b1, b2`, the midpoint sigma, the SDE coefficients, whether the step is
-terminal (`sigma_next == 0`) and whether the bongmath anchor refinement runs (`h < 0.5 and sigma > 0.03`).
-`plan_res2s` turns a schedule into one frozen `Res2sStep` per step.
+Host side (Python floats): step size `h = ln(sigma / sigma_next)`, the Runge-Kutta coefficients `a21, b1, b2`,
+the midpoint sigma, whether the step is terminal (`sigma_next == 0`) and whether the bongmath anchor refinement
+runs (`h < 0.5 and sigma > 0.03`), all decided before the first step: `plan_res2s` turns a schedule into one
+frozen `Res2sStep` per step. The SDE coefficients are host math too, computed by `sde_step` from those numbers
+(eta checked by `plan_res2s` first).
 
 Device side: `sde_step`, `bongmath_anchor` and `res2s_step` only combine tensors with those Python
 numbers. None of them reads a tensor value on the host, so they never synchronise the host: there is no
@@ -144,9 +145,7 @@ class Res2sStep:
         return 1 if self.terminal else 2
 
 
-def plan_res2s(
-    sigmas: Sequence[float], *, eta: float = DEFAULT_ETA, bongmath: bool = True, c2: float = 0.5
-) -> tuple[Res2sStep, ...]:
+def plan_res2s(sigmas: Sequence[float], *, eta: float = DEFAULT_ETA, bongmath: bool = True) -> tuple[Res2sStep, ...]:
     """One `Res2sStep` per step of `sigmas` (validated floats; only a step to exactly 0 is terminal)."""
     values = validate_sigmas(sigmas)
     sde_coefficients(1.0, eta)  # validates eta here, before any step runs
@@ -155,7 +154,7 @@ def plan_res2s(
         if sigma_next == 0.0:
             steps.append(Res2sStep(i, sigma, sigma_next, terminal=True, coefficients=None, bongmath=False, eta=eta))
             continue
-        coeff = res2s_coefficients(sigma, sigma_next, c2)
+        coeff = res2s_coefficients(sigma, sigma_next)
         applies = bool(bongmath) and bongmath_applies(coeff.h, sigma)
         steps.append(Res2sStep(i, sigma, sigma_next, terminal=False, coefficients=coeff, bongmath=applies, eta=eta))
     return tuple(steps)

@@ -19,8 +19,8 @@ for other streams still reading it):
 2. a tensor made on the side stream and read on the current stream (after `join`) is only freed after that read
    is enqueued, and the side stream allocates again only after the next `fork`, which waits for it: so side-stream
    work (`side()`) is only allowed between a `fork` and the next `join` (checked);
-3. inputs read on both streams for the whole forward (contexts, RoPE tables, AdaLN outputs) stay referenced by
-   the forward or its caller until after the final join.
+3. inputs read on both streams for the whole forward (the text keys/values, RoPE tables, AdaLN outputs) stay
+   referenced by the forward or its caller until after the final join.
 One forward at a time per model: the side stream is the model's, and two concurrent forwards would break rule 2.
 """
 

@@ -9,7 +9,6 @@ import torch
 from graphs import trees
 from graphs.buffers import StaticInputs, check_like
 from pipeline.executor import check_host_float
-from graphs.keys import InputSignature
 from pipeline.config import LatentGrid
 from pipeline.executor import Conditioning, TextContext
 from pipeline.rope import RopeTables
@@ -21,8 +20,7 @@ def _static(dtype=torch.bfloat16, batch: int = 1, text_batch: int | None = None)
     grid = LatentGrid.from_tokens(24, audio_tokens=10)
     conditioning = make_conditioning(model.config, grid, device="cpu", batch=text_batch or batch)
     video, audio = make_latents(model.config, grid, device="cpu", batch=batch)
-    signature = InputSignature.of(video, audio, conditioning, dtype)
-    return StaticInputs(signature, video, audio, conditioning, dtype, generation=1), conditioning, video, audio
+    return StaticInputs(video, audio, conditioning, dtype, generation=1), conditioning, video, audio
 
 
 def test_load_casts_like_to_and_fills_sigma():

@@ -44,6 +44,17 @@ def test_help_of_each_subcommand(capsys, command):
         assert flag in out, f"{command} --help lacks {flag}"
 
 
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_guidance_choices_are_the_presets(command):
+    """The parser names the presets itself (no torch import to parse); they must stay those of pipeline.guidance."""
+    from graphs.cli import build_parser
+    from pipeline.guidance import PRESET_NAMES
+
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    (guidance,) = [a for a in sub._actions if a.dest == "guidance"]
+    assert tuple(guidance.choices) == PRESET_NAMES
+
+
 def test_top_level_help_lists_the_commands(capsys):
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0 and all(c in out for c in (*SUBCOMMANDS, "compare"))

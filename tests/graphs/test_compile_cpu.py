@@ -100,6 +100,38 @@ def test_one_structure_serves_every_block_and_variants_are_counted(tiny, fresh_d
         assert b._compiled_call_impl is None and not set(regions) & set(vars(b))
 
 
+def test_a_compiled_forward_region_keeps_the_blocks_hooks(fresh_dynamo):
+    """Blocks without `compile_regions` compile their whole forward; the block's forward hooks still run around
+    it, as in eager (graph keys include the hooks; they were skipped under compile)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList([Block(), Block()])
+    calls = []
+    model.blocks[1].register_forward_hook(lambda module, args, out: calls.append(1) or out * 2)
+    x = torch.randn(2, 4)
+
+    def run():
+        with torch.no_grad():
+            return model.blocks[1](model.blocks[0](x))
+
+    eager = run()
+    blocks = CompiledBlocks(model, "default", backend="eager")
+    assert blocks.regions == ("forward",)
+    with blocks.compiling():
+        compiled = run()
+    assert calls == [1, 1] and blocks.compiles == 1
+    torch.testing.assert_close(compiled, eager)
+    assert all("forward" not in vars(b) for b in model.blocks)  # eager again outside the context
+
+
 def test_deeper_models_compile_no_more_variants(fresh_dynamo):
     """A hand-over carries its block's AdaLN gate row: an input, not a per-block recompile."""
     model = build_model(dataclasses.replace(ModelConfig.preset("tiny"), num_layers=4), device="cpu",

@@ -396,6 +396,10 @@ def test_replaying_a_graph_captured_before_the_producer_invalidates_its_text_kv(
     executor.replay_only(NEG)
     with pytest.raises(GraphMissError, match="replay cond first"):
         executor.replay_only(MODALITY)
+    executor.replay_only(COND)
+    executor.pass_graph(NEG).replay()  # a bare launch, which the executor cannot see: handing it out counts
+    with pytest.raises(GraphMissError, match="replay cond first"):
+        executor.replay_only(MODALITY)
     executor.reset()
     with pytest.raises(GraphMissError, match="no run"):
         executor.replay_only(MODALITY)
@@ -635,6 +639,43 @@ def test_a_swapped_module_recaptures_and_matches_the_new_model(fake_graphs):
     assert executor.stats.captures == 6 and executor.stats.graphs == 3
     expected = _eager(model, conditioning, video, audio, 0.7, HQ)
     assert torch.equal(out["cond"].video, expected["cond"].video)
+
+
+@pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
+def test_a_swapped_block_is_compiled_too(fake_graphs, monkeypatch):
+    """The compiled regions sit on the block objects: a block swapped in after capture gets them at the
+    recapture (it ran uncompiled under a compiled graph's key). Dynamo's eager backend, so no inductor build."""
+    import contextlib
+    import copy
+    import functools
+
+    import torch._dynamo
+
+    from graphs.compile import CompiledBlocks, find_blocks
+
+    monkeypatch.setattr(graphs.executor, "CompiledBlocks", functools.partial(CompiledBlocks, backend="eager"))
+    torch._dynamo.reset()
+    model, conditioning, video, audio = _setup(fresh=True)
+    executor = GraphExecutor(model, miss_policy="capture", compile="default", warmup_iters=1, progress=None)
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, (COND,))
+    compiles = executor.stats.compiles
+    model.blocks[1] = copy.deepcopy(model.blocks[1])
+    calls = []
+    regions = type(model.blocks[1]).compile_regions
+    original = CompiledBlocks._installed
+
+    @contextlib.contextmanager
+    def installed(self):
+        with original(self):
+            calls.append(all(set(regions) <= set(vars(b)) for b in find_blocks(model)))
+            yield
+
+    monkeypatch.setattr(CompiledBlocks, "_installed", installed)
+    executor.run(video, audio, 0.7, (COND,))
+    assert calls and all(calls)  # every block of the model, the new one included, ran its compiled regions
+    assert executor.stats.captures == 2 and executor.stats.compiles >= compiles
+    torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------- the rest of the API

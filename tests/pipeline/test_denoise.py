@@ -15,6 +15,7 @@ from pipeline.denoise import denoise_stage1, denoise_stage2
 from pipeline.executor import Conditioning, EagerExecutor, TextContext, Velocity, random_conditioning
 from pipeline.guidance import GuidanceConfig, GuidanceParams
 from pipeline.model import build_model
+from pipeline.rope import build_rope_tables
 from pipeline.noise import NoiseSeeds, SdeNoise, derive_seed, generator, initial_latents
 from pipeline.sigmas import distilled_stage2_sigmas, ltx2_sigmas
 from profiling.ranges import recorded_regions
@@ -313,6 +314,9 @@ def _bad_inputs(tiny):
     meta_rope = Conditioning(conditioning.texts, dataclasses.replace(rope, **on_meta))
     return [
         (dict(conditioning=meta_rope), "conditioning.rope is on meta, expected the model's device cpu"),
+        (dict(conditioning=Conditioning(conditioning.texts, build_rope_tables(model.config, GRID, device="cpu",
+                                                                               batch_size=2))),
+         "conditioning.rope was built for batch size 2, but the latents have batch 1"),  # was refused in step 0
         (dict(conditioning=no_rope), "conditioning.rope must be RopeTables"),
         (dict(conditioning=narrow), r"conditioning.texts\['positive'\].video is 7 wide, the model expects"),
         (dict(video=video[0]), "video must be a floating \\[B, N, C\\] tensor"),

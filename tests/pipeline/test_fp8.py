@@ -82,6 +82,22 @@ def test_project_rows_is_the_slice_of_the_full_output():
             layer.project_rows(x, bad)
 
 
+def test_project_rows_of_a_wrapped_or_hooked_linear_runs_its_forward():
+    """The STG value pass-through reads [v | gate] rows of the fused projection; a LoRA-style subclass or a hook
+    must act there too, as in every other pass (it was bypassed: the weight was read directly)."""
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    x = torch.randn(3, 16)
+    doubled = Doubled(16, 8)
+    torch.testing.assert_close(project_rows(doubled, x, 5), doubled(x)[..., 5:])
+    hooked = nn.Linear(16, 8)
+    hooked.register_forward_hook(lambda module, args, out: out + 1)
+    torch.testing.assert_close(project_rows(hooked, x, 5), hooked(x)[..., 5:])
+
+
 def test_fused_inputs_are_the_linear_of_their_formula():
     """`of_gelu` and `of_gated_heads` (one kernel each on CUDA) compute the projection of their formula."""
     gen = torch.Generator().manual_seed(5)

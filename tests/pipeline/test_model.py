@@ -1,6 +1,7 @@
 """The transformer itself: presets, grids, forward contract, input validation, capture-readiness (CPU), and
 the GPU checks (sync debug mode, the 19B preset against diffusers)."""
 
+import copy
 import gc
 import math
 import time
@@ -439,9 +440,10 @@ def test_forward_with_text_kv_skips_the_prompt_adalns(tiny):
 
 
 def test_adalns_fed_one_timestep_share_its_sinusoids(tiny):
-    """`modulation` builds the sinusoids once per distinct timestep (2 with per-sample sigma: the sample's and the
-    A2V/V2A gates'; 3 with per-token sigma) instead of once per AdaLN (6; the prompt AdaLNs run in `text_kv`), and
-    every row is bitwise what each AdaLN makes from its own timestep."""
+    """`modulation` builds the sinusoids once per distinct timestep (1 with per-sample sigma, which the A2V/V2A
+    gates see too at LTX-2.3's gate scale 1.0; 2 with per-token sigma; one more for a gate scale of its own)
+    instead of once per AdaLN (6; the prompt AdaLNs run in `text_kv`), and every row is bitwise what each AdaLN
+    makes from its own timestep."""
     class CountCos(TorchDispatchMode):
         def __init__(self):
             super().__init__()
@@ -453,12 +455,14 @@ def test_adalns_fed_one_timestep_share_its_sinusoids(tiny):
 
     x = random_inputs(tiny.config, GRID, batch=2, seed=16)
     per_token = torch.rand(2, GRID.num_video_tokens, generator=torch.Generator().manual_seed(0))
-    for sigma, distinct in ((x.sigma, 2), (per_token, 3)):
+    scaled = copy.deepcopy(tiny)
+    scaled.config = tiny.config.replace(cross_attn_gate_scale=0.5)
+    for model, sigma, distinct in ((tiny, x.sigma, 1), (tiny, per_token, 2), (scaled, x.sigma, 2)):
         with torch.no_grad(), CountCos() as counter:
-            mod, video_emb, audio_emb = tiny.modulation(sigma)
+            mod, video_emb, audio_emb = model.modulation(sigma)
         assert counter.cos == distinct
         t_video, t_sample = tiny._timesteps(sigma)
-        t_gate = t_sample * tiny.config.cross_attn_gate_scale
+        t_gate = t_sample * model.config.cross_attn_gate_scale
 
         def own(adaln, t):  # each AdaLN from its own timestep, the formula written out as before the sharing
             freqs = torch.exp(torch.arange(128, dtype=torch.float32) * (-math.log(10000.0) / 128))
