@@ -17,12 +17,15 @@ otherwise broadcast silently, which is exactly the wrong replay the graph layer 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from graphs import trees
 from graphs.keys import TensorSig
 from pipeline.executor import check_host_float
+from pipeline.rope import RopeTables
 
 
 def check_like(name: str, value: object, expected: Tensor, *, cast: bool = False) -> None:
@@ -39,6 +42,17 @@ def check_like(name: str, value: object, expected: Tensor, *, cast: bool = False
             f"{TensorSig.of(expected)} on {expected.device}; inputs of another shape or device need their own "
             "graph (a new key), never a replay of this one"
         )
+
+
+class ModelArgs(NamedTuple):
+    """A pass's positional forward arguments, in `LTX2Transformer.forward`'s order (static buffers)."""
+
+    video: Tensor
+    audio: Tensor
+    video_context: Tensor
+    audio_context: Tensor
+    sigma: Tensor
+    rope: RopeTables
 
 
 class StaticInputs:
@@ -103,16 +117,15 @@ class StaticInputs:
                 dst.copy_(src)
         self.sigma.fill_(value)  # host float -> kernel argument; nothing is read back
 
-    def model_args(self, text: str) -> tuple:
-        """Positional forward arguments for a pass reading text `text`:
-        (video, audio, video_context, audio_context, sigma, rope); a batch-1 context is expanded to B
-        (a view of the static buffer, as the eager executor does)."""
+    def model_args(self, text: str) -> ModelArgs:
+        """Positional forward arguments for a pass reading text `text`; a batch-1 context is expanded to B (a view
+        of the static buffer, as the eager executor does)."""
         if text not in self.texts:
             raise ValueError(f"pass reads text {text!r}, but the conditioning has texts {sorted(self.texts)}")
         context = self.texts[text]
         b = self.video.shape[0]
         video_ctx, audio_ctx = (t if t.shape[0] == b else t.expand(b, -1, -1) for t in (context.video, context.audio))
-        return (self.video, self.audio, video_ctx, audio_ctx, self.sigma, self.rope)
+        return ModelArgs(self.video, self.audio, video_ctx, audio_ctx, self.sigma, self.rope)
 
     @property
     def nbytes(self) -> int:

@@ -493,8 +493,7 @@ class GraphExecutor:
 
         def forward() -> PassOutputs:
             if key.text_kv == "produce":
-                video_context, audio_context, sigma = args[2:5]
-                text_kv = model.text_kv(video_context, audio_context, sigma)
+                text_kv = model.text_kv(args.video_context, args.audio_context, args.sigma)
                 return PassOutputs(model(*args, **kwargs, text_kv=text_kv), text_kv)
             return PassOutputs(model(*args, **kwargs))
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import block_indices
-from pipeline.guidance import GuidanceConfig, GuidanceParams
+from pipeline.guidance import GuidanceConfig
 
 PASS_NAMES = ("cond", "neg", "perturbed", "modality")  # the eager executor's order; graphs replay in capture order
 TEXT_KEYS = ("positive", "negative")
@@ -58,35 +58,24 @@ class PassSpec:
         }
 
 
-def build_pass_specs(
-    video_params: GuidanceParams, audio_params: GuidanceParams, stg_blocks: tuple[int, ...] = ()
-) -> tuple[PassSpec, ...]:
+def pass_specs_for(config: GuidanceConfig) -> tuple[PassSpec, ...]:
     """Only the passes the guidance needs, in the fixed order cond, neg, perturbed, modality.
 
-    A pass is needed when either modality needs it. Identity guidance gives just `(cond,)`.
+    A pass is needed when either modality needs it. Identity guidance gives just `(cond,)`. The config has been
+    validated where it was made (finite scales, STG blocks present when stg != 0).
     """
-    # GuidanceConfig validates the combination (finite scales, STG blocks present when stg != 0).
-    config = GuidanceConfig(video=video_params, audio=audio_params, stg_blocks=tuple(stg_blocks))
+    if not isinstance(config, GuidanceConfig):
+        raise ValueError(f"config must be a GuidanceConfig (e.g. GuidanceConfig.preset('hq')), got {config!r}")
+    video, audio = config.video, config.audio
     specs = [PassSpec("cond", "positive")]
-    if config.video.needs_neg or config.audio.needs_neg:
+    if video.needs_neg or audio.needs_neg:
         specs.append(PassSpec("neg", "negative"))
-    if config.video.needs_perturbed or config.audio.needs_perturbed:
-        specs.append(
-            PassSpec(
-                "perturbed",
-                "positive",
-                skip_video_self_attn_blocks=config.stg_blocks,
-                skip_audio_self_attn_blocks=config.stg_blocks,
-            )
-        )
-    if config.video.needs_modality or config.audio.needs_modality:
+    if video.needs_perturbed or audio.needs_perturbed:
+        specs.append(PassSpec("perturbed", "positive", skip_video_self_attn_blocks=config.stg_blocks,
+                              skip_audio_self_attn_blocks=config.stg_blocks))
+    if video.needs_modality or audio.needs_modality:
         specs.append(PassSpec("modality", "positive", disable_a2v_cross_attn=True, disable_v2a_cross_attn=True))
     return tuple(specs)
 
 
-def pass_specs_for(config: GuidanceConfig) -> tuple[PassSpec, ...]:
-    """`build_pass_specs` for a whole `GuidanceConfig`."""
-    return build_pass_specs(config.video, config.audio, config.stg_blocks)
-
-
-__all__ = ["PASS_NAMES", "TEXT_KEYS", "PassSpec", "build_pass_specs", "pass_specs_for"]
+__all__ = ["PASS_NAMES", "TEXT_KEYS", "PassSpec", "pass_specs_for"]

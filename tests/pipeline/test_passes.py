@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 
-from pipeline.guidance import GuidanceParams
-from pipeline.passes import PASS_NAMES, PassSpec, build_pass_specs
+from pipeline.guidance import GuidanceConfig, GuidanceParams
+from pipeline.passes import PASS_NAMES, PassSpec, pass_specs_for
 
 KWARG_KEYS = {"skip_video_self_attn_blocks", "skip_audio_self_attn_blocks", "disable_a2v_cross_attn",
               "disable_v2a_cross_attn"}
@@ -56,7 +56,7 @@ SCALES = [(1.0, 0.0, 1.0), (3.0, 0.0, 1.0), (1.0, 1.0, 1.0), (1.0, 0.0, 3.0), (3
 def test_only_needed_passes_in_fixed_order(video, audio):
     vp = GuidanceParams(cfg=video[0], stg=video[1], modality=video[2])
     ap = GuidanceParams(cfg=audio[0], stg=audio[1], modality=audio[2])
-    specs = build_pass_specs(vp, ap, stg_blocks=(28,))
+    specs = pass_specs_for(GuidanceConfig(video=vp, audio=ap, stg_blocks=(28,)))
     names = [s.name for s in specs]
     expected = ["cond"]
     if vp.cfg != 1 or ap.cfg != 1:
@@ -79,9 +79,15 @@ def test_only_needed_passes_in_fixed_order(video, audio):
 
 
 def test_rescale_alone_needs_no_pass():
-    assert build_pass_specs(GuidanceParams(rescale=0.7), GuidanceParams()) == (PassSpec("cond"),)
+    rescale_only = GuidanceConfig(video=GuidanceParams(rescale=0.7), audio=GuidanceParams())
+    assert pass_specs_for(rescale_only) == (PassSpec("cond"),)
 
 
 def test_stg_without_blocks_is_an_error():
     with pytest.raises(ValueError, match="stg_blocks"):
-        build_pass_specs(GuidanceParams(stg=1.0), GuidanceParams())
+        GuidanceConfig(video=GuidanceParams(stg=1.0), audio=GuidanceParams())
+
+
+def test_pass_specs_need_a_guidance_config():
+    with pytest.raises(ValueError, match="config must be a GuidanceConfig"):
+        pass_specs_for("hq")
