@@ -97,12 +97,6 @@ def graphs_supported(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _same_weights(a, b) -> bool:
-    """The same loaded weights: what a load, an in-place edit or a replaced weight moves (`WeightsState.version`,
-    `param_versions`, `weight_storage`), ignoring the other buffers' addresses, which can return to a cached value."""
-    return (a.version, a.param_versions, a.weight_storage) == (b.version, b.param_versions, b.weight_storage)
-
-
 def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, str]:
     """Each pass's text keys/values role (`graphs.keys.text_kv_role_phrase`), by pass name.
 
@@ -440,7 +434,7 @@ class GraphExecutor:
         """Keys of `specs` in replay order, and the static inputs loaded with this evaluation's values.
         `drop_stale`: drop every graph first when the weights changed since all of them (module docstring)."""
         weights = self._weights()  # once per evaluation, not per pass
-        if drop_stale and self._graphs and not any(_same_weights(k.weights, weights) for k in self._graphs):
+        if drop_stale and self._graphs and not any(k.weights.same_weights(weights) for k in self._graphs):
             self._warn_once("weights", lambda: f"the model's weights changed since its {len(self._graphs)} graph(s) "
                                                "were captured: dropping them and their pool before capturing again")
             self._drop_graphs()

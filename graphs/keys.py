@@ -202,6 +202,13 @@ class WeightsState:
     def of(cls, model: nn.Module) -> WeightsState:
         return WeightsProbe(model)()
 
+    def same_weights(self, other: WeightsState) -> bool:
+        """The same loaded weights: what a load, an in-place edit or a replaced weight moves, ignoring the other
+        buffers' addresses (`buffer_storage`), which can return to a cached value. The executor drops its graphs
+        when no cached key has the same weights as now."""
+        return (self.version, self.param_versions, self.weight_storage) == (
+            other.version, other.param_versions, other.weight_storage)
+
 
 def _version(t: Tensor) -> int:
     try:
