@@ -102,8 +102,9 @@ def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, str]:
 
     With `share`, a text read by two or more of the passes is projected once, by the first of its readers in
     `PASS_NAMES` order (so the roles, and the graph keys, do not depend on the order the specs come in). The
-    others' role names that pass and its options ("consume:perturbed(skip_audio_self_attn_blocks=(28,), ...)", options sorted by name):
-    their graphs read the tensors of that very graph, so a producer with other options means other consumers.
+    others' role names that pass and its options, sorted by name ("consume:perturbed(skip_audio_self_attn_blocks=
+    (28,), ...)"): their graphs read the tensors of that very graph, so a producer with other options means other
+    consumers.
     """
     roles = dict.fromkeys((s.name for s in specs), "own")
     if share:

@@ -113,7 +113,8 @@ def test_errors(tiny):
         with pytest.raises(ValueError, match=r"texts\['positive'\]\.video must be a floating \[B, Nt, D\] tensor "
                                              r"with no empty dimension"):
             executor.set_conditioning(Conditioning({"positive": bad}, conditioning.rope))
-    on_meta = type(conditioning.rope)(**{k: tuple(t.to("meta") for t in v) for k, v in vars(conditioning.rope).items()})
+    rope = conditioning.rope
+    on_meta = type(rope)(**{name: tuple(t.to("meta") for t in pair) for name, pair in vars(rope).items()})
     with pytest.raises(ValueError, match="conditioning.rope is on meta, expected the model's device cpu"):
         executor.set_conditioning(Conditioning(conditioning.texts, on_meta))  # was refused only at run
     for name, kwargs in (("text_tokens", dict(text_tokens=0)), ("batch", dict(text_tokens=4, batch=True))):
