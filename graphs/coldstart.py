@@ -15,7 +15,8 @@ difference over this measurement: tracing Python (dynamo), the backend (AOT auto
 code generation), and inside that, building and loading the generated kernels (Triton on a GPU, C++ on CPU).
 
 Also counted: the Python modules first imported inside the window (dynamo and inductor import much of themselves
-lazily, at the first compile), and how many of them had no bytecode file to load and left none behind: those are
+lazily, at the first compile; nothing here imports them before the window), and how many of them had no bytecode
+file to load and left none behind: those are
 compiled from source in every process (an install without bytecode under `PYTHONDONTWRITEBYTECODE`, `-B` or a
 read-only site-packages), seconds of a warm start that an installation with bytecode does not pay.
 """
@@ -109,26 +110,34 @@ def fresh_compile_caches() -> Iterator[str]:
             _clear_in_process_caches()
 
 
-def _clear_in_process_caches() -> None:
-    torch._dynamo.reset()
-    with contextlib.suppress(ImportError, AttributeError):
-        from torch._inductor.utils import clear_caches
+def _imported(name: str):
+    """The module `name` if this process has imported it, else None. What the window measures may not be imported
+    before it: `import torch._dynamo` alone took 1.8-5.5 s on a CPU machine (828 modules), part of what a new
+    process pays to compile, and a measurement importing it first would leave it out of both the window and the
+    `import torch` figure printed apart."""
+    return sys.modules.get(name)
 
-        clear_caches()
+
+def _clear_in_process_caches() -> None:
+    """Compiled code and memoised cache paths of this process: none if dynamo and inductor are not imported yet."""
+    if (dynamo := _imported("torch._dynamo")) is not None:
+        dynamo.reset()
+    if (inductor_utils := _imported("torch._inductor.utils")) is not None:
+        inductor_utils.clear_caches()
 
 
 def _shutdown_compile_workers() -> None:
-    with contextlib.suppress(ImportError, AttributeError):
-        from torch._inductor.async_compile import shutdown_compile_workers
-
-        shutdown_compile_workers()
+    if (async_compile := _imported("torch._inductor.async_compile")) is not None:
+        async_compile.shutdown_compile_workers()
 
 
 def compile_counters() -> dict[str, float]:
-    """dynamo's cumulative compile-time counters of this process (seconds per counter name)."""
-    from torch._dynamo.utils import compile_times
-
-    names, values = compile_times(repr="csv", aggregate=True)
+    """dynamo's cumulative compile-time counters of this process (seconds per counter name); empty before dynamo
+    is imported (nothing compiled yet)."""
+    dynamo_utils = _imported("torch._dynamo.utils")
+    if dynamo_utils is None:
+        return {}
+    names, values = dynamo_utils.compile_times(repr="csv", aggregate=True)
     return {name: float(value) for name, value in zip(names, values)}
 
 
