@@ -308,8 +308,9 @@ def add_execution_flags(parser: argparse.ArgumentParser) -> None:
         "--sync-check",
         default="on",
         choices=("on", "off"),
-        help="count host syncs in the denoising loop: the dispatch-level detector on CPU, CUDA sync debug mode "
-        "(warn) on a GPU (default on)",
+        help="check the denoising loop for host syncs: the dispatch-level detector on CPU, CUDA sync debug mode "
+        "(warn) on a GPU (default on). `run` reports them and then exits with status 4 (graph captures of cache "
+        "misses are warned about instead)",
     )
 
 

@@ -112,7 +112,7 @@ def fresh_compile_caches() -> Iterator[str]:
 
 def _imported(name: str):
     """The module `name` if this process has imported it, else None. What the window measures may not be imported
-    before it: `import torch._dynamo` alone took 1.8-5.5 s on a CPU machine (828 modules), part of what a new
+    before it: `import torch._dynamo` alone took 1.3-5.5 s on a CPU machine (828 modules), part of what a new
     process pays to compile, and a measurement importing it first would leave it out of both the window and the
     `import torch` figure printed apart."""
     return sys.modules.get(name)

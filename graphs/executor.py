@@ -471,7 +471,7 @@ class GraphExecutor:
         """Capture `spec`; a consumer of text keys/values reads those of the producer replayed before it."""
         if self._pool is None:
             self._pool = GraphPool(self.device)
-        if self.compile_mode != "off" and (self._blocks is None or self._blocks.blocks != find_blocks(self.model)):
+        if self.compile_mode != "off" and (self._blocks is None or self._blocks.blocks != self._compiled_blocks()):
             # The first capture, or blocks swapped in since (their graphs were dropped): the compiled regions go
             # on the blocks there are now, which would otherwise run uncompiled under a compiled graph's key.
             self._earlier_compiles += 0 if self._blocks is None else self._blocks.compiles
@@ -541,6 +541,16 @@ class GraphExecutor:
             out = graph.replay()
         self._replays += 1
         return out
+
+    def _compiled_blocks(self) -> list[nn.Module]:
+        """The model's blocks as regional compile sees them now; a block of another class swapped in is an error
+        here, at the capture, rather than a block that runs uncompiled."""
+        try:
+            return find_blocks(self.model)
+        except ValueError as e:
+            raise CaptureError(f"compile={self.compile_mode!r} compiles the model's repeated blocks, which must share "
+                               f"one class: {e} (a block swapped in for a wrapper or subclass?); use compile=False, "
+                               "or swap every block") from e
 
     def _compiles(self) -> int:
         return self._earlier_compiles + (0 if self._blocks is None else self._blocks.compiles)

@@ -244,7 +244,8 @@ class Float8Linear(nn.Module):
 def project_rows(linear: nn.Module, x: Tensor, start: int) -> Tensor:
     """The output features [start:] of `linear(x)` for an `nn.Linear` or a `Float8Linear`, computing only those
     rows of the weight (the STG value pass-through needs [v | gate] of the fused q/k/v/gate projection)."""
-    if isinstance(linear, Float8Linear):
+    hooked = bool(linear._forward_hooks or linear._forward_pre_hooks)
+    if type(linear) is Float8Linear and not hooked:
         return linear.project_rows(x, start)
     if not is_plain_linear(linear):  # a subclass (a LoRA wrapper) or hooks: only its own forward is what it computes
         return linear(x)[..., start:]

@@ -396,11 +396,11 @@ def save_official_checkpoint(model: torch.nn.Module, path: str | os.PathLike, *,
     tensors (as a real file has VAE etc.)."""
     from safetensors.torch import save_file
 
-    state = official_state_dict(model)
     clashes = sorted(k for k in extra or {} if k.startswith(OFFICIAL_PREFIX) and _official_rename(k) is not None)
     if clashes:  # they would overwrite (or add to) the DiT that the loader reads back
         raise ValueError(f"extra must hold other components' tensors, not the DiT's ({OFFICIAL_PREFIX}...): got "
                          f"{', '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''}")
+    state = official_state_dict(model)
     state.update(extra or {})
     meta = {"config": json.dumps({"transformer": diffusers_config(model.config)}), "model_version": "2.3"}
     save_file(state, Path(path), metadata=meta)

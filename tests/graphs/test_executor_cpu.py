@@ -675,6 +675,16 @@ def test_a_swapped_block_is_compiled_too(fake_graphs, monkeypatch):
     executor.run(video, audio, 0.7, (COND,))
     assert calls and all(calls)  # every block of the model, the new one included, ran its compiled regions
     assert executor.stats.captures == 2 and executor.stats.compiles >= compiles
+
+    class Wrapped(type(model.blocks[0])):  # a block of another class (a wrapper): one compiled class no longer fits
+        pass
+
+    monkeypatch.setattr(CompiledBlocks, "_installed", original)
+    wrapped = copy.deepcopy(model.blocks[0])
+    wrapped.__class__ = Wrapped
+    model.blocks[0] = wrapped
+    with pytest.raises(CaptureError, match="must share one class.*use compile=False"):
+        executor.run(video, audio, 0.7, (COND,))
     torch._dynamo.reset()
 
 

@@ -96,6 +96,9 @@ def test_project_rows_of_a_wrapped_or_hooked_linear_runs_its_forward():
     hooked = nn.Linear(16, 8)
     hooked.register_forward_hook(lambda module, args, out: out + 1)
     torch.testing.assert_close(project_rows(hooked, x, 5), hooked(x)[..., 5:])
+    quantized = Float8Linear.from_linear(nn.Linear(16, 8))  # after quantize_fp8 too
+    quantized.register_forward_hook(lambda module, args, out: out + 1)
+    torch.testing.assert_close(project_rows(quantized, x, 5), quantized(x)[..., 5:])
 
 
 def test_fused_inputs_are_the_linear_of_their_formula():
