@@ -165,15 +165,9 @@ def _validate_latents(video: object, audio: object, conditioning: Conditioning, 
         if text.video.device != device:
             raise ValueError(f"conditioning.texts[{key!r}] is on {text.video.device}, expected {device_is} {device}")
     rope = conditioning.rope  # a RopeTables (validate_conditioning)
-    for name, expected, n in (("video", rope.num_video_tokens, video.shape[1]),
-                              ("audio", rope.num_audio_tokens, audio.shape[1])):
-        if expected != n:
-            raise ValueError(f"{name} has {n} tokens but the RoPE tables were built for {expected}")
+    rope.check_fits(video, audio, name="conditioning.rope")
     if rope.device != device:
         raise ValueError(f"conditioning.rope is on {rope.device}, expected {device_is} {device}")
-    if rope.batch_size not in (1, video.shape[0]):
-        raise ValueError(f"conditioning.rope was built for batch size {rope.batch_size}, but the latents have batch "
-                         f"{video.shape[0]} (RoPE tables serve batch 1 or the latents' batch)")
     config = _model_config(executor)
     if config is not None:
         for name, t, c in (("video", video, config.in_channels), ("audio", audio, config.audio_in_channels)):

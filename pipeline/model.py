@@ -537,12 +537,7 @@ def validate_inputs(model: LTX2Transformer, video: Tensor, audio: Tensor, video_
     _check_text_inputs(model, video_context, audio_context, sigma, batch=b, video_tokens=nv)
     if not isinstance(rope, RopeTables):
         raise ValueError(f"rope must be RopeTables (pipeline.rope.build_rope_tables), got {type(rope).__name__}")
-    if rope.batch_size not in (1, b):
-        raise ValueError(f"rope was built for batch size {rope.batch_size}, but the latents have batch {b} (RoPE "
-                         "tables serve batch 1 or the latents' batch)")
-    for name, n, built in (("video", nv, rope.num_video_tokens), ("audio", na, rope.num_audio_tokens)):
-        if n != built:  # the latents are the likelier culprit: name them before the tables' shapes
-            raise ValueError(f"{name} has {n} tokens but the RoPE tables were built for {built}")
+    rope.check_fits(video, audio)  # before the tables' own shapes: a token mismatch is the latents' fault
     tables = (("video", rope.video, nv, c.video_heads, c.video_head_dim // 2),
               ("audio", rope.audio, na, c.audio_heads, c.audio_head_dim // 2),
               ("video_cross", rope.video_cross, nv, c.video_heads, c.audio_dim // (2 * c.video_heads)),

@@ -58,6 +58,18 @@ class RopeTables:
     def tensors(self) -> tuple[Tensor, ...]:
         return (*self.video, *self.audio, *self.video_cross, *self.audio_cross)
 
+    def check_fits(self, video: Tensor, audio: Tensor, *, name: str = "rope") -> None:
+        """ValueError unless these tables serve latents video [B, Nv, C] and audio [B, Na, C]: batch 1 or B, and the
+        latents' token counts (named as the latents' fault, the likelier one). Metadata only."""
+        b = video.shape[0]
+        if self.batch_size not in (1, b):
+            raise ValueError(f"{name} was built for batch size {self.batch_size}, but the latents have batch {b} "
+                             "(RoPE tables serve batch 1 or the latents' batch)")
+        for stream, n, built in (("video", video.shape[1], self.num_video_tokens),
+                                 ("audio", audio.shape[1], self.num_audio_tokens)):
+            if n != built:
+                raise ValueError(f"{stream} has {n} tokens but the RoPE tables were built for {built}")
+
 
 def video_coords(config: ModelConfig, grid: LatentGrid, device: torch.device | str) -> Tensor:
     """Patch bounds of every video token in pixel units (time in seconds): [3, Nv, 2] float32 (t, h, w; start, end)."""
