@@ -6,8 +6,8 @@
 #
 # WHEEL_DIR (optional) holds wheels for packages the GPU machine lacks and cannot download (nvtx, cupti-python,
 # diffusers); they are installed offline into a private site directory first. STAGES (env) selects what runs:
-# any of "env tests coldstart bench" (default: "env tests bench"; coldstart adds ~1 min at 1536 tokens: fresh
-# caches once, then warm caches twice, the first run filling them).
+# any of "env tests coldstart bench" (default: "env tests bench"; coldstart adds ~1.5 min at 1536 tokens: fresh
+# caches once, then warm caches twice, the first run filling them, then twice more with Python bytecode kept).
 set -uo pipefail
 logdir=${1:?usage: tests/gpu_session.sh LOGDIR [WHEEL_DIR] [-- bench args]}
 shift
@@ -49,6 +49,14 @@ if [[ " $stages " == *" coldstart "* ]]; then
     ltx2-graphs coldstart --tokens 1536 --quiet --json "$logdir/coldstart_fresh.json"
     ltx2-graphs coldstart --tokens 1536 --cache warm --quiet >/dev/null
     ltx2-graphs coldstart --tokens 1536 --cache warm --quiet --json "$logdir/coldstart_warm.json"
+    # As an installation with bytecode starts (machines that forbid writing it compile torch's modules from source
+    # in every process): the first run writes the bytecode, the second reads it.
+    pycache=$(mktemp -d)
+    env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX="$pycache" \
+      ltx2-graphs coldstart --tokens 1536 --cache warm --quiet >/dev/null
+    env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX="$pycache" \
+      ltx2-graphs coldstart --tokens 1536 --cache warm --quiet --json "$logdir/coldstart_warm_bytecode.json"
+    rm -rf "$pycache"
   } 2>&1 | tee "$logdir/coldstart.log"
 fi
 
