@@ -57,6 +57,7 @@ from graphs.compile import CompiledBlocks, compile_mode_name, find_blocks
 from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
 from graphs.keys import GraphKey, InputSignature, ModelIdentity, WeightsProbe, explain_miss, pass_options
 from graphs.trees import paths_off_device
+from pipeline.config import is_int
 from pipeline.executor import (Conditioning, EagerExecutor, Velocity, check_host_float, check_latents, check_specs,
                                validate_conditioning)
 from pipeline.passes import PASS_NAMES, PassSpec
@@ -137,10 +138,6 @@ def capture_rank(role: str) -> int:
     raise ValueError(f"text K/V role must be 'own', 'produce' or 'consume:<producer>', got {role!r}")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     if param is None:
@@ -178,12 +175,12 @@ class GraphExecutor:
             raise ValueError(f"model must be a torch.nn.Module (an LTX2Transformer), got {type(model).__name__}")
         if miss_policy not in MISS_POLICIES:
             raise ValueError(f"miss_policy must be one of {MISS_POLICIES}, got {miss_policy!r}")
-        if not _is_int(warmup_iters) or warmup_iters < 1:
+        if not is_int(warmup_iters) or warmup_iters < 1:
             raise ValueError(
                 f"warmup_iters must be an int >= 1 (lazy initialisation must not happen in capture), got "
                 f"{warmup_iters!r}"
             )
-        if not _is_int(max_compile_variants) or max_compile_variants < 1:
+        if not is_int(max_compile_variants) or max_compile_variants < 1:
             raise ValueError(f"max_compile_variants must be an int >= 1, got {max_compile_variants!r}")
         if progress is not None and not callable(progress):
             raise ValueError(f"progress must be a callable taking one line, or None, got {progress!r}")

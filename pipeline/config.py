@@ -71,7 +71,7 @@ class ModelConfig:
             if not _is_positive_int(getattr(self, name)):
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}")
         offset = self.causal_offset
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        if not is_int(offset) or offset < 0:
             raise ValueError(f"ModelConfig.causal_offset must be an int >= 0, got {self.causal_offset!r}")
         for name in ("video_max_pos", "vae_scale_factors"):
             value = getattr(self, name)
@@ -116,8 +116,13 @@ def audio_tokens_for(num_frames: int, fps: float) -> int:
     return max(1, round(AUDIO_LATENTS_PER_SECOND * num_frames / fps))
 
 
+def is_int(value: object) -> bool:
+    """An int that is not a bool: `bool` subclasses `int`, and `True` given as a size, seed or count is a mistake."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return is_int(value) and value > 0
 
 
 def _is_positive_finite(value: object) -> bool:
@@ -150,7 +155,7 @@ def block_indices(value: object, name: str, *, num_layers: int | None = None) ->
         raise ValueError(f"{name} must be {accepted}, got {_shown(value)}") from None
     expected = "block indices >= 0" if num_layers is None else f"block indices in [0, {num_layers - 1}]"
     for b in blocks:
-        if isinstance(b, bool) or not isinstance(b, int):
+        if not is_int(b):
             raise ValueError(f"{name} must be {accepted}, got an element {_shown(b)}")
         if b < 0 or (num_layers is not None and b >= num_layers):
             raise ValueError(f"{name} contains {b}; expected {expected}")
@@ -201,10 +206,10 @@ class LatentGrid:
         Why strict: LTX-2.3 videos are multiples of 32 pixels and 8k+1 frames (the VAE's strides); rounding other
         sizes down here would silently give the grid of a different video than the one asked for."""
         for name, value in (("width", width), ("height", height)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 32 or value % 32:
+            if not is_int(value) or value < 32 or value % 32:
                 raise ValueError(f"from_pixels: {name} must be a positive multiple of 32 (the VAE's spatial "
                                  f"stride), got {value!r}")
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 8:
+        if not is_int(num_frames) or num_frames < 1 or (num_frames - 1) % 8:
             raise ValueError(f"from_pixels: num_frames must be 8k+1 with k >= 0 (1, 9, 17, ..., 121: the VAE's "
                              f"temporal stride is 8 after the first frame), got {num_frames!r}")
         return cls(frames=(num_frames - 1) // 8 + 1, height=height // 32, width=width // 32,

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from pipeline.config import is_int
 from pipeline.passes import TEXT_KEYS, PassSpec
 from pipeline.rope import RopeTables, build_rope_tables
 from profiling.ranges import region
@@ -67,7 +68,7 @@ def random_conditioning(
     """
 
     for name, value in (("text_tokens", text_tokens), ("batch", batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
     def randn(*shape: int) -> Tensor:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.config import is_int
+
 _MASK64 = (1 << 64) - 1
 # Streams mixed into derived seeds by position (append only: reordering changes every generated latent).
 STREAMS = ("init", "step", "substep", "renoise")
@@ -40,7 +42,7 @@ def _splitmix64(x: int) -> int:
 
 def validate_seed(seed: object, *, name: str = "seed") -> int:
     """A user seed is a Python int in [0, 2**63)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if not is_int(seed) or not 0 <= seed < 2**63:
         raise ValueError(f"{name} must be an int in [0, 2**63), got {seed!r}")
     return seed
 

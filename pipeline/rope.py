@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.config import LatentGrid, ModelConfig
+from pipeline.config import LatentGrid, ModelConfig, is_int
 
 CosSin = tuple[Tensor, Tensor]
 
@@ -117,7 +117,7 @@ def build_rope_tables(config: ModelConfig, grid: LatentGrid, *, device: torch.de
         raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
     if not isinstance(grid, LatentGrid):
         raise ValueError(f"grid must be a LatentGrid (e.g. LatentGrid.from_pixels(...)), got {grid!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     v = video_coords(config, grid, device)  # [3, Nv, 2]
     a = audio_coords(config, grid, device)  # [1, Na, 2]

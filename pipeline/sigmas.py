@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from pipeline.config import is_int
+
 # Token anchors and shifts of the LTX-2 schedule: the shift `mu` is linear in the token count, 0.95 at
 # 1024 tokens and 2.05 at 4096 tokens (not clamped outside that range).
 BASE_SHIFT_TOKENS = 1024
@@ -50,11 +52,11 @@ def ltx2_sigmas(steps: int, num_tokens: int | None = None, terminal: float = 0.1
     < 5e-7 (a few float32 ulps; tests/pipeline/test_sigmas.py pins it), beyond that float32 itself loses digits
     (7e-4 at 32640 tokens and 8 steps, where 1 - s' is ~1e-6).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if num_tokens is None:
         num_tokens = MAX_SHIFT_TOKENS
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens <= 0:
+    if not is_int(num_tokens) or num_tokens <= 0:
         raise ValueError(f"num_tokens must be a positive int or None (4096 anchor), got {num_tokens!r}")
     if not (isinstance(terminal, (int, float)) and 0.0 < terminal < 1.0):
         raise ValueError(f"terminal must be a float in the open interval (0, 1), got {terminal!r}")
