@@ -197,8 +197,8 @@ def bytecode_hint() -> str:
 
     Two causes leave no bytecode behind: writing it is off (`PYTHONDONTWRITEBYTECODE`, `-B`), or the directory
     next to the sources is not writable; `PYTHONPYCACHEPREFIX` moves the bytecode to a writable tree in both cases.
-    Measured on an H200 (profiling/PERF_LOG.md, fifteenth session): a warm start took 5.4 s with bytecode and 7.0 s
-    without, on one machine."""
+    Measured on an H200 (profiling/PERF_LOG.md, seventeenth session): a warm start took 8.0 s with bytecode and
+    11.8 s without, on one machine."""
     prefix = "set PYTHONPYCACHEPREFIX to a writable directory"
     later = "later processes then load bytecode instead"
     if sys.dont_write_bytecode:

@@ -4,7 +4,7 @@
   that would force a sync on a GPU even on CPU tensors, so the CPU default run proves the loop is sync-free.
 - GPU: PyTorch's CUDA sync debug mode in "warn" (`profiling.syncs.sync_debug_warnings`), counting its sync
   warnings (every other warning is shown as usual). It
-  costs nothing per op, unlike a Python dispatch hook (which would slow an eager pass of ~12,000 kernels by
+  costs nothing per op, unlike a Python dispatch hook (which would slow an eager pass of ~6,000 kernels by
   a few hundred milliseconds and does not mix with torch.compile). It misses `torch.cuda.synchronize()` and
   pageable non-blocking copies; `ltx2-graphs profile` (CUPTI) sees those.
 

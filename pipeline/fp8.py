@@ -51,7 +51,7 @@ FP8_PROJECTIONS = (
 
 def fp8_unsupported(device: torch.device | str) -> str | None:
     """Why `device` cannot run the FP8 projections, or None when it can: CUDA needs FP8 tensor cores (sm_89 or
-    newer; only sm_90, H100/H200, was measured: row-wise `_scaled_mm` has had gaps on other archs in some torch
+    newer; only sm_90 (an H200) was measured: row-wise `_scaled_mm` has had gaps on other archs in some torch
     releases). CPU runs the same product in float32 (for tests: no faster)."""
     device = torch.device(device)
     if device.type != "cuda":

@@ -1,12 +1,13 @@
 """Fused GPU ops the model calls where neither eager PyTorch nor inductor fuses on its own.
 
-`rms_norm_`: RMSNorm written over its input, one Triton kernel (`pipeline.rms_norm_triton`). The text keys are
-normed in place inside their [k | v] projection output so k and v stay views of one buffer (held across passes
-without the raw keys). Written as `k.copy_(rms_norm(k))`, inductor cannot update the slice in place: it emits a
-reduction kernel, then a pointwise kernel rewriting the whole [k | v] buffer (values included), 2 kernels and
-~2.5x the traffic per stream and block. As a custom op that mutates its input, inductor calls it on the GEMM
-output directly (no copy). Off CUDA the plain `x.copy_(rms_norm(x))` runs; when autograd records, a plain
-out-of-place `rms_norm(x)`.
+`rms_norm_`: RMSNorm written over its input, one Triton kernel (`pipeline.rms_norm_triton`). The text keys are normed
+in place inside their [k | v] projection output so k and v stay views of one buffer (held across passes without the
+raw keys). Written as `k.copy_(rms_norm(k))`, inductor cannot update the slice in place: it emits a reduction kernel,
+then a pointwise kernel rewriting the whole [k | v] buffer (values included), 2 kernels and ~2.5x the traffic per
+stream and block. `pipeline.text_kv` calls it once per stream on the keys of all blocks (a [G, N] weight, one row of
+norm weights per block), outside any compiled region; as a custom op that mutates its input it would also stay in
+place under inductor (a GPU test checks that). Off CUDA the plain `x.copy_(rms_norm(x))` runs; when autograd records,
+a plain out-of-place `rms_norm(x)`.
 
 `rms_norm_rope_qk`: RMSNorm + split RoPE of a query and a key tensor rotated by the same table, in one Triton
 kernel (`pipeline.rms_norm_triton`) that reads each float32 RoPE table row once for both: a self-attention's q and

@@ -8,10 +8,10 @@ rounding, not bitwise). Rows may be strided (column slices of a wider projection
 
 - `rms_norm_rows_inplace`: the normed row written over the input (the text keys inside their [k | v] buffers, all
   blocks' in one launch: consecutive groups of rows take consecutive rows of a stacked weight).
-- `rms_norm_rope_qk`: queries and keys rotated by one table (a self-attention's; the exchange's video-side A2V
-  queries and V2A keys), normed with their own weights and rotated by the same split-RoPE table row, into new
-  contiguous tensors. One program does both rows of its token, so each
-  float32 (cos, sin) row is read once for q and k (at 8160 video tokens the tables are 134 MB, beyond L2).
+- `rms_norm_rope_qk`: queries and keys rotated by one table (a self-attention's; each side of the exchange: A2V
+  queries with V2A keys on the video side, V2A queries with A2V keys on the audio side), normed with their own weights
+  and rotated by the same split-RoPE table row, into new contiguous tensors. One program does both rows of its token,
+  so each float32 (cos, sin) row is read once for q and k (at 8160 video tokens the tables are 134 MB, beyond L2).
 """
 
 from __future__ import annotations
