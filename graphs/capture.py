@@ -47,6 +47,16 @@ CAPTURE_FIX = (
 )
 
 
+def _first_error(error: BaseException) -> BaseException:
+    """The error that broke a capture: ending a broken capture raises again, chaining the first one as context."""
+    root = error
+    for _ in range(8):
+        if root.__context__ is None or root.__context__ is root:
+            break
+        root = root.__context__
+    return root
+
+
 class PassOutputs(NamedTuple):
     """What a captured pass function returns: its velocities and, when it produces them for the other passes of
     its text, the per-block text keys/values (`pipeline.model.LTX2Transformer.text_kv`)."""
@@ -129,10 +139,12 @@ class GraphPool:
         ):
             start = time.perf_counter()
             self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                for _ in range(warmup_iters):
-                    warmup_fn()
-            torch.cuda.current_stream().wait_stream(self.stream)
+            try:
+                with torch.cuda.stream(self.stream):
+                    for _ in range(warmup_iters):
+                        warmup_fn()
+            finally:  # a failed warm-up too: later work on the current stream waits for what it enqueued
+                torch.cuda.current_stream().wait_stream(self.stream)
             torch.cuda.synchronize()  # warm-up (and any compile or autotune) finished: honest time split
             warm = time.perf_counter()
             torch.cuda.empty_cache()
@@ -147,11 +159,7 @@ class GraphPool:
                 raise
             except Exception as e:
                 self.failed = f"capture of {key.short()}: {type(e).__name__}"
-                root = e  # ending a broken capture raises again; the first error says what broke it
-                for _ in range(8):
-                    if root.__context__ is None or root.__context__ is root:
-                        break
-                    root = root.__context__
+                root = _first_error(e)
                 cause = str(e) if root is e else f"{root} (then: {e})"
                 raise CaptureError(f"capturing pass {name!r} ({key.short()}) failed: {cause}. {CAPTURE_FIX}.") from e
             self._reserved_delta += torch.cuda.memory_reserved(self.device) - reserved

@@ -142,13 +142,18 @@ class CompiledBlocks:
         # streams between them stays eager Python), else its whole forward. ONE compiled wrapper per region,
         # bound to each block: dynamo caches per code object and guards on the backend object, so a single
         # wrapper lets every block share the compiled variants.
-        cls = type(self.blocks[0])
+        cls = self.block_class = type(self.blocks[0])
         self.regions: tuple[str, ...] = tuple(getattr(cls, "compile_regions", None) or ("forward",))
         self._functions = {name: getattr(cls, name) for name in self.regions}
         compiled = {name: torch.compile(fn, **options) for name, fn in self._functions.items()}
         self._bound = [{name: functools.partial(fn, block) for name, fn in compiled.items()} for block in self.blocks]
         self._new_variants = dict.fromkeys(self.regions, 0)  # variants this instance compiled, per region
         self.compiles = 0
+
+    def covers(self, blocks: list[nn.Module]) -> bool:
+        """Whether these compiled regions are those of `blocks`: the same block objects, still of the class whose
+        methods were compiled (a class changed in place would otherwise run the old class's compiled code)."""
+        return blocks == self.blocks and all(type(block) is self.block_class for block in blocks)
 
     def cached_variants(self) -> dict[str, int]:
         """Compiled variants dynamo holds per region (all instances in this process)."""

@@ -436,7 +436,7 @@ class GraphExecutor:
             self._warn_once("weights", lambda: f"the model's weights changed since its {len(self._graphs)} graph(s) "
                                                "were captured: dropping them and their pool before capturing again")
             self._drop_graphs()
-        identity = ModelIdentity.of(self.model, self._weights.hooks())
+        identity = ModelIdentity.of(self.model, self._weights)
         signature = InputSignature.of(video, audio, conditioning, self._model_dtype())
         roles = text_kv_roles(specs, self.share_text_kv)
         keyed = [(s, GraphKey.make(s, signature, identity, weights, self.compile_mode, roles[s.name])) for s in specs]
@@ -456,7 +456,7 @@ class GraphExecutor:
             raise ValueError(f"spec must be a PassSpec (pipeline.passes), got {type(spec).__name__}")
         if self._last_signature is None:
             raise GraphMissError("no run() or warmup() yet: there are no inputs to replay a graph for")
-        identity = ModelIdentity.of(self.model, self._weights.hooks())
+        identity = ModelIdentity.of(self.model, self._weights)
         role = self._last_roles.get(spec.name, "own")
         key = GraphKey.make(spec, self._last_signature, identity, self._weights(), self.compile_mode, role)
         graph = self._graphs.get(key)
@@ -468,9 +468,9 @@ class GraphExecutor:
         """Capture `spec`; a consumer of text keys/values reads those of the producer replayed before it."""
         if self._pool is None:
             self._pool = GraphPool(self.device)
-        if self.compile_mode != "off" and (self._blocks is None or self._blocks.blocks != self._compiled_blocks()):
-            # The first capture, or blocks swapped in since (their graphs were dropped): the compiled regions go
-            # on the blocks there are now, which would otherwise run uncompiled under a compiled graph's key.
+        if self.compile_mode != "off" and (self._blocks is None or not self._blocks.covers(self._compiled_blocks())):
+            # The first capture, or blocks swapped in (or their class changed) since: the compiled regions go on
+            # the blocks there are now, which would otherwise run uncompiled, or as the old class, under this key.
             self._earlier_compiles += 0 if self._blocks is None else self._blocks.compiles
             self._blocks = CompiledBlocks(self.model, self.compile_mode, max_variants=self.max_compile_variants)
         args = static.model_args(spec.text)

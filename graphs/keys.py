@@ -121,12 +121,14 @@ Hooks = tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
 
 
 def torch_settings() -> tuple[tuple[str, Hashable], ...]:
-    """The process-wide torch switches that decide which kernels a forward launches: the SDPA backends allowed
-    (a model on attention backend "auto" leaves the choice to them), the BLAS library, float32 precision (TF32)
-    and reduced-precision reductions, deterministic algorithms. A capture bakes in the kernels they picked. Host
+    """The torch switches that decide which kernels a forward launches: the SDPA backends allowed (a model on
+    attention backend "auto" leaves the choice to them), the BLAS library, float32 precision (TF32) and
+    reduced-precision reductions, deterministic algorithms, and CUDA autocast (thread-local: it would cast a
+    float32 model's matmuls during the capture and never again). A capture bakes in the kernels they picked. Host
     reads only; the float32 precision through the `fp32_precision` API, which reads whichever API set it (the
     legacy `allow_tf32` getters raise once the new API was used)."""
     cuda, matmul = torch.backends.cuda, torch.backends.cuda.matmul
+    autocast = torch.is_autocast_enabled("cuda")
     return (
         ("sdp_flash", cuda.flash_sdp_enabled()),
         ("sdp_efficient", cuda.mem_efficient_sdp_enabled()),
@@ -138,6 +140,7 @@ def torch_settings() -> tuple[tuple[str, Hashable], ...]:
         ("matmul_bf16_reduced_reduction", _hashable(matmul.allow_bf16_reduced_precision_reduction)),
         ("matmul_fp16_reduced_reduction", _hashable(matmul.allow_fp16_reduced_precision_reduction)),
         ("deterministic", torch.are_deterministic_algorithms_enabled()),
+        ("autocast_cuda", str(torch.get_autocast_dtype("cuda")) if autocast else False),
     )
 
 
@@ -146,9 +149,10 @@ class ModelIdentity:
     """Which model a graph was captured from: the object (graphs read its weights by address), its class and
     config (what the forward does), its attention backend if it has a switchable one, `graph_key_extra`: any
     hashable a model exposes for other host-side state its forward bakes into a capture (e.g. an adapter's
-    per-grid Python numbers or cached coordinate tensors replaced per grid), its forward hooks (a capture records
-    what they did; a replay runs no Python, so a hook added or removed later would be silently ignored;
-    `WeightsProbe.hooks`) and the `torch_settings` of the moment."""
+    per-grid Python numbers or cached coordinate tensors replaced per grid), its forward hooks and the code of
+    its submodules (a capture records what they ran; a replay runs no Python, so a hook added or removed later, a
+    submodule's class changed in place or a `forward` set on an instance would be silently ignored;
+    `WeightsProbe.hooks`, `WeightsProbe.module_code`) and the `torch_settings` of the moment."""
 
     model_id: int
     model_class: str
@@ -156,19 +160,22 @@ class ModelIdentity:
     attention_backend: Hashable
     extra: Hashable = None
     hooks: Hooks = ()
+    module_code: int = 0
     settings: tuple[tuple[str, Hashable], ...] = ()
 
     @classmethod
-    def of(cls, model: nn.Module, hooks: Hooks | None = None) -> ModelIdentity:
-        """The identity of `model` now; `hooks` from its `WeightsProbe` (which keeps the module tree walked), or
-        read here by walking the tree."""
+    def of(cls, model: nn.Module, probe: WeightsProbe | None = None) -> ModelIdentity:
+        """The identity of `model` now; hooks and module code from its `WeightsProbe` (which keeps the module tree
+        walked), or from a walk here."""
+        probe = WeightsProbe(model) if probe is None else probe
         return cls(
             id(model),
             type(model).__name__,
             _hashable(getattr(model, "config", None)),
             _hashable(getattr(model, "attention_backend", None)),
             _hashable(getattr(model, "graph_key_extra", None)),
-            WeightsProbe(model).hooks() if hooks is None else hooks,
+            probe.hooks(),
+            probe.module_code(),
             torch_settings(),
         )
 
@@ -233,9 +240,9 @@ class WeightsProbe:
     Walking the module tree (`model.parameters()`) costs ~10 ms for a 48-block model; the probe walks it once
     and keeps each parameter's slot (its module's `_parameters` dict and name), so a parameter replaced by
     assignment or `load_state_dict(assign=True)` is still seen, at ~1 us per weight. It also keeps the tree's
-    layout (each module's children and parameter/buffer counts) and walks again when that changed: a submodule
-    swapped in (`model.video_out = nn.Linear(...)`, an adapter wrapping a Linear) brings parameters the old slots
-    never see, and a graph would go on reading the old module's weights.
+    layout (each module's children, class, instance-level `forward` and parameter/buffer counts) and walks again
+    when that changed: a submodule swapped in (`model.video_out = nn.Linear(...)`, an adapter wrapping a Linear)
+    brings parameters the old slots never see, and a graph would go on reading the old module's weights.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -246,7 +253,8 @@ class WeightsProbe:
         named = list(self.model.named_modules())
         modules = [m for _, m in named]
         self._named = named
-        self._layout = [(m, dict(m._modules), len(m._parameters), len(m._buffers)) for m in modules]
+        self._layout = [(m, dict(m._modules), _code(m), len(m._parameters), len(m._buffers)) for m in modules]
+        self._module_code = hash(tuple(code for _, _, code, _, _ in self._layout))
         # Every parameter slot, None ones too: a bias set later on a Linear built without one is read at its slot.
         # Then the buffers a module names as weights (`weight_buffers`).
         self._weights = [(m._parameters, n) for m in modules for n in m._parameters]
@@ -255,10 +263,10 @@ class WeightsProbe:
         self._buffers = [(m._buffers, n) for m in modules for n in m._buffers if (id(m), n) not in weight_buffers]
 
     def _layout_changed(self) -> bool:
-        """Children swapped, added or removed, or parameters/buffers added or removed (a rename keeping the count
-        shows as a missing slot in `__call__`)."""
-        return any(m._modules != children or len(m._parameters) != params or len(m._buffers) != buffers
-                   for m, children, params, buffers in self._layout)
+        """Children swapped, added or removed, a module's class or instance `forward` changed, or parameters/buffers
+        added or removed (a rename keeping the count shows as a missing slot in `__call__`)."""
+        return any(m._modules != children or _code(m) != code or len(m._parameters) != params
+                   or len(m._buffers) != buffers for m, children, code, params, buffers in self._layout)
 
     def __call__(self) -> WeightsState:
         if self._layout_changed():
@@ -275,6 +283,13 @@ class WeightsProbe:
         return WeightsState(int(getattr(self.model, "weights_version", 0)), sum(map(_version, weights)),
                             _placement(weights), _placement(buffers))
 
+    def module_code(self) -> int:
+        """A hash of every module's class and instance-level `forward` (if one was set on the object), in tree
+        order: what a capture ran besides the weights. A layout change walks again first."""
+        if self._layout_changed():
+            self._walk()
+        return self._module_code
+
     def hooks(self) -> Hooks:
         """(module name, forward pre-hook handles, forward hook handles) of each module that has any, with "*" for
         the global module hooks (`nn.modules.module.register_module_forward_hook`). Handles are unique per
@@ -286,6 +301,12 @@ class WeightsProbe:
         if nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks:
             found.append(("*", tuple(nn_module._global_forward_pre_hooks), tuple(nn_module._global_forward_hooks)))
         return tuple(found)
+
+
+def _code(module: nn.Module) -> tuple[type, Any]:
+    """What decides a module's forward besides its weights and hooks: its class, and a `forward` set on the instance
+    (None if none; compared by identity)."""
+    return type(module), module.__dict__.get("forward")
 
 
 def pass_options(spec: Any) -> tuple[tuple[str, Hashable], ...]:
@@ -341,6 +362,7 @@ class GraphKey:
                 "attention_backend": self.model.attention_backend,
                 "graph_key_extra": self.model.extra,
                 "hooks": self.model.hooks,
+                "module_code": f"{self.model.module_code & 0xFFFFFFFFFFFF:012x}",
                 **{f"torch.{name}": value for name, value in self.model.settings},
                 "weights_version": self.weights.version,
                 "param_versions": self.weights.param_versions,

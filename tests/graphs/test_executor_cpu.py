@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import graphs.executor
 from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
@@ -641,6 +642,28 @@ def test_a_swapped_module_recaptures_and_matches_the_new_model(fake_graphs):
     assert torch.equal(out["cond"].video, expected["cond"].video)
 
 
+def test_a_module_class_changed_in_place_recaptures(fake_graphs):
+    """Same module objects, same weights, another class (or a `forward` set on the instance): the graph runs other
+    code, so the key misses and the recapture matches the model as it is now."""
+    model, conditioning, video, audio = _setup(fresh=True)
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    executor.run(video, audio, 0.7, (COND,))
+
+    class Negated(nn.Linear):
+        def forward(self, x):
+            return -super().forward(x)
+
+    model.video_out.__class__ = Negated
+    with pytest.warns(GraphMissWarning, match="module_code"):
+        out = executor.run(video, audio, 0.7, (COND,))
+    assert executor.stats.captures == 2
+    assert torch.equal(out["cond"].video, _eager(model, conditioning, video, audio, 0.7, (COND,))["cond"].video)
+    model.audio_out.forward = lambda x: torch.zeros(*x.shape[:-1], model.audio_out.out_features, dtype=x.dtype)
+    out = executor.run(video, audio, 0.7, (COND,))  # (the executor warns about misses once)
+    assert executor.stats.captures == 3 and not out["cond"].audio.any()
+
+
 @pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
 def test_a_swapped_block_is_compiled_too(fake_graphs, monkeypatch):
     """The compiled regions sit on the block objects: a block swapped in after capture gets them at the
@@ -676,10 +699,19 @@ def test_a_swapped_block_is_compiled_too(fake_graphs, monkeypatch):
     assert calls and all(calls)  # every block of the model, the new one included, ran its compiled regions
     assert executor.stats.captures == 2 and executor.stats.compiles >= compiles
 
-    class Wrapped(type(model.blocks[0])):  # a block of another class (a wrapper): one compiled class no longer fits
+    monkeypatch.setattr(CompiledBlocks, "_installed", original)
+
+    class Subclass(type(model.blocks[0])):  # every block's class changed in place: the old class's compiled code
+        pass  # would still sit on the same block objects
+
+    for block in model.blocks:
+        block.__class__ = Subclass
+    executor.run(video, audio, 0.7, (COND,))
+    assert executor.stats.captures == 3 and executor._blocks.block_class is Subclass
+
+    class Wrapped(Subclass):  # a block of another class (a wrapper): one compiled class no longer fits
         pass
 
-    monkeypatch.setattr(CompiledBlocks, "_installed", original)
     wrapped = copy.deepcopy(model.blocks[0])
     wrapped.__class__ = Wrapped
     model.blocks[0] = wrapped

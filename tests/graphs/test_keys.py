@@ -217,6 +217,39 @@ def test_swapped_submodule_is_seen():
     assert probe() != before and probe() == WeightsProbe(linear)()
 
 
+def test_module_code_sees_a_class_changed_in_place_and_an_instance_forward():
+    """Neither changes the module tree or the weights, but both change what a capture runs: `fused.is_plain_linear`
+    picks its path by `type(module)`, and a `forward` set on an instance replaces the class's."""
+    model = tiny_model()
+    probe = WeightsProbe(model)
+    first = ModelIdentity.of(model, probe)
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model.video_out.__class__ = Doubled
+    changed = ModelIdentity.of(model, probe)
+    assert changed.module_code != first.module_code and changed == ModelIdentity.of(model)
+    model.audio_out.forward = lambda x: x
+    patched = ModelIdentity.of(model, probe)
+    assert patched.module_code not in (first.module_code, changed.module_code)
+    del model.audio_out.forward
+    assert ModelIdentity.of(model, probe) == changed and probe() == WeightsState.of(model)
+    model.video_out.__class__ = nn.Linear
+    assert ModelIdentity.of(model, probe) == first
+
+
+def test_cuda_autocast_is_a_key_field(monkeypatch):
+    """Autocast is thread-local state a capture bakes in (a float32 model's matmuls run in bf16 under it)."""
+    model, conditioning, video, audio = _setup()
+    plain = _key(COND, model, conditioning, video, audio)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
+    under = _key(COND, model, conditioning, video, audio)
+    assert key_difference(under, plain) == [("torch.autocast_cuda", "torch.bfloat16", False)]
+
+
 def test_probe_tolerates_inference_tensors():
     with torch.inference_mode():
         model = nn.Linear(2, 2)
