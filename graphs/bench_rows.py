@@ -21,11 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from graphs.bench_flops import spec_flops
-from graphs.bench_report import PassRow, StepRow
-from graphs.executor import text_kv_roles
-from graphs.cli_console import failure_line
-from graphs.run_executors import make_executor, warm_up
 from graphs.bench_kernels import kernel_activity
+from graphs.bench_report import PassRow, StepRow
+from graphs.cli_console import failure_line
+from graphs.executor import text_kv_roles
+from graphs.keys import OWN, TextKVRole
+from graphs.run_executors import make_executor, warm_up
 from graphs.run_syncs import count_host_syncs
 from profiling.gpu_clocks import ClockSampler
 from profiling.timing import TimingStats, time_cuda
@@ -82,7 +83,7 @@ def measure_cell(
     tokens = inputs.grid.num_video_tokens
     step_specs = pass_specs_for(plan.guidance)
     all_specs = _union(step_specs, plan.timed_specs)
-    rows = [PassRow(impl, executor_name, tokens, s.name, _flops(inputs, s, "own")) for s in plan.timed_specs]
+    rows = [PassRow(impl, executor_name, tokens, s.name, _flops(inputs, s, OWN)) for s in plan.timed_specs]
     step_row = StepRow(impl, executor_name, tokens, tuple(s.name for s in step_specs))
     progress(f"{impl} {executor_name} @ {tokens} tokens: warm-up")
     precompiled = impl == "diffusers" and "compile" in executor_name  # its own compile_repeated_blocks
@@ -116,11 +117,11 @@ def measure_cell(
     return rows, step_row
 
 
-def _flops(inputs: CellInputs, spec, text_kv_role: str) -> int:
+def _flops(inputs: CellInputs, spec, text_kv_role: TextKVRole) -> int:
     """The pass's FLOPs; a pass reading text keys/values another pass holds does not project them (FLOP/s and
     MFU count the work the pass does)."""
-    projected = not text_kv_role.startswith("consume:")
-    return spec_flops(inputs.config, inputs.grid, inputs.text_tokens, spec, text_kv_projected=projected).total
+    return spec_flops(inputs.config, inputs.grid, inputs.text_tokens, spec,
+                      text_kv_projected=not text_kv_role.consumes).total
 
 
 def _union(first: Sequence, second: Sequence) -> tuple:

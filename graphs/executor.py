@@ -10,7 +10,9 @@ that read the same text at the same sigma (cond, perturbed, modality) need the s
 keys/values in every block. The first of them (in `PASS_NAMES` order) computes them once and holds them as an
 output of its graph; the others are captured reading those held tensors (their key names the producer and its
 options), and replay after it, in the same evaluation. Passes that project their own text keys/values (neg) are
-captured before the producer, so its held keys/values can sit on their temporaries (`capture_rank`). The held
+captured before the producer, so its held keys/values can sit on their temporaries (`TextKVRole.capture_rank`;
+when both are new in one evaluation: a pass added to an executor that already holds the producer's graph is
+captured after it, correct but with both sets in the pool, so warm up the whole pass set first). The held
 keys/values are valid from the producer's replay until new inputs are loaded or a graph captured before the
 producer replays (its temporaries may occupy the held keys/values' memory); a consumer replay (`run` or
 `replay_only`) outside that window raises instead of reading them.
@@ -55,7 +57,8 @@ from graphs.buffers import StaticInputs
 from graphs.capture import GraphPool, PassGraph, PassOutputs
 from graphs.compile import CompiledBlocks, compile_mode_name, find_blocks
 from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
-from graphs.keys import GraphKey, InputSignature, ModelIdentity, WeightsProbe, explain_miss, pass_options
+from graphs.keys import (OWN, GraphKey, InputSignature, ModelIdentity, TextKVRole, WeightsProbe, active_options,
+                         explain_miss, pass_options)
 from graphs.trees import paths_off_device
 from pipeline.config import is_int
 from pipeline.executor import (Conditioning, EagerExecutor, Velocity, check_host_float, check_latents, check_specs,
@@ -98,8 +101,8 @@ def graphs_supported(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, str]:
-    """Each pass's text keys/values role (`graphs.keys.text_kv_role_phrase`), by pass name.
+def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, TextKVRole]:
+    """Each pass's text keys/values role (`graphs.keys.TextKVRole`), by pass name.
 
     With `share`, a text read by two or more of the passes is projected once, by the first of its readers in
     `PASS_NAMES` order (so the roles, and the graph keys, do not depend on the order the specs come in). The
@@ -107,35 +110,17 @@ def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, str]:
     (28,), ...)"): their graphs read the tensors of that very graph, so a producer with other options means other
     consumers.
     """
-    roles = dict.fromkeys((s.name for s in specs), "own")
+    roles = dict.fromkeys((s.name for s in specs), OWN)
     if share:
         for text in {s.text for s in specs}:
             readers = sorted((s for s in specs if s.text == text), key=lambda s: PASS_NAMES.index(s.name))
             if len(readers) > 1:
                 producer = readers[0]
-                options = ", ".join(f"{name}={value}" for name, value in pass_options(producer) if value)
-                role = f"consume:{producer.name}" + (f"({options})" if options else "")
-                roles[producer.name] = "produce"
-                roles.update(dict.fromkeys((s.name for s in readers[1:]), role))
+                options = active_options(pass_options(producer))
+                consume = TextKVRole("consume", producer.name + (f"({options})" if options else ""))
+                roles[producer.name] = TextKVRole("produce")
+                roles.update(dict.fromkeys((s.name for s in readers[1:]), consume))
     return roles
-
-
-def capture_rank(role: str) -> int:
-    """Where a new graph of this text K/V role goes in the capture (and so replay) order: passes projecting their
-    own text keys/values first, then producers, then consumers (which read a producer's held tensors).
-
-    Why own before produce: an "own" pass's keys/values are temporaries of its graph, free again once it is
-    captured, so a producer captured after it can place the keys/values it holds on them. Captured the other way
-    round, both sets live in the pool at once: at `ltx2.3` scale with 1024 text tokens, 1.1 GiB more (the neg pass
-    of the HQ preset). The price is the rule the executor already keeps: replaying the "own" pass after the
-    producer invalidates the held keys/values (module docstring)."""
-    if role == "own":
-        return 0
-    if role == "produce":
-        return 1
-    if role.startswith("consume:"):
-        return 2
-    raise ValueError(f"text K/V role must be 'own', 'produce' or 'consume:<producer>', got {role!r}")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -440,11 +425,11 @@ class GraphExecutor:
         signature = InputSignature.of(video, audio, conditioning, self._model_dtype())
         roles = text_kv_roles(specs, self.share_text_kv)
         keyed = [(s, GraphKey.make(s, signature, identity, weights, self.compile_mode, roles[s.name])) for s in specs]
-        # Cached graphs first, in capture order; new keys after, by text K/V role (`capture_rank`), then in the
-        # given order. A graph captured later may reuse an earlier graph's temporaries, so replaying the earlier
-        # one after it could overwrite its held output while the guidance combine still needs it.
+        # Cached graphs first, in capture order; new keys after, by text K/V role (`TextKVRole.capture_rank`), then
+        # in the given order. A graph captured later may reuse an earlier graph's temporaries, so replaying the
+        # earlier one after it could overwrite its held output while the guidance combine still needs it.
         keyed.sort(key=lambda sk: (self._graphs[sk[1]].order if sk[1] in self._graphs else math.inf,
-                                   capture_rank(sk[1].text_kv)))
+                                   sk[1].text_kv_role.capture_rank))
         static = self._static_inputs(signature, video, audio, conditioning)
         static.load(video, audio, sigma)
         self._valid_text_kv.clear()  # held keys/values were made from the previous inputs
@@ -457,7 +442,7 @@ class GraphExecutor:
         if self._last_signature is None:
             raise GraphMissError("no run() or warmup() yet: there are no inputs to replay a graph for")
         identity = ModelIdentity.of(self.model, self._weights)
-        role = self._last_roles.get(spec.name, "own")
+        role = self._last_roles.get(spec.name, OWN)
         key = GraphKey.make(spec, self._last_signature, identity, self._weights(), self.compile_mode, role)
         graph = self._graphs.get(key)
         if graph is None:
@@ -476,7 +461,7 @@ class GraphExecutor:
         args = static.model_args(spec.text)
         kwargs = spec.model_kwargs()
         model, blocks = self.model, self._blocks
-        consumer = key.text_kv.startswith("consume:")
+        consumer = key.text_kv_role.consumes
         producer = self._valid_text_kv.get(spec.text)
         if consumer:
             if producer is None or producer.text_kv is None:
@@ -484,7 +469,7 @@ class GraphExecutor:
             kwargs["text_kv"] = producer.text_kv
 
         def forward() -> PassOutputs:
-            if key.text_kv == "produce":
+            if key.text_kv_role.produces:
                 text_kv = model.text_kv(args.video_context, args.audio_context, args.sigma)
                 return PassOutputs(model(*args, **kwargs, text_kv=text_kv), text_kv)
             return PassOutputs(model(*args, **kwargs))
@@ -524,7 +509,7 @@ class GraphExecutor:
     def _replay(self, graph: PassGraph) -> Velocity:
         """Every replay goes through here: it keeps `_valid_text_kv` true (module docstring)."""
         key = graph.key
-        if key.text_kv.startswith("consume:"):
+        if key.text_kv_role.consumes:
             producer = self._valid_text_kv.get(key.text)
             if producer is None or producer.key != graph.text_kv_source:
                 raise GraphMissError(
@@ -532,7 +517,7 @@ class GraphExecutor:
                     f"producer replayed, or a graph captured before the producer replayed over them): replay "
                     f"{graph.text_kv_source.pass_name} first, or use run()")
         self._forget_text_kv_under(graph)
-        if key.text_kv == "produce":
+        if key.text_kv_role.produces:
             self._valid_text_kv[key.text] = graph
         with region(f"replay {graph.key.pass_name}"):
             out = graph.replay()

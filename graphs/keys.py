@@ -6,7 +6,7 @@ buffers, the compiled code chosen by torch.compile. A replay with any of those c
 compute the wrong thing, so each of them is a field here and a change is a cache miss, never a stale replay:
 
 - the pass: its name (each pass has its own held outputs), the text it reads, every forward keyword option,
-  and its text keys/values role (`text_kv_role_phrase`: a graph that reads another pass's held keys/values baked
+  and its text keys/values role (`TextKVRole`: a graph that reads another pass's held keys/values baked
   in their address, so the role names that pass);
 - the inputs: device, shape and dtype of the latents, of each text context and of every RoPE table leaf;
 - the model: identity (id, class, config, attention backend, forward hooks, the torch settings that pick its
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -314,17 +314,59 @@ def pass_options(spec: Any) -> tuple[tuple[str, Hashable], ...]:
     return tuple(sorted((name, _freeze(value)) for name, value in spec.model_kwargs().items()))
 
 
-def text_kv_role_phrase(role: str, text: str) -> str:
-    """What a pass does with its text's keys/values, for `GraphKey.short`: "own" (computes them itself),
-    "produce" (also holds them for the later passes of its text) or "consume:<pass>" (reads those <pass> holds).
-    ValueError for anything else."""
-    if role == "own":
-        return ""
-    if role == "produce":
-        return f" [holds the {text} text K/V for the passes after it]"
-    if role.startswith("consume:") and role != "consume:":
-        return f" [reads the {text} text K/V held by {role.removeprefix('consume:')}]"
-    raise ValueError(f"text_kv must be 'own', 'produce' or 'consume:<pass name>', got {role!r}")
+def active_options(options: tuple[tuple[str, Hashable], ...]) -> str:
+    """The options that do something ("skip_video_self_attn_blocks=(28,), ..."), for names in messages and roles."""
+    return ", ".join(f"{name}={value}" for name, value in options if value)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextKVRole:
+    """What a pass does with its text's keys/values: "own" (projects them itself), "produce" (projects them and
+    holds them for the later passes of its text) or "consume" (reads those held by `producer`: the producing
+    pass's name and active options, e.g. "cond" or "perturbed(skip_video_self_attn_blocks=(28,))", since a producer
+    with other options holds other tensors). Printed as "own", "produce" or "consume:<producer>"."""
+
+    kind: str = "own"
+    producer: str = ""
+
+    KINDS: ClassVar[tuple[str, ...]] = ("own", "produce", "consume")  # also the capture order (`capture_rank`)
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS or (self.kind == "consume") != bool(self.producer):
+            raise ValueError(f"text K/V role must be 'own', 'produce' or 'consume' with a producer, got "
+                             f"kind={self.kind!r}, producer={self.producer!r}")
+
+    @property
+    def consumes(self) -> bool:
+        return self.kind == "consume"
+
+    @property
+    def produces(self) -> bool:
+        return self.kind == "produce"
+
+    @property
+    def capture_rank(self) -> int:
+        """Where a new graph of this role goes in the capture (and so replay) order: passes projecting their own
+        text keys/values first, then producers, then consumers (which read a producer's held tensors).
+
+        Why own before produce: an "own" pass's keys/values are temporaries of its graph, free again once it is
+        captured, so a producer captured after it can place the keys/values it holds on them. Captured the other
+        way round, both sets live in the pool at once: at `ltx2.3` scale with 1024 text tokens, 1.1 GiB more (the
+        neg pass of the HQ preset). The price is a rule the executor keeps: replaying the "own" pass after the
+        producer invalidates the held keys/values (`graphs.executor`)."""
+        return self.KINDS.index(self.kind)
+
+    def phrase(self, text: str) -> str:
+        """The role in a progress line (`GraphKey.short`); empty for "own"."""
+        if self.produces:
+            return f" [holds the {text} text K/V for the passes after it]"
+        return f" [reads the {text} text K/V held by {self.producer}]" if self.consumes else ""
+
+    def __str__(self) -> str:
+        return f"consume:{self.producer}" if self.consumes else self.kind
+
+
+OWN = TextKVRole()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,21 +380,22 @@ class GraphKey:
     model: ModelIdentity
     weights: WeightsState
     compile_mode: str  # "off" | "default" | "max-autotune-no-cudagraphs"
-    text_kv: str = "own"  # "own" | "produce" | "consume:<producing pass>" (`text_kv_role_phrase`)
+    text_kv_role: TextKVRole = OWN
 
     @classmethod
     def make(
         cls, spec: Any, inputs: InputSignature, model: ModelIdentity, weights: WeightsState, compile_mode: str,
-        text_kv: str = "own",
+        text_kv_role: TextKVRole = OWN,
     ) -> GraphKey:
         """Key of `spec` (a `pipeline.passes.PassSpec`) for these inputs, model, weights, compile mode and text
         keys/values role."""
-        text_kv_role_phrase(text_kv, spec.text)  # validates the role
-        return cls(spec.name, spec.text, pass_options(spec), inputs, model, weights, compile_mode, text_kv)
+        if not isinstance(text_kv_role, TextKVRole):
+            raise ValueError(f"text_kv_role must be a TextKVRole, got {text_kv_role!r}")
+        return cls(spec.name, spec.text, pass_options(spec), inputs, model, weights, compile_mode, text_kv_role)
 
     def fields(self) -> dict[str, Hashable]:
         """Flat name -> value view, the unit `explain_miss` compares."""
-        out: dict[str, Hashable] = {"pass": self.pass_name, "text": self.text, "text_kv": self.text_kv}
+        out: dict[str, Hashable] = {"pass": self.pass_name, "text": self.text, "text_kv": str(self.text_kv_role)}
         out.update(dict(self.options))
         out.update(self.inputs.fields())
         out.update(
@@ -375,9 +418,9 @@ class GraphKey:
 
     def short(self) -> str:
         """One phrase for progress lines: the pass, its active options and the latent shapes."""
-        active = [f"{name}={value}" for name, value in self.options if value]
-        opts = f" ({', '.join(active)})" if active else ""
-        role = text_kv_role_phrase(self.text_kv, self.text)
+        active = active_options(self.options)
+        opts = f" ({active})" if active else ""
+        role = self.text_kv_role.phrase(self.text)
         return f"{self.pass_name}{opts}{role} video {self.inputs.video} audio {self.inputs.audio}"
 
     def __str__(self) -> str:

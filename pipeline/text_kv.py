@@ -12,7 +12,7 @@ was three kernels per block and stream (modulation, GEMM, key norm): ~180 launch
 preset. The modulated contexts of all blocks exist at once (0.6 GB for both streams at 1024 text tokens in bf16),
 and a pass that computes its own keys/values holds all blocks' (1.2 GB) instead of one block's at a time; the
 graph executor captures such a pass before the one that holds keys/values for others, so that pool memory is
-shared (`graphs.executor.capture_rank`; profiling/PERF_LOG.md has the measurements).
+shared (`graphs.keys.TextKVRole.capture_rank`; profiling/PERF_LOG.md has the measurements).
 
 Each block's keys and values are views of its slice of the stream's buffer, the normed keys written over the raw
 ones: held keys/values keep that buffer alive (all blocks'), and nothing else. When autograd records (any input

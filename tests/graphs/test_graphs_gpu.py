@@ -120,7 +120,7 @@ def test_shared_text_kv_equals_own_projections_bitwise(small):
     shared, own = GraphExecutor(model, progress=None), GraphExecutor(model, share_text_kv=False, progress=None)
     for executor in (shared, own):
         executor.warmup(specs, video, audio, conditioning=cond1)
-    assert {k.pass_name: k.text_kv for k in shared.keys()} == {
+    assert {k.pass_name: str(k.text_kv_role) for k in shared.keys()} == {
         "cond": "produce", "neg": "own", "perturbed": "consume:cond", "modality": "consume:cond"}
     for sigma in (0.9, 0.3):  # the prompt AdaLN makes the keys/values sigma-dependent
         a, b = shared.run(video, audio, sigma, specs), own.run(video, audio, sigma, specs)
@@ -154,7 +154,7 @@ def test_shared_text_kv_with_cached_and_new_graphs_in_one_evaluation(small):
     _assert_equal_to_eager(out, model, cond1, video, audio, 0.8, HQ)
     out = executor.run(video, audio, 0.4, (*HQ, stg))  # a new consumer beside the cached producer
     _assert_equal_to_eager(out, model, cond1, video, audio, 0.4, (*HQ, stg))
-    assert sorted(k.text_kv for k in executor.keys()) == sorted(
+    assert sorted(str(k.text_kv_role) for k in executor.keys()) == sorted(
         ["own", "produce", "own", "consume:cond", "consume:cond"])
     assert [k.pass_name for k in executor.keys()] == ["cond", "neg", "cond", "modality", "perturbed"]
     executor.replay_only(stg)  # another reader
@@ -173,7 +173,7 @@ def test_shared_text_kv_with_audio_and_video_texts_of_different_lengths(small):
     executor = GraphExecutor(model, progress=None)
     executor.set_conditioning(conditioning)
     out = executor.run(video, audio, 0.6, HQ)
-    assert {k.pass_name: k.text_kv for k in executor.keys()}["modality"] == "consume:cond"
+    assert {k.pass_name: str(k.text_kv_role) for k in executor.keys()}["modality"] == "consume:cond"
     _assert_equal_to_eager(out, model, conditioning, video, audio, 0.6, HQ)
 
 

@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from graphs.keys import (
+    OWN,
     GraphKey,
     InputSignature,
     ModelIdentity,
     TensorSig,
+    TextKVRole,
     WeightsProbe,
     WeightsState,
     explain_miss,
@@ -70,13 +72,16 @@ def test_text_kv_role_is_a_key_field_with_its_producer():
     signature = InputSignature.of(video, audio, conditioning, torch.bfloat16)
     identity, weights = ModelIdentity.of(model), WeightsState.of(model)
     own, by_cond, by_perturbed = (GraphKey.make(MODALITY, signature, identity, weights, "off", role)
-                                  for role in ("own", "consume:cond", "consume:perturbed"))
+                                  for role in (OWN, TextKVRole("consume", "cond"), TextKVRole("consume", "perturbed")))
     assert len({own, by_cond, by_perturbed}) == 3
     assert "[reads the positive text K/V held by cond]" in by_cond.short()
     assert "text_kv: 'consume:perturbed' (cached: 'consume:cond')" in explain_miss(by_perturbed, [by_cond])
-    for bad in ("consume", "consume:", "shared"):
-        with pytest.raises(ValueError, match="text_kv must be"):
-            GraphKey.make(MODALITY, signature, identity, weights, "off", bad)
+    assert [TextKVRole(kind).capture_rank for kind in ("own", "produce")] == [0, 1] and by_cond.text_kv_role.consumes
+    for kind, producer in (("consume", ""), ("shared", ""), ("own", "cond"), ("produce", "cond")):
+        with pytest.raises(ValueError, match="text K/V role must be"):
+            TextKVRole(kind, producer)
+    with pytest.raises(ValueError, match="text_kv_role must be a TextKVRole"):
+        GraphKey.make(MODALITY, signature, identity, weights, "off", "consume:cond")
 
 
 def test_signature_uses_model_dtype_not_the_callers():
