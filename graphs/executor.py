@@ -57,8 +57,8 @@ from graphs.buffers import StaticInputs
 from graphs.capture import GraphPool, PassGraph, PassOutputs
 from graphs.compile import CompiledBlocks, compile_mode_name, find_blocks
 from graphs.errors import CaptureError, GraphMissError, GraphMissWarning
-from graphs.keys import (OWN, GraphKey, InputSignature, ModelIdentity, TextKVRole, WeightsProbe, active_options,
-                         explain_miss, pass_options)
+from graphs.keys import (OWN, GraphKey, InputSignature, ModelIdentity, TextKVRole, WeightsProbe, explain_miss,
+                         pass_options)
 from graphs.trees import paths_off_device
 from pipeline.config import is_int
 from pipeline.executor import (Conditioning, EagerExecutor, Velocity, check_host_float, check_latents, check_specs,
@@ -116,10 +116,9 @@ def text_kv_roles(specs: Sequence[PassSpec], share: bool) -> dict[str, TextKVRol
             readers = sorted((s for s in specs if s.text == text), key=lambda s: PASS_NAMES.index(s.name))
             if len(readers) > 1:
                 producer = readers[0]
-                options = active_options(pass_options(producer))
-                consume = TextKVRole("consume", producer.name + (f"({options})" if options else ""))
                 roles[producer.name] = TextKVRole("produce")
-                roles.update(dict.fromkeys((s.name for s in readers[1:]), consume))
+                roles.update(dict.fromkeys((s.name for s in readers[1:]),
+                                           TextKVRole.reading(producer.name, pass_options(producer))))
     return roles
 
 
@@ -450,35 +449,18 @@ class GraphExecutor:
         return graph
 
     def _capture(self, spec: PassSpec, key: GraphKey, static: StaticInputs) -> PassGraph:
-        """Capture `spec`; a consumer of text keys/values reads those of the producer replayed before it."""
+        """Capture `spec` (warm-up first; compiled regions compile there); a consumer of text keys/values reads
+        those of the producer replayed before it."""
         if self._pool is None:
             self._pool = GraphPool(self.device)
-        if self.compile_mode != "off" and (self._blocks is None or not self._blocks.covers(self._compiled_blocks())):
-            # The first capture, or blocks swapped in (or their class changed) since: the compiled regions go on
-            # the blocks there are now, which would otherwise run uncompiled, or as the old class, under this key.
-            self._earlier_compiles += 0 if self._blocks is None else self._blocks.compiles
-            self._blocks = CompiledBlocks(self.model, self.compile_mode, max_variants=self.max_compile_variants)
-        args = static.model_args(spec.text)
-        kwargs = spec.model_kwargs()
-        model, blocks = self.model, self._blocks
-        consumer = key.text_kv_role.consumes
-        producer = self._valid_text_kv.get(spec.text)
-        if consumer:
-            if producer is None or producer.text_kv is None:
-                raise RuntimeError(f"internal: {key.short()} captured before the pass holding its text K/V")
-            kwargs["text_kv"] = producer.text_kv
+        blocks = self._current_blocks()
+        forward, producer = self._pass_function(spec, key, static)
 
-        def forward() -> PassOutputs:
-            if key.text_kv_role.produces:
-                text_kv = model.text_kv(args.video_context, args.audio_context, args.sigma)
-                return PassOutputs(model(*args, **kwargs, text_kv=text_kv), text_kv)
-            return PassOutputs(model(*args, **kwargs))
-
-        def warm():
+        def warm() -> PassOutputs:
             with blocks.compiling():
                 return forward()
 
-        def frozen():
+        def frozen() -> PassOutputs:
             with blocks.frozen():
                 return forward()
 
@@ -490,21 +472,54 @@ class GraphExecutor:
             warmup_iters=self.warmup_iters,
             warmup_fn=None if blocks is None else warm,
         )
-        if consumer:
-            graph.text_kv_source = producer.key
+        graph.text_kv_source = None if producer is None else producer.key
         self._graphs[key] = graph
+        self._record_capture(graph)
+        return graph
+
+    def _current_blocks(self) -> CompiledBlocks | None:
+        """The compiled regions for this capture (None without compile). Built at the first capture, and again when
+        blocks were swapped in (or their class changed) since: the regions sit on the block objects, and a new
+        block would otherwise run uncompiled, or as the old class, under a compiled graph's key."""
+        if self.compile_mode != "off" and (self._blocks is None or not self._blocks.covers(self._compiled_blocks())):
+            self._earlier_compiles += 0 if self._blocks is None else self._blocks.compiles
+            self._blocks = CompiledBlocks(self.model, self.compile_mode, max_variants=self.max_compile_variants)
+        return self._blocks
+
+    def _pass_function(self, spec: PassSpec, key: GraphKey,
+                       static: StaticInputs) -> tuple[Callable[[], PassOutputs], PassGraph | None]:
+        """The pass as its graph runs it, reading `static`, and for a consumer of text keys/values the producer
+        whose held tensors it reads (else None). A producer also returns the keys/values it holds."""
+        model, args, kwargs = self.model, static.model_args(spec.text), spec.model_kwargs()
+        role = key.text_kv_role
+        if role.produces:
+            def produce() -> PassOutputs:
+                text_kv = model.text_kv(args.video_context, args.audio_context, args.sigma)
+                return PassOutputs(model(*args, **kwargs, text_kv=text_kv), text_kv)
+
+            return produce, None
+        producer = None
+        if role.consumes:  # `_prepare` puts producers first, and each new graph is replayed before the next capture
+            producer = self._valid_text_kv.get(spec.text)
+            assert producer is not None and producer.text_kv is not None, \
+                f"{key.short()} captured before the pass holding its text K/V"
+            assert role == TextKVRole.reading(producer.key.pass_name, producer.key.options), \
+                f"{key.short()} would read the text K/V of {producer.key.short()}"
+            kwargs["text_kv"] = producer.text_kv
+        return (lambda: PassOutputs(model(*args, **kwargs))), producer
+
+    def _record_capture(self, graph: PassGraph) -> None:
+        """Counters, pool size and the progress line of a new capture."""
         self._captures += 1
         self._capture_seconds += graph.seconds
         self._pool_bytes = self._pool.reserved_bytes()
         if self._progress is not None:
-            compiles = None if self._blocks is None else self._compiles()
-            compiled = "" if compiles is None else f" incl. compile, {compiles} compiled graph(s) so far"
+            compiled = "" if self._blocks is None else f" incl. compile, {self._compiles()} compiled graph(s) so far"
             self._progress(
-                f"captured {key.short()} in {graph.seconds:.2f} s (warm-up {graph.warmup_seconds:.2f} s{compiled}, "
-                f"capture {graph.capture_seconds:.2f} s); {len(self._graphs)} graph(s), "
+                f"captured {graph.key.short()} in {graph.seconds:.2f} s (warm-up {graph.warmup_seconds:.2f} s"
+                f"{compiled}, capture {graph.capture_seconds:.2f} s); {len(self._graphs)} graph(s), "
                 f"pool {self._pool_bytes / 2**20:.1f} MiB"
             )
-        return graph
 
     def _replay(self, graph: PassGraph) -> Velocity:
         """Every replay goes through here: it keeps `_valid_text_kv` true (module docstring)."""

@@ -336,6 +336,13 @@ class TextKVRole:
             raise ValueError(f"text K/V role must be 'own', 'produce' or 'consume' with a producer, got "
                              f"kind={self.kind!r}, producer={self.producer!r}")
 
+    @classmethod
+    def reading(cls, producer: str, options: tuple[tuple[str, Hashable], ...]) -> TextKVRole:
+        """The role of a pass reading the keys/values that pass `producer` with these options (`pass_options`)
+        holds."""
+        active = active_options(options)
+        return cls("consume", producer + (f"({active})" if active else ""))
+
     @property
     def consumes(self) -> bool:
         return self.kind == "consume"
