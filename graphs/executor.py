@@ -225,10 +225,7 @@ class GraphExecutor:
         held outputs: read them before the next `run` or `replay_only`.
         """
         with self._exclusive("run"):
-            conditioning = self._require_conditioning()
-            specs = check_specs(specs, conditioning)
-            self._check_latents(video, audio, conditioning)
-            sigma = check_host_float(sigma)
+            conditioning, specs, sigma = self._checked(specs, video, audio, sigma)
             if not self.graphs_enabled:
                 self._warn_once("cpu", lambda: f"CUDA graphs need a CUDA device (model on {self.device}); running "
                                                "every pass eagerly (miss_policy='eager')")
@@ -279,10 +276,7 @@ class GraphExecutor:
         with self._exclusive("warmup"):
             if conditioning is not None:
                 self._set_conditioning(conditioning)
-            conditioning = self._require_conditioning()
-            specs = check_specs(specs, conditioning)
-            self._check_latents(video_like, audio_like, conditioning)
-            sigma = check_host_float(sigma)
+            conditioning, specs, sigma = self._checked(specs, video_like, audio_like, sigma)
             if not self.graphs_enabled:
                 return 0.0
             keyed, static = self._prepare(video_like, audio_like, sigma, specs, conditioning, drop_stale=True)
@@ -386,9 +380,15 @@ class GraphExecutor:
             )
         return self._conditioning
 
-    def _check_latents(self, video: Tensor, audio: Tensor, conditioning: Conditioning) -> None:
+    def _checked(self, specs: Sequence[PassSpec], video: Tensor, audio: Tensor,
+                 sigma: float) -> tuple[Conditioning, tuple[PassSpec, ...], float]:
+        """The arguments of `run`/`warmup` checked against the conditioning and the model: (conditioning, specs as a
+        tuple, sigma as a float)."""
+        conditioning = self._require_conditioning()
+        specs = check_specs(specs, conditioning)
         self._check_model_device()
         check_latents(video, audio, self.device, conditioning)
+        return conditioning, specs, check_host_float(sigma)
 
     def _check_model_device(self) -> None:
         moved = _model_device(self.model)
