@@ -33,6 +33,10 @@ def load_report(path: str | Path) -> dict:
         raise ValueError(f"{path} is not JSON ({e}); expected a `ltx2-graphs bench --json` report") from None
     if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
         raise ValueError(f"{path} has no 'passes' list: expected a `ltx2-graphs bench --json` report")
+    for table in ("passes", "steps"):
+        if not all(isinstance(row, dict) for row in data.get(table) or ()):
+            raise ValueError(f"{path}: its '{table}' are not rows (objects): expected a `ltx2-graphs bench --json` "
+                             "report")
     return data
 
 

@@ -57,6 +57,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """A seed for the random weights, texts and noise: an integer in [0, 2**63) (`pipeline.noise`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -200,7 +211,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:N"
     )
-    group.add_argument("--seed", type=int, default=0, help="seed for random weights, text contexts and noise")
+    group.add_argument("--seed", type=seed, default=0, help="seed for random weights, text contexts and noise")
     group.add_argument(
         "--no-audio-stream",
         action="store_true",
@@ -468,7 +479,8 @@ def build_parser() -> OneLineParser:
     )
     add_loop_flags(profile)
     profile.set_defaults(steps=2)
-    profile.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace (JSON) of the profiled steps")
+    profile.add_argument("--trace", type=output_file, metavar="FILE",
+                         help="write a Chrome/Perfetto trace (JSON) of the profiled steps")
     profile.add_argument(
         "--nsys-sqlite", metavar="FILE", help="analyse this nsys sqlite export instead of running anything (the "
         "model, shape, guidance and execution flags are then refused: the recorded run fixed them)"
@@ -486,6 +498,8 @@ def build_parser() -> OneLineParser:
     )
     add_output_flags(profile)
     profile.set_defaults(handler=_profile)
+    for command_parser in sub.choices.values():  # `parse` reports an unknown flag with the subcommand's help
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -538,6 +552,8 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
             "passes, or check that no other process holds GPU memory)",
             3,
         )
+    if "can't allocate memory" in text:  # the CPU allocator's words
+        return f"out of memory: {text} (hint: use a smaller grid (--tokens/--resolution) or --preset tiny)", 3
     if "CaptureError" in kinds:
         return f"CUDA graph capture failed: {text} (hint: try --executor eager to check the model itself)", 3
     if "BlindProfilerError" in kinds:
@@ -549,9 +565,30 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     return f"{name}: {text} (hint: rerun with --debug for the traceback)", 1
 
 
+# Paths a command reads (--weights) or writes at the end; two of them naming one file would overwrite it.
+FILE_OPTIONS = ("weights", "output", "json", "trace")
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parsed arguments; errors name the subcommand's help (an unknown flag of `run` is `run`'s to explain) and a
+    file option naming the same file as another (`--output` over `--weights` would destroy the checkpoint)."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    seen: dict[str, str] = {}
+    for name in FILE_OPTIONS:
+        value = getattr(args, name, None)
+        if not value or value == "-":
+            continue
+        same = seen.setdefault(os.path.realpath(value), name)
+        if same != name:
+            args.command_parser.error(f"--{name} and --{same} name the same file {value!r}: give each its own path")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit status (0 on success)."""
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     progress = Progress(quiet=args.quiet)
     try:
         return int(args.handler(args, progress) or 0)

@@ -41,10 +41,10 @@ def analyse_file(args, progress: Progress) -> int:
     except BlindProfilerError as e:
         raise CommandError(str(e), hint="record the positive control inside the capture range, or pass "
                            "--no-control to accept an unverified count") from e
-    if args.trace:
-        write_chrome_trace(timeline, args.trace)
-        progress(f"wrote trace {args.trace}")
-    return _emit(args, [("nsys", report, timeline)], extra={"source_file": path})
+    code = _emit(args, [("nsys", report, timeline)], extra={"source_file": path})
+    if args.trace:  # after the report, so a trace that cannot be written does not lose it
+        _write_trace(lambda target: write_chrome_trace(timeline, target), args.trace, progress)
+    return code
 
 
 def profile_live(args, progress: Progress) -> int:
@@ -76,15 +76,21 @@ def profile_live(args, progress: Progress) -> int:
 
     summary = runner.run(options, progress, loop_context=loop_context)
     reports = [(name, prof.report(), prof.timeline) for name, prof in profilers]
-    if args.trace:
-        for name, prof in profilers:
-            target = args.trace if len(profilers) == 1 else _numbered(args.trace, name)
-            prof.write_trace(target)
-            progress(f"wrote trace {target} (open in https://ui.perfetto.dev or chrome://tracing)")
     if args.json != "-":
         print(format_summary(summary))
         print()
-    return _emit(args, reports, extra={"run": summary.to_json()})
+    code = _emit(args, reports, extra={"run": summary.to_json()})
+    for name, prof in profilers if args.trace else ():  # after the report, as in `profile_nsys`
+        _write_trace(prof.write_trace, args.trace if len(profilers) == 1 else _numbered(args.trace, name), progress)
+    return code
+
+
+def _write_trace(write, target: str, progress: Progress) -> None:
+    try:
+        write(target)
+    except OSError as e:
+        raise CommandError(f"--trace: cannot write {target}: {e.strerror or e}") from e
+    progress(f"wrote trace {target} (open in https://ui.perfetto.dev or chrome://tracing)")
 
 
 def _numbered(path: str, name: str) -> str:

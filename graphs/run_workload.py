@@ -189,14 +189,14 @@ def build_model(workload: Workload, progress: Progress) -> torch.nn.Module:
     source = f"weights from {workload.weights}" if workload.weights else f"random weights (seed {workload.seed})"
     count = f"{params / 1e9:.2f} B" if params >= 1e8 else f"{params / 1e6:.2f} M"
     progress(f"building {workload.preset}: {count} parameters ({size_gb:.2f} GB), {source}")
-    if workload.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(workload.device)
-        if size_gb * 1e9 > free:
-            raise CommandError(
-                f"the {workload.preset} model needs {size_gb:.1f} GB but the GPU has {free / 1e9:.1f} GB free",
-                hint="use --preset small, or free GPU memory",
-                code=3,
-            )
+    free = torch.cuda.mem_get_info(workload.device)[0] if workload.device.type == "cuda" else available_host_bytes()
+    if free is not None and size_gb * 1e9 > free:
+        where = "the GPU has" if workload.device.type == "cuda" else "this machine has"
+        raise CommandError(
+            f"the {workload.preset} model needs {size_gb:.1f} GB but {where} {free / 1e9:.1f} GB free",
+            hint="use --preset small (or tiny), or free memory",
+            code=3,
+        )
     if workload.weights:
         model = load_weights(workload)
     else:
@@ -207,6 +207,18 @@ def build_model(workload: Workload, progress: Progress) -> torch.nn.Module:
         quantize(model, progress)
     progress("model ready")
     return model
+
+
+def available_host_bytes() -> int | None:
+    """Memory a new allocation can take without swapping (Linux `MemAvailable`); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def quantize(model: torch.nn.Module, progress: Progress) -> None:
@@ -224,18 +236,7 @@ def load_weights(workload: Workload) -> torch.nn.Module:
 
     if not os.path.exists(workload.weights):
         raise CommandError(f"--weights {workload.weights}: no such file or directory", hint="check the path")
-    formats = "pass a Lightricks single-file checkpoint or a diffusers transformer directory"
-    if os.path.isfile(workload.weights) and not _has_transformer_keys(workload.weights):
-        raise CommandError(
-            f"--weights {workload.weights} holds no LTX-2.3 transformer tensors (no key like "
-            "'model.diffusion_model.transformer_blocks.0...' or 'transformer_blocks.0...')",
-            hint=formats,
-        )
-    if os.path.isdir(workload.weights):  # a folder without weights is not a preset mismatch
-        try:
-            weights_lib.diffusers_weight_files(workload.weights)
-        except ValueError as e:
-            raise CommandError(f"--weights {workload.weights}: {e}", hint=formats) from e
+    _check_weight_files(workload.weights)
     # Allocate without initialising (the checkpoint fills every parameter; the loader checks that it does).
     model = model_lib.build_model(workload.config, device="meta", dtype=workload.dtype)
     model = model.to_empty(device=workload.device)
@@ -251,15 +252,36 @@ def load_weights(workload: Workload) -> torch.nn.Module:
     return model
 
 
-def _has_transformer_keys(path: str) -> bool:
-    """Whether a safetensors file has any transformer-block key (either naming); unreadable files say False."""
+def _check_weight_files(path: str) -> None:
+    """Before allocating the model: `--weights` names readable safetensors files (every shard of an index) holding
+    transformer-block tensors. A truncated download, a missing shard or another kind of file is named as such,
+    not reported as a checkpoint that does not match the preset."""
     from safetensors import safe_open
 
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return any("transformer_blocks." in key for key in f.keys())
-    except Exception:
-        return False
+    from pipeline import weights as weights_lib
+
+    formats = "pass a Lightricks single-file checkpoint or a diffusers transformer directory"
+    if os.path.isdir(path) or path.endswith(".index.json"):
+        try:
+            files = [str(file) for file in weights_lib.diffusers_weight_files(path)]
+        except ValueError as e:
+            raise CommandError(f"--weights {path}: {e}", hint=formats) from e
+    else:
+        files = [path]
+    keys: list[str] = []
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                keys += f.keys()
+        except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+            raise CommandError(f"--weights {path}: {file!r} is not a readable safetensors file ({shorten(str(e))})",
+                               hint="check that the file is complete (an interrupted download?)") from e
+    if not any("transformer_blocks." in key for key in keys):
+        raise CommandError(
+            f"--weights {path} holds no LTX-2.3 transformer tensors (no key like "
+            "'model.diffusion_model.transformer_blocks.0...' or 'transformer_blocks.0...')",
+            hint=formats,
+        )
 
 
 def random_conditioning(workload: Workload):

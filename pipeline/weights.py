@@ -260,7 +260,11 @@ def diffusers_weight_files(path: str | os.PathLike) -> list[Path]:
                 return [folder / DIFFUSERS_WEIGHTS]
         raise ValueError(f"path {str(path)!r} holds neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX}")
     if path.name.endswith(".index.json"):
-        return [path.parent / name for name in sorted(set(_index_weight_map(path).values()))]
+        files = [path.parent / name for name in sorted(set(_index_weight_map(path).values()))]
+        missing = [file.name for file in files if not file.is_file()]
+        if missing:
+            raise ValueError(f"index {str(path)!r} names shard file(s) that do not exist next to it: {missing}")
+        return files
     if path.suffix == ".safetensors" and path.is_file():
         return [path]
     raise ValueError(f"path {str(path)!r} is not a .safetensors file, an .index.json or a directory of them")

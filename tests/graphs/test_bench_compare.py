@@ -80,6 +80,9 @@ def test_a_file_that_is_not_a_bench_report_is_one_clear_line(capsys, tmp_path):
     assert "is not JSON" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "missing.json"), str(path)]) == 2
     assert "cannot read" in capsys.readouterr().err
+    path.write_text(json.dumps({"passes": ["cond", "neg"], "total_s": 9.2}))  # `coldstart --json` names its passes
+    assert main(["compare", str(path), str(path)]) == 2
+    assert "its 'passes' are not rows" in capsys.readouterr().err
 
 
 def _step(passes: list[str], ms: float, mhz: float, syncs: float, error: str | None = None) -> dict:

@@ -87,6 +87,13 @@ def test_top_level_help_lists_the_commands(capsys):
         (("bench", "--json", "/"), "--json: expected a file path"),
         (("bench", "--no-peer", "--peer-executors", "eager"), "contradict"),
         (("compare", "/nonexistent/a.json", "/nonexistent/b.json"), "cannot read /nonexistent/a.json"),
+        (("run", "--seed", "-1"), "--seed: expected an integer in [0, 2**63)"),  # before the model is built
+        (("run", "--executors", "eager"), "unrecognized arguments: --executors eager (see `ltx2-graphs run --help`)"),
+        (("bench", "--resolution", "64x64"), "(see `ltx2-graphs bench --help`)"),
+        (("run", "--weights", "/tmp/ck.safetensors", "--output", "/tmp/ck.safetensors"),
+         "--output and --weights name the same file"),  # the checkpoint would be overwritten by the latents
+        (("run", "--output", "/tmp/o.json", "--json", "/tmp/o.json"), "--json and --output name the same file"),
+        (("profile", "--trace", "/"), "--trace: expected a file path"),
     ],
 )
 def test_bad_arguments_give_one_line_and_nonzero_exit(capsys, argv, words):
@@ -116,6 +123,46 @@ def test_a_weights_folder_without_weights_says_so(capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", "--weights", str(tmp_path))
     assert code == 2 and "holds neither diffusion_pytorch_model.safetensors" in err
     assert "preset" not in err  # not misread as a checkpoint of another size
+
+
+def test_broken_checkpoints_are_named_as_broken(capsys, tmp_path):
+    """A truncated file, a missing shard of an index: said as such, never as a checkpoint of another preset."""
+    from pipeline.config import ModelConfig
+    from pipeline.model import build_model
+    from pipeline.weights import save_diffusers_transformer
+
+    model = build_model(ModelConfig.preset("tiny"), device="cpu", dtype=torch.float32)
+    folder = tmp_path / "transformer"
+    save_diffusers_transformer(model, folder, max_shard_bytes=20_000)
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 1
+    index = next(folder.glob("*.index.json"))
+    code, _, err = run_cli(capsys, "run", "--weights", str(index), "--steps", "1", "--quiet")
+    assert code == 0, err  # an index JSON is a checkpoint too
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(shards[0].read_bytes()[:5000])
+    code, _, err = run_cli(capsys, "run", "--weights", str(truncated))
+    assert code == 2 and "is not a readable safetensors file" in err and "interrupted download" in err, err
+    shards[-1].unlink()
+    code, _, err = run_cli(capsys, "run", "--weights", str(folder))
+    assert code == 2 and "do not exist next to it" in err and shards[-1].name in err, err
+    assert "preset" not in err
+
+
+def test_a_model_larger_than_free_host_memory_is_refused_before_building(capsys, monkeypatch):
+    import graphs.run_workload
+
+    monkeypatch.setattr(graphs.run_workload, "available_host_bytes", lambda: 1000)
+    code, _, err = run_cli(capsys, "run", "--device", "cpu")
+    assert code == 3 and "this machine has 0.0 GB free" in err and "hint:" in err, err
+
+
+def test_cpu_out_of_memory_is_exit_3():
+    from graphs.cli import describe_error
+
+    line, code = describe_error(RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't "
+                                             "allocate memory: you tried to allocate 80000000000 bytes"))
+    assert code == 3 and line.startswith("out of memory:") and "GPU" not in line
 
 
 def test_a_closed_stdout_ends_the_command_quietly(capsys, monkeypatch):
