@@ -66,8 +66,9 @@ def plan_from_args(args, workload: Workload):
                            hint="drop one: --no-peer skips the peer rows that --peer-executors chooses")
     executors = args.executors if args.executors is not None else (GPU_EXECUTORS if gpu else CPU_EXECUTORS)
     peers = () if args.no_peer else (args.peer_executors or (GPU_EXECUTORS if gpu else CPU_EXECUTORS))
-    for name in (*executors, *peers):
-        check_executor(name, workload.device)
+    for names, flag in ((executors, "--executors"), (peers, "--peer-executors")):
+        for name in names:
+            check_executor(name, workload.device, flag)
     dev_guidance, _ = fitted_guidance("dev", workload.config.num_layers)  # its STG blocks, fitted to the depth
     stg_blocks = dev_guidance.stg_blocks
     all_specs = {

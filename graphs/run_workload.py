@@ -66,12 +66,13 @@ def resolve_executor(text: str, device: torch.device) -> str:
     return executor
 
 
-def check_executor(executor: str, device: torch.device) -> None:
+def check_executor(executor: str, device: torch.device, flag: str = "--executor") -> None:
+    """A GPU-only executor on CPU is a one-line CommandError; `flag` is the option that named it, for the hint."""
     if executor in GPU_ONLY_EXECUTORS and device.type != "cuda":
         why = "no CUDA GPU is visible" if not torch.cuda.is_available() else f"--device is {device}"
         raise CommandError(
             f"executor '{executor}' captures CUDA graphs and needs a GPU, but {why}",
-            hint="use --executor eager (or compile) on CPU",
+            hint=f"use {flag} eager (or compile) on CPU",
             code=3,
         )
 

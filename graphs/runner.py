@@ -150,6 +150,7 @@ def options_from_args(args) -> RunOptions:
         guidance.validate(workload.config.num_layers)
     except ValueError as e:
         raise CommandError(str(e), hint="pick --stg-blocks inside the model's depth") from e
+    _refuse_ignored_flags(args, guidance, workload)
     sync_check = args.sync_check != "off"
     return RunOptions(
         workload=workload,
@@ -164,6 +165,23 @@ def options_from_args(args) -> RunOptions:
         nsys=getattr(args, "nsys", False),
         notes=tuple(notes),
     )
+
+
+def _refuse_ignored_flags(args, guidance, workload: Workload) -> None:
+    """A flag that would change nothing in this run is an error, not a silent no-op."""
+    if args.stg_blocks is not None and not (guidance.video.needs_perturbed or guidance.audio.needs_perturbed):
+        raise CommandError(f"--stg-blocks has no effect: guidance {args.guidance!r} with these scales runs no "
+                           "perturbed pass (both STG scales are 0)",
+                           hint="set --video-stg/--audio-stg above 0, or use --guidance dev")
+    parser = getattr(args, "command_parser", None)
+    steps_default = None if parser is None else parser.get_default("steps")  # profile's is 2
+    if args.steps not in (None, steps_default) and 1 not in args.stages:
+        raise CommandError("--steps sets stage 1's sampler steps, and only stage 2 runs (stage 2 refines over its "
+                           "fixed distilled sigmas)", hint="drop --steps, or use --stages 1,2")
+    if getattr(args, "nsys", False) and workload.device.type != "cuda":
+        raise CommandError("--nsys marks the loop for an Nsight Systems capture of CUDA activity, and no GPU is in "
+                           "use", hint="run it on a GPU, or count host syncs on CPU with plain `ltx2-graphs run`",
+                           code=3)
 
 
 def stage2_grid(grid: LatentGrid) -> LatentGrid:
@@ -365,7 +383,10 @@ def main(args, progress: Progress) -> int:
         emit_json(summary.to_json(), args.json)
     synced = sum(stage.unexpected_syncs for stage in summary.stages)
     if synced:  # after the report and the latents are out: the run finished, the check failed
+        where = ("`ltx2-graphs profile` with the same flags reports where each happens"
+                 if options.workload.device.type == "cuda" else  # profile needs a GPU
+                 "a pass run under `profiling.syncs.detect_host_syncs(mode='raise')` stops at the first, with its "
+                 "traceback")
         raise CommandError(f"the sync check counted {synced} host sync(s) in the denoising loop (the report lists "
-                           "the first ones)", code=4,
-                           hint="`ltx2-graphs profile` with the same flags reports where each happens")
+                           "the first ones)", code=4, hint=where)
     return 0

@@ -17,6 +17,8 @@ if [ $# -gt 0 ] && [ "$1" != "--" ]; then wheels=$1; shift; fi
 stages=${STAGES:-"env tests bench"}
 mkdir -p "$logdir"
 export PYTHONUNBUFFERED=1
+python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 2)" \
+  || { echo "tests/gpu_session.sh: no CUDA GPU is visible to python3's torch: nothing to run"; exit 2; }
 
 if [ -n "$wheels" ]; then
   site=/tmp/ltx2-site

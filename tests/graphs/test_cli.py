@@ -94,6 +94,8 @@ def test_top_level_help_lists_the_commands(capsys):
          "--output and --weights name the same file"),  # the checkpoint would be overwritten by the latents
         (("run", "--output", "/tmp/o.json", "--json", "/tmp/o.json"), "--json and --output name the same file"),
         (("profile", "--trace", "/"), "--trace: expected a file path"),
+        (("run", "--stg-blocks", "1"), "--stg-blocks has no effect"),  # hq runs no perturbed pass
+        (("run", "--stages", "2", "--steps", "3"), "--steps sets stage 1's sampler steps"),
     ],
 )
 def test_bad_arguments_give_one_line_and_nonzero_exit(capsys, argv, words):
@@ -109,7 +111,8 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(capsys, argv, words):
 @pytest.mark.parametrize(
     "argv",
     [("run", "--executor", "graphs"), ("run", "--executor", "compile+graphs"), ("run", "--device", "cuda"),
-     ("bench", "--executors", "eager,graphs"), ("profile",), ("bench", "--floor"), ("bench", "--attention", "cudnn")],
+     ("bench", "--executors", "eager,graphs"), ("profile",), ("bench", "--floor"), ("bench", "--attention", "cudnn"),
+     ("run", "--nsys")],
 )
 def test_gpu_only_requests_on_cpu_give_one_clear_line(capsys, argv):
     code, _, err = run_cli(capsys, *argv)
