@@ -110,7 +110,7 @@ def test_coldstart_and_run_warm_up_the_passes_of_one_fitted_guidance(name):
     assert pass_specs(name, layers) == pass_specs_for(options.guidance)
     assert (note is not None) == (name == "dev")  # the tiny preset lacks dev's block 28
     explicit = options_from_args(build_parser().parse_args(["run", "--device", "cpu", "--guidance", name,
-                                                            "--stg-blocks", "0"]))
+                                                            "--video-stg", "1", "--stg-blocks", "0"]))
     assert explicit.guidance.stg_blocks == (0,) and explicit.notes == ()  # named blocks: never moved, no note
 
 
