@@ -117,7 +117,7 @@ class GraphPool:
         static: StaticInputs,
         *,
         order: int,
-        warmup_iters: int = 2,
+        warmup_iters: int,
         warmup_fn: Callable[[], object] | None = None,
     ) -> PassGraph:
         """Warm up `warmup_fn` (default `fn`) on the capture stream, then capture `fn` into the pool.

@@ -198,7 +198,7 @@ class GraphExecutor:
         self._eager_generation = -1
         self._last_signature: InputSignature | None = None  # inputs of the last run/warmup, for replay_only
         self._last_roles: dict[str, str] = {}  # text K/V roles of the last run/warmup's passes, for replay_only
-        self._valid_text_kv: dict[str, PassGraph] = {}  # text -> producer whose held K/V match the loaded inputs
+        self._text_kv_producers: dict[str, PassGraph] = {}  # text -> producer whose held K/V match the loaded inputs
         self._warned: set[str] = set()
         self._settled = False  # a run/warmup has completed: later misses are warned (the first run's are not)
         self._captures = 0
@@ -347,7 +347,7 @@ class GraphExecutor:
         """Every graph with the pool: one graph cannot be freed alone (`graphs.capture`)."""
         self._graphs.clear()
         self._pool = None
-        self._valid_text_kv.clear()
+        self._text_kv_producers.clear()
         self._pool_bytes = 0
         self._settled = False  # the captures that follow are announced like a first run's
 
@@ -431,7 +431,7 @@ class GraphExecutor:
                                    sk[1].text_kv_role.capture_rank))
         static = self._static_inputs(signature, video, audio, conditioning)
         static.load(video, audio, sigma)
-        self._valid_text_kv.clear()  # held keys/values were made from the previous inputs
+        self._text_kv_producers.clear()  # held keys/values were made from the previous inputs
         self._last_signature, self._last_roles = signature, roles
         return keyed, static
 
@@ -500,7 +500,7 @@ class GraphExecutor:
             return produce, None
         producer = None
         if role.consumes:  # `_prepare` puts producers first, and each new graph is replayed before the next capture
-            producer = self._valid_text_kv.get(spec.text)
+            producer = self._text_kv_producers.get(spec.text)
             assert producer is not None and producer.text_kv is not None, \
                 f"{key.short()} captured before the pass holding its text K/V"
             assert role == TextKVRole.reading(producer.key.pass_name, producer.key.options), \
@@ -522,10 +522,10 @@ class GraphExecutor:
             )
 
     def _replay(self, graph: PassGraph) -> Velocity:
-        """Every replay goes through here: it keeps `_valid_text_kv` true (module docstring)."""
+        """Every replay goes through here: it keeps `_text_kv_producers` true (module docstring)."""
         key = graph.key
         if key.text_kv_role.consumes:
-            producer = self._valid_text_kv.get(key.text)
+            producer = self._text_kv_producers.get(key.text)
             if producer is None or producer.key != graph.text_kv_source:
                 raise GraphMissError(
                     f"{key.short()} reads text K/V that no longer match the loaded inputs (new inputs since its "
@@ -533,7 +533,7 @@ class GraphExecutor:
                     f"{graph.text_kv_source.pass_name} first, or use run()")
         self._forget_text_kv_under(graph)
         if key.text_kv_role.produces:
-            self._valid_text_kv[key.text] = graph
+            self._text_kv_producers[key.text] = graph
         with region(f"replay {graph.key.pass_name}"):
             out = graph.replay()
         self._replays += 1
@@ -555,9 +555,9 @@ class GraphExecutor:
     def _forget_text_kv_under(self, graph: PassGraph) -> None:
         """Held text keys/values whose producer was captured after `graph` may sit on its temporaries: a replay of
         `graph` voids them."""
-        for text, producer in list(self._valid_text_kv.items()):
+        for text, producer in list(self._text_kv_producers.items()):
             if producer.order > graph.order:
-                del self._valid_text_kv[text]
+                del self._text_kv_producers[text]
 
     def _eager_pass(self, spec: PassSpec, video: Tensor, audio: Tensor, sigma: float) -> Velocity:
         """The pass as a plain model call (the uncompiled model) through the eager executor."""

@@ -163,6 +163,17 @@ class ModelIdentity:
     module_code: int = 0
     settings: tuple[tuple[str, Hashable], ...] = ()
 
+    def fields(self) -> dict[str, Hashable]:
+        return {
+            "model": f"{self.model_class}@{self.model_id:#x}",
+            "config": self.config,
+            "attention_backend": self.attention_backend,
+            "graph_key_extra": self.extra,
+            "hooks": self.hooks,
+            "module_code": _short_hash(self.module_code),
+            **{f"torch.{name}": value for name, value in self.settings},
+        }
+
     @classmethod
     def of(cls, model: nn.Module, probe: WeightsProbe | None = None) -> ModelIdentity:
         """The identity of `model` now; hooks and module code from its `WeightsProbe` (which keeps the module tree
@@ -209,12 +220,21 @@ class WeightsState:
     def of(cls, model: nn.Module) -> WeightsState:
         return WeightsProbe(model)()
 
+    def fields(self) -> dict[str, Hashable]:
+        return {"weights_version": self.version, "param_versions": self.param_versions,
+                "weight_storage": _short_hash(self.weight_storage), "buffer_storage": _short_hash(self.buffer_storage)}
+
     def same_weights(self, other: WeightsState) -> bool:
         """The same loaded weights: what a load, an in-place edit or a replaced weight moves, ignoring the other
         buffers' addresses (`buffer_storage`), which can return to a cached value. The executor drops its graphs
         when no cached key has the same weights as now."""
         return (self.version, self.param_versions, self.weight_storage) == (
             other.version, other.param_versions, other.weight_storage)
+
+
+def _short_hash(value: int) -> str:
+    """A hash as 12 hex digits, for miss messages."""
+    return f"{value & 0xFFFFFFFFFFFF:012x}"
 
 
 def _version(t: Tensor) -> int:
@@ -405,22 +425,9 @@ class GraphKey:
         out: dict[str, Hashable] = {"pass": self.pass_name, "text": self.text, "text_kv": str(self.text_kv_role)}
         out.update(dict(self.options))
         out.update(self.inputs.fields())
-        out.update(
-            {
-                "model": f"{self.model.model_class}@{self.model.model_id:#x}",
-                "config": self.model.config,
-                "attention_backend": self.model.attention_backend,
-                "graph_key_extra": self.model.extra,
-                "hooks": self.model.hooks,
-                "module_code": f"{self.model.module_code & 0xFFFFFFFFFFFF:012x}",
-                **{f"torch.{name}": value for name, value in self.model.settings},
-                "weights_version": self.weights.version,
-                "param_versions": self.weights.param_versions,
-                "weight_storage": f"{self.weights.weight_storage & 0xFFFFFFFFFFFF:012x}",
-                "buffer_storage": f"{self.weights.buffer_storage & 0xFFFFFFFFFFFF:012x}",
-                "compile": self.compile_mode,
-            }
-        )
+        out.update(self.model.fields())
+        out.update(self.weights.fields())
+        out["compile"] = self.compile_mode
         return out
 
     def short(self) -> str:
