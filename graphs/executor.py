@@ -197,7 +197,7 @@ class GraphExecutor:
         self._eager = EagerExecutor(model)  # runs the passes the policy sends to eager
         self._eager_generation = -1
         self._last_signature: InputSignature | None = None  # inputs of the last run/warmup, for replay_only
-        self._last_roles: dict[str, str] = {}  # text K/V roles of the last run/warmup's passes, for replay_only
+        self._last_roles: dict[str, TextKVRole] = {}  # text K/V roles of the last run/warmup's passes, for replay_only
         self._text_kv_producers: dict[str, PassGraph] = {}  # text -> producer whose held K/V match the loaded inputs
         self._warned: set[str] = set()
         self._settled = False  # a run/warmup has completed: later misses are warned (the first run's are not)

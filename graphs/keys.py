@@ -9,8 +9,8 @@ compute the wrong thing, so each of them is a field here and a change is a cache
   and its text keys/values role (`TextKVRole`: a graph that reads another pass's held keys/values baked
   in their address, so the role names that pass);
 - the inputs: device, shape and dtype of the latents, of each text context and of every RoPE table leaf;
-- the model: identity (id, class, config, attention backend, forward hooks, the torch settings that pick its
-  kernels), weights state, compile mode.
+- the model: identity (id, class, config, attention backend, forward hooks, its submodules' classes and
+  instance-level `forward`s, the torch settings that pick its kernels, CUDA autocast), weights state, compile mode.
 
 What a key cannot see: Python attributes a forward reads (a block's `eps`, an AdaLN's `rows`), which a capture
 freezes like everything else on the host. A model whose such attributes change exposes them in `graph_key_extra`.
