@@ -255,7 +255,8 @@ def add_shape_flags(parser: argparse.ArgumentParser, *, many_tokens: bool) -> No
             "--tokens", type=positive_int, metavar="N", help="video token count instead of a resolution"
         )
     group.add_argument(
-        "--audio-tokens", type=positive_int, metavar="N", help="audio token count (default: from the frames: 126 for 121 frames at 24 fps)"
+        "--audio-tokens", type=positive_int, metavar="N",
+        help="audio token count (default: from the frames: 126 for 121 frames at 24 fps)",
     )
     group.add_argument(
         "--text-tokens", type=positive_int, metavar="N", help="text tokens per prompt (auto: 1024 on a GPU, 16 on CPU)"
