@@ -1,9 +1,10 @@
 """Where a profiled window's GPU time went, kernel by kernel, and how long the GPU sat idle between kernels.
 
-`ltx2-graphs profile --kernels N` prints both for the profiled loop (live CUPTI run or nsys export): the N
-kernels with the most time, and the stretches with no kernel running, by length. This is how the performance
-log found that the idle time of the 1536-token loop is short gaps inside the graphs (launch latency between
-dependent kernels, and the memsets before cuDNN's SDPA and two cuBLASLt GEMMs), not time between replays. Pure functions over `Timeline` records (unit-tested on CPU with synthetic ones).
+`ltx2-graphs profile --kernels N` prints both for the profiled loop (live CUPTI run or nsys export): the N kernels
+with the most time, and the stretches with no kernel running, by length. This is how the performance log found that
+the idle time of the 1536-token loop is short gaps inside the graphs (launch latency between dependent kernels, and
+the memsets before cuDNN's SDPA and two cuBLASLt GEMMs), not time between replays. Pure functions over `Timeline`
+records (unit-tested on CPU with synthetic ones).
 """
 
 from __future__ import annotations
