@@ -4,8 +4,10 @@ Rules (the same for CUPTI and nsys input):
 
 * Host-side events (API calls, syncs, copies and kernels through their launching API call, matched by
   correlation id) belong to the innermost region open *on the calling thread* at the call's start. When the
-  thread is unknown or has no regions at all (thread ids from another numbering), the innermost region at
-  that time on any thread is used instead.
+  thread is unknown or has no regions at all, the innermost region at that time on any thread is used instead,
+  except for host syncs: a sync on a thread without regions of its own is outside regions (unexpected), never in
+  another thread's `allow_host_sync` or positive-control window (regions recorded without a thread id, thread 0,
+  still count for every thread).
 * A region's counts include its nested regions ("loop" counts every sync of every "step").
 * A host sync is a CUPTI synchronisation record other than stream-wait-event (that one waits on the GPU,
   not the host) and other than those of polling calls (`cudaEventQuery`/`cudaStreamQuery` return at once);
@@ -27,6 +29,7 @@ from profiling.timeline import (ApiRecord, RangeRecord, Timeline, canonical_api_
                                 is_polling_api)
 
 NO_RANGE = -1
+UNKNOWN_THREAD = 0  # the thread id of regions whose recorder gave none (`profiling.cupti` marker records)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,15 @@ class RangeIndex:
         found = [i for i in found if i != NO_RANGE]
         return max(found, key=lambda i: len(self.instances[i].path), default=NO_RANGE)  # the deepest
 
+    def innermost_on_thread(self, thread: int | None, t: int) -> int:
+        """`innermost` for a host sync: only `thread`'s own regions (or, when none of its own were recorded, regions
+        recorded without a thread id, `UNKNOWN_THREAD`). Whether a sync is allowed or the positive control is read
+        from its region, so a sync on a worker thread must not borrow the main thread's `allow_host_sync` or control
+        window: it counts as unexpected, outside regions."""
+        if thread is None or thread in self._starts:
+            return self.innermost(thread, t)
+        return self._lookup(UNKNOWN_THREAD, t) if UNKNOWN_THREAD in self._starts else NO_RANGE
+
     def chain(self, index: int) -> list[int]:
         """`index` and all its enclosing regions."""
         out = []
@@ -113,7 +125,7 @@ def _host_syncs(timeline: Timeline, index: RangeIndex) -> list[tuple[HostSync, i
 
     def add(kind: str, api: ApiRecord | None, start: int, end: int) -> None:
         thread = api.thread if api else None
-        where = index.innermost(thread, api.start if api else start)
+        where = index.innermost_on_thread(thread, api.start if api else start)
         name = canonical_api_name(api.name) if api else ""
         correlation = api.correlation if api else None
         out.append((HostSync(kind, name, start, max(0, end - start), thread, index.path(where), correlation), where))

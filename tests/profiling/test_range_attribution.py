@@ -163,6 +163,21 @@ def test_clean_run_reports_zero_only_with_the_control():
     assert (loop.syncs, loop.kernels, loop.gpu_busy_pct) == (0, 1, 60.0)
 
 
+def test_a_sync_on_another_thread_borrows_no_allowed_or_control_window():
+    """Thread U has no regions: its sync inside thread T's control (or `allow_host_sync`) window is unexpected and
+    outside regions, so a profiler that missed the control's own sync is not certified by U's. Regions recorded
+    without a thread id (0) still count for every thread."""
+    ranges = [RangeRecord("loop", 0, 100, T), RangeRecord(CONTROL_RANGE, 200, 300, T),
+              RangeRecord(ALLOW_PREFIX + "read timings", 400, 500, T)]
+    api = [ApiRecord("cudaStreamSynchronize", 210, 290, U, 1), ApiRecord("cudaDeviceSynchronize", 410, 420, U, 2)]
+    report = analyse(Timeline(ranges=ranges, api_calls=api, syncs=[SyncRecord("stream_synchronize", 210, 290, 1)]))
+    assert report.control == "missing" and len(report.unexpected_syncs) == 2
+    assert [s.ranges for s in report.syncs] == [(), ()]
+    untagged = [RangeRecord(r.name, r.start, r.end, 0) for r in ranges]
+    report = analyse(Timeline(ranges=untagged, api_calls=api, syncs=[SyncRecord("stream_synchronize", 210, 290, 1)]))
+    assert report.control == "seen" and report.unexpected_syncs == ()
+
+
 def test_events_outside_regions_get_their_own_row():
     timeline = Timeline(api_calls=[ApiRecord("cudaDeviceSynchronize", 5, 6, 1, 1)])
     report = analyse(timeline)
