@@ -118,6 +118,13 @@ def output_file(text: str) -> str:
     return text
 
 
+def trace_file(text: str) -> str:
+    """A trace file to write (`output_file`, but a trace never goes to stdout: '-' is refused, not a file named -)."""
+    if text == "-":
+        raise argparse.ArgumentTypeError("expected a file path (a trace is not written to stdout), got '-'")
+    return output_file(text)
+
+
 def resolution(text: str) -> tuple[int, int]:
     """'WxH' in pixels, each a positive multiple of 32 (the VAE's spatial stride) -> (width, height)."""
     parts = text.lower().split("x")
@@ -480,7 +487,7 @@ def build_parser() -> OneLineParser:
     )
     add_loop_flags(profile)
     profile.set_defaults(steps=2)
-    profile.add_argument("--trace", type=output_file, metavar="FILE",
+    profile.add_argument("--trace", type=trace_file, metavar="FILE",
                          help="write a Chrome/Perfetto trace (JSON) of the profiled steps")
     profile.add_argument(
         "--nsys-sqlite", metavar="FILE", help="analyse this nsys sqlite export instead of running anything (the "
@@ -566,24 +573,29 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     return f"{name}: {text} (hint: rerun with --debug for the traceback)", 1
 
 
-# Paths a command reads (--weights) or writes at the end; two of them naming one file would overwrite it.
-FILE_OPTIONS = ("weights", "output", "json", "trace")
+# Files a command reads, and files it writes at the end: a written file naming any other would overwrite it.
+INPUT_FILES = ("weights", "nsys_sqlite", "before", "after")
+OUTPUT_FILES = ("output", "json", "trace")
+
+
+def _shown(name: str) -> str:
+    return name.upper() if name in ("before", "after") else "--" + name.replace("_", "-")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parsed arguments; errors name the subcommand's help (an unknown flag of `run` is `run`'s to explain) and a
-    file option naming the same file as another (`--output` over `--weights` would destroy the checkpoint)."""
+    """Parsed arguments; errors name the subcommand's help (an unknown flag of `run` is `run`'s to explain), and an
+    output naming the same file as another argument is refused (`--output` over `--weights` would destroy the
+    checkpoint; two inputs may be one file: `compare a.json a.json`)."""
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    seen: dict[str, str] = {}
-    for name in FILE_OPTIONS:
-        value = getattr(args, name, None)
-        if not value or value == "-":
-            continue
-        same = seen.setdefault(os.path.realpath(value), name)
-        if same != name:
-            args.command_parser.error(f"--{name} and --{same} name the same file {value!r}: give each its own path")
+    paths = {name: os.path.realpath(value) for name in (*INPUT_FILES, *OUTPUT_FILES)
+             if (value := getattr(args, name, None)) and value != "-"}
+    for output in OUTPUT_FILES:
+        same = [name for name, path in paths.items() if name != output and path == paths.get(output)]
+        if same:
+            args.command_parser.error(f"{_shown(output)} and {_shown(same[0])} name the same file "
+                                      f"{getattr(args, output)!r}: give the output its own path")
     return args
 
 

@@ -501,10 +501,10 @@ class GraphExecutor:
         producer = None
         if role.consumes:  # `_prepare` puts producers first, and each new graph is replayed before the next capture
             producer = self._text_kv_producers.get(spec.text)
-            assert producer is not None and producer.text_kv is not None, \
-                f"{key.short()} captured before the pass holding its text K/V"
-            assert role == TextKVRole.reading(producer.key.pass_name, producer.key.options), \
-                f"{key.short()} would read the text K/V of {producer.key.short()}"
+            if producer is None or producer.text_kv is None:
+                raise RuntimeError(f"internal: {key.short()} captured before the pass holding its text K/V")
+            if role != TextKVRole.reading(producer.key.pass_name, producer.key.options):
+                raise RuntimeError(f"internal: {key.short()} would read the text K/V of {producer.key.short()}")
             kwargs["text_kv"] = producer.text_kv
         return (lambda: PassOutputs(model(*args, **kwargs))), producer
 

@@ -274,7 +274,8 @@ class WeightsProbe:
         modules = [m for _, m in named]
         self._named = named
         self._layout = [(m, dict(m._modules), _code(m), len(m._parameters), len(m._buffers)) for m in modules]
-        self._module_code = hash(tuple(code for _, _, code, _, _ in self._layout))
+        # By identity (an instance `forward` may be unhashable); the layout keeps each object alive, so no id is reused.
+        self._module_code = hash(tuple((cls, id(forward)) for _, _, (cls, forward), _, _ in self._layout))
         # Every parameter slot, None ones too: a bias set later on a Linear built without one is read at its slot.
         # Then the buffers a module names as weights (`weight_buffers`).
         self._weights = [(m._parameters, n) for m in modules for n in m._parameters]
@@ -285,8 +286,9 @@ class WeightsProbe:
     def _layout_changed(self) -> bool:
         """Children swapped, added or removed, a module's class or instance `forward` changed, or parameters/buffers
         added or removed (a rename keeping the count shows as a missing slot in `__call__`)."""
-        return any(m._modules != children or _code(m) != code or len(m._parameters) != params
-                   or len(m._buffers) != buffers for m, children, code, params, buffers in self._layout)
+        return any(m._modules != children or any(a is not b for a, b in zip(_code(m), code))
+                   or len(m._parameters) != params or len(m._buffers) != buffers
+                   for m, children, code, params, buffers in self._layout)
 
     def __call__(self) -> WeightsState:
         if self._layout_changed():
@@ -325,7 +327,7 @@ class WeightsProbe:
 
 def _code(module: nn.Module) -> tuple[type, Any]:
     """What decides a module's forward besides its weights and hooks: its class, and a `forward` set on the instance
-    (None if none; compared by identity)."""
+    (None if none). Both are compared by identity."""
     return type(module), module.__dict__.get("forward")
 
 

@@ -169,10 +169,11 @@ def options_from_args(args) -> RunOptions:
 
 def _refuse_ignored_flags(args, guidance, workload: Workload) -> None:
     """A flag that would change nothing in this run is an error, not a silent no-op."""
-    if args.stg_blocks is not None and not (guidance.video.needs_perturbed or guidance.audio.needs_perturbed):
+    if args.stg_blocks and not (guidance.video.needs_perturbed or guidance.audio.needs_perturbed):  # `none` is ()
         raise CommandError(f"--stg-blocks has no effect: guidance {args.guidance!r} with these scales runs no "
                            "perturbed pass (both STG scales are 0)",
-                           hint="set --video-stg/--audio-stg above 0, or use --guidance dev")
+                           hint="set --video-stg/--audio-stg above 0" + (", or use --guidance dev"
+                                                                         if args.guidance != "dev" else ""))
     parser = getattr(args, "command_parser", None)
     steps_default = None if parser is None else parser.get_default("steps")  # profile's is 2
     if args.steps not in (None, steps_default) and 1 not in args.stages:

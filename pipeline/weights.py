@@ -263,7 +263,7 @@ def diffusers_weight_files(path: str | os.PathLike) -> list[Path]:
         files = [path.parent / name for name in sorted(set(_index_weight_map(path).values()))]
         missing = [file.name for file in files if not file.is_file()]
         if missing:
-            raise ValueError(f"index {str(path)!r} names shard file(s) that do not exist next to it: {missing}")
+            raise WeightLoadError(f"index {str(path)!r} names shard file(s) that do not exist next to it: {missing}")
         return files
     if path.suffix == ".safetensors" and path.is_file():
         return [path]

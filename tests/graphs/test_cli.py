@@ -92,8 +92,11 @@ def test_top_level_help_lists_the_commands(capsys):
         (("bench", "--resolution", "64x64"), "(see `ltx2-graphs bench --help`)"),
         (("run", "--weights", "/tmp/ck.safetensors", "--output", "/tmp/ck.safetensors"),
          "--output and --weights name the same file"),  # the checkpoint would be overwritten by the latents
-        (("run", "--output", "/tmp/o.json", "--json", "/tmp/o.json"), "--json and --output name the same file"),
+        (("run", "--output", "/tmp/o.json", "--json", "/tmp/o.json"), "--output and --json name the same file"),
+        (("compare", "/tmp/b1.json", "/tmp/b2.json", "--json", "/tmp/b1.json"), "--json and BEFORE name the same"),
+        (("profile", "--nsys-sqlite", "/tmp/r.sqlite", "--trace", "/tmp/r.sqlite"), "--trace and --nsys-sqlite"),
         (("profile", "--trace", "/"), "--trace: expected a file path"),
+        (("profile", "--trace", "-"), "a trace is not written to stdout"),
         (("run", "--stg-blocks", "1"), "--stg-blocks has no effect"),  # hq runs no perturbed pass
         (("run", "--stages", "2", "--steps", "3"), "--steps sets stage 1's sampler steps"),
     ],
@@ -126,6 +129,11 @@ def test_a_weights_folder_without_weights_says_so(capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", "--weights", str(tmp_path))
     assert code == 2 and "holds neither diffusion_pytorch_model.safetensors" in err
     assert "preset" not in err  # not misread as a checkpoint of another size
+
+
+def test_stg_blocks_none_is_accepted_without_a_perturbed_pass(capsys):
+    code, _, err = run_cli(capsys, "run", "--stg-blocks", "none", "--steps", "1", "--quiet")
+    assert code == 0, err
 
 
 def test_broken_checkpoints_are_named_as_broken(capsys, tmp_path):

@@ -686,6 +686,8 @@ def test_a_swapped_block_is_compiled_too(fake_graphs, monkeypatch):
     executor = GraphExecutor(model, miss_policy="capture", compile="default", warmup_iters=1, progress=None)
     executor.set_conditioning(conditioning)
     executor.run(video, audio, 0.7, (COND,))
+    executor.run(video, audio, 0.5, (COND,))  # the key (module code included) is stable across compiled runs
+    assert executor.stats.captures == 1
     compiles = executor.stats.compiles
     model.blocks[1] = copy.deepcopy(model.blocks[1])
     calls = []

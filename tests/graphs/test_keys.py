@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -241,6 +243,17 @@ def test_module_code_sees_a_class_changed_in_place_and_an_instance_forward():
     assert patched.module_code not in (first.module_code, changed.module_code)
     del model.audio_out.forward
     assert ModelIdentity.of(model, probe) == changed and probe() == WeightsState.of(model)
+
+    @dataclasses.dataclass  # unhashable (eq without frozen): compared by identity, like any instance forward
+    class Scaled:
+        scale: float
+
+        def __call__(self, x):
+            return self.scale * x
+
+    model.audio_out.forward = Scaled(2.0)
+    assert ModelIdentity.of(model, probe).module_code not in (first.module_code, changed.module_code)
+    del model.audio_out.forward
     model.video_out.__class__ = nn.Linear
     assert ModelIdentity.of(model, probe) == first
 
