@@ -54,6 +54,9 @@ DATA_DEPENDENT_SHAPE = frozenset({
     "_unique", "_unique2", "bincount", "repeat_interleave",
 })
 
+# Ops that read a status tensor on the host to decide whether to raise (torch.linalg's `info` checks).
+HOST_CHECKS = frozenset({"_linalg_check_errors"})
+
 _MASK_DTYPES = (torch.bool, torch.uint8)
 _HOST = "cpu"
 _NO_DATA = "meta"  # meta tensors carry no data: never a real transfer
@@ -100,6 +103,17 @@ def _bool_mask_in(indices) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype in _MASK_DTYPES for i in indices or ())
 
 
+def _becomes_masked_fill(target: torch.Tensor, indices, values) -> bool:
+    """ATen's `index_put_` shortcut (`canDispatchToMaskedFill`): a one-element value held on the host, and exactly
+    one index that is a bool/uint8 mask on the target's device, beside any number of None (`t[:, mask] = 0.0`). A
+    value on the device (`t[mask] = t.mean()`) takes the nonzero path, which syncs."""
+    if not (isinstance(values, torch.Tensor) and values.numel() == 1 and values.device.type == _HOST):
+        return False
+    given = [i for i in indices if i is not None]
+    return (len(given) == 1 and isinstance(given[0], torch.Tensor) and given[0].dtype in _MASK_DTYPES
+            and given[0].device == target.device)
+
+
 def _copy_reason(src: torch.Tensor, dst_device: torch.device, non_blocking: bool, dst_pinned: bool) -> str | None:
     src_type, dst_type = src.device.type, dst_device.type
     if _NO_DATA in (src_type, dst_type) or src_type == dst_type:
@@ -139,11 +153,13 @@ def dispatch_reason(func, args, kwargs) -> str | None:
             return None
         values = _arg(func, args, kwargs, "values")
         accumulate = bool(_arg(func, args, kwargs, "accumulate", False))
-        if len(indices) == 1 and not accumulate and isinstance(values, torch.Tensor) and values.numel() == 1:
-            return None  # t[mask] = scalar: PyTorch turns this into masked_fill_, no sync
+        if not accumulate and _becomes_masked_fill(args[0], indices, values):
+            return None  # t[mask] = host scalar: PyTorch turns this into masked_fill_, no sync
         return "boolean-mask assignment (needs nonzero of the mask)"
     if name == "repeat_interleave" and _arg(func, args, kwargs, "output_size") is not None:
         return None
+    if name in HOST_CHECKS:
+        return "reads a status tensor on the host to raise an error (torch.linalg's info check)"
     if reads_data_into_python(func, args, kwargs):
         return "hands tensor data to Python (.item()/bool()/if t:/float()/int() or an op returning a Python value)"
     if (
@@ -198,6 +214,12 @@ def function_reason(func, args, kwargs) -> str | None:
     """Why a Python-level torch call would synchronise the host, for calls invisible at dispatch, or None."""
     name = getattr(func, "__name__", "")
     if _is_tensor_method(func):
+        if name == "new_tensor" and args and isinstance(args[0], torch.Tensor):  # device defaults to self's
+            data = args[1] if len(args) > 1 else kwargs.get("data")
+            device = torch.device(kwargs["device"]) if kwargs.get("device") is not None else args[0].device
+            if not isinstance(data, torch.Tensor) and device.type not in (_HOST, _NO_DATA):
+                return f"Tensor.new_tensor(python data) on {device.type!r} is a blocking host->device copy"
+            return None
         if name in _TO_PYTHON:
             return _TO_PYTHON[name]
         if name == "to" and args and isinstance(args[0], torch.Tensor):

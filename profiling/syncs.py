@@ -7,7 +7,12 @@ Two independent detectors, because each misses something the other sees:
   printing). It works on CPU tensors too, so CI without a GPU can check a whole loop. Rules live in
   :mod:`profiling.sync_rules`. Each finding names the op, the first user code line outside torch and
   this package, and the enclosing :func:`profiling.ranges.region` stack. It sees only the calling thread,
-  and nothing inside compiled (inductor) code or CUDA graph replays (which cannot sync by construction).
+  and nothing inside compiled (inductor) code or CUDA graph replays (which cannot sync by construction). Its
+  other blind spots (checked against the sync debug mode on an H200): syncs inside an op's own C++ code that
+  dispatch nothing (``torch.histc`` with its default range reads min/max), ``torch.cuda.synchronize()`` and
+  ``Event.synchronize()``, and on CPU anything that only syncs because of where its tensors live: a CPU tensor
+  stands in for a device one, so ``torch.tensor(list, device=x.device)`` and ``t[mask] = t.mean()`` pass on CPU
+  (they are flagged with tensors on a GPU).
 * :func:`cuda_sync_debug` -- PyTorch's own sync debug mode ("warn"/"error") on a GPU. It sees syncs inside
   C++ code but misses ``torch.cuda.synchronize()`` and pageable ``non_blocking`` copies; the CUPTI
   profiler (:mod:`profiling.cupti`) sees those.

@@ -132,6 +132,7 @@ NEGATIVE_CONTROLS = [
     ("slicing", lambda t: t[1:, ::2].contiguous()),
     ("masked_fill", lambda t: t.masked_fill(t > 0, 0.0)),
     ("mask_assign_scalar", lambda t: t.__setitem__(t > 0, 0.0)),
+    ("mask_assign_scalar_beside_a_slice", lambda t: t.__setitem__((slice(None), t[0] > 0), 0.0)),
     ("mask_multiply", lambda t: t * (t > 0)),
     ("metadata", lambda t: (t.shape[0], t.size(1), t.numel(), t.dim(), len(t), t.dtype, t.device)),
     ("full_from_float", lambda t: torch.full((2,), 0.25) * t[0, :2]),
@@ -266,6 +267,33 @@ def test_python_value_rule_separates_data_reads_from_metadata_queries():
     # Every op that hands tensor *data* to Python is caught by the general rule, not by a name list.
     assert {"_local_scalar_dense", "item", "equal", "allclose", "is_nonzero"} <= data
     assert {"sym_size", "is_contiguous", "_fused_sdp_choice", "numel", "dim"}.isdisjoint(data)
+
+
+def test_mask_assignment_of_a_device_value_is_a_sync_with_fake_cuda_tensors():
+    """`t[mask] = v` becomes masked_fill_ (no sync) only for a one-element value on the host, beside any None
+    indices: a device value (a reduction, say) goes through nonzero."""
+    index_put_ = torch.ops.aten.index_put_.default
+    with FakeTensorMode():
+        x = torch.empty(4, 3, device="cuda")
+        rows, cols = torch.empty(4, dtype=torch.bool, device="cuda"), torch.empty(3, dtype=torch.bool, device="cuda")
+        on_device = torch.empty((), device="cuda")
+    on_host = torch.tensor(0.0)
+    assert sync_rules.dispatch_reason(index_put_, (x, [rows], on_host), {}) is None  # x[rows] = 0.0
+    assert sync_rules.dispatch_reason(index_put_, (x, [None, cols], on_host), {}) is None  # x[:, cols] = 0.0
+    assert "boolean-mask assignment" in sync_rules.dispatch_reason(index_put_, (x, [rows], on_device), {})
+    assert "boolean-mask assignment" in sync_rules.dispatch_reason(index_put_, (x, [rows, cols], on_host), {})
+
+
+def test_linalg_info_checks_and_new_tensor_from_python_data_are_syncs():
+    a = torch.eye(3) * 2
+    assert [f.op for f in _record(lambda: torch.linalg.inv(a))] == [
+        "aten._linalg_check_errors.default via torch.linalg_inv"]  # reads `info` on the host to raise
+    assert _record(lambda: a.new_tensor([1.0])) == []  # a host tensor: no copy
+    with FakeTensorMode():
+        x = torch.empty(2, device="cuda")
+        with pytest.raises(HostSyncError, match=r"Tensor.new_tensor\(python data\) on 'cuda'"):
+            with detect_host_syncs(mode="raise"):
+                x.new_tensor([1.0, 2.0])  # the device defaults to x's
 
 
 def test_dispatch_reason_uses_tags_and_refines_them():
