@@ -114,7 +114,8 @@ def _emit(args, reports, *, extra: dict) -> int:
                 print(report.syncs_table())
             print()
             if name in kernels:
-                print(kernels[name][0] if kernels[name] else "no kernels were recorded")
+                print(kernels[name][0] if kernels[name] else "no kernels were recorded in the loop (an nsys export "
+                      "needs --cuda-graph-trace=node to record the kernels of graph replays)")
                 print()
     if args.json:
         data = {**extra, "reports": {name: r.to_dict() for name, r, _ in reports}, "unexpected_syncs": unexpected}

@@ -52,26 +52,26 @@ class IdleGaps:
         return sum(ns for _, _, ns in self.buckets)
 
 
-def measured_window(timeline: Timeline) -> tuple[int, int] | None:
-    """The span of the "loop" regions, else of all kernels; None when nothing ran.
+def measured_windows(timeline: Timeline) -> list[tuple[int, int]]:
+    """One window per "loop" region (two stages: two loops, not the time between them), else one over all kernels;
+    empty when nothing ran.
 
-    A loop region ends when the host has launched its last work, and the GPU may be a whole step behind: the
-    window runs on to the end of the last kernel launched inside the regions (its launch call's time, found by
-    correlation id; a kernel without one counts from its own start)."""
-    loops = [r for r in timeline.ranges if r.name == WINDOW_RANGE]
-    spans = [(r.start, r.end) for r in loops] or [(k.start, k.end) for k in timeline.kernels]
-    if not spans:
-        return None
-    start, end = min(s for s, _ in spans), max(e for _, e in spans)
+    A loop region ends when the host has launched its last work, and the GPU may be a whole step behind: a window
+    runs on to the end of the last kernel launched inside its region (its launch call's time, found by correlation
+    id; a kernel without one counts from its own start)."""
+    spans = sorted((r.start, r.end) for r in timeline.ranges if r.name == WINDOW_RANGE)
+    if not spans and timeline.kernels:
+        spans = [(min(k.start for k in timeline.kernels), max(k.end for k in timeline.kernels))]
     launched = {a.correlation: a.start for a in timeline.api_calls}
-    return start, max([end] + [k.end for k in timeline.kernels if start <= launched.get(k.correlation, k.start) < end])
+    return [(start, max([end] + [k.end for k in timeline.kernels
+                                 if start <= launched.get(k.correlation, k.start) < end])) for start, end in spans]
 
 
-def kernel_rows(kernels: Iterable[KernelRecord], start: int, end: int) -> list[KernelRow]:
-    """Kernels overlapping [start, end), grouped by name, most time first (time clipped to the window)."""
+def kernel_rows(kernels: Iterable[KernelRecord], windows: list[tuple[int, int]]) -> list[KernelRow]:
+    """Kernels overlapping the windows, grouped by name, most time first (time clipped to the windows)."""
     totals: dict[str, list[int]] = {}
     for k in kernels:
-        overlap = min(k.end, end) - max(k.start, start)
+        overlap = sum(max(0, min(k.end, end) - max(k.start, start)) for start, end in windows)
         if overlap > 0:
             row = totals.setdefault(k.name, [0, 0])
             row[0] += 1
@@ -80,8 +80,8 @@ def kernel_rows(kernels: Iterable[KernelRecord], start: int, end: int) -> list[K
     return sorted(rows, key=lambda r: (-r.total_ns, r.name))
 
 
-def idle_gaps(kernels: Iterable[KernelRecord], start: int, end: int) -> IdleGaps:
-    """The idle stretches of [start, end): where no kernel of any stream runs (overlapping kernels merged)."""
+def idle_gaps(kernels: Iterable[KernelRecord], windows: list[tuple[int, int]]) -> IdleGaps:
+    """The idle stretches of the windows: where no kernel of any stream runs (overlapping kernels merged)."""
     bounds_ns = [b * 1000 for b in GAP_BUCKETS_US]
     labels = [f"< {b} us" for b in GAP_BUCKETS_US] + [f">= {GAP_BUCKETS_US[-1]} us"]
     counts, idle = [0] * len(labels), [0] * len(labels)
@@ -92,13 +92,15 @@ def idle_gaps(kernels: Iterable[KernelRecord], start: int, end: int) -> IdleGaps
             counts[i] += 1
             idle[i] += gap
 
-    clipped = [(max(k.start, start), min(k.end, end)) for k in kernels]
-    covered = start
-    for s, e in merged_intervals([(s, e) for s, e in clipped if e > s]):  # kernels inside the window
-        add(s - covered)
-        covered = e
-    add(end - covered)
-    return IdleGaps(end - start, tuple(zip(labels, counts, idle)))
+    kernels = list(kernels)
+    for start, end in windows:
+        clipped = [(max(k.start, start), min(k.end, end)) for k in kernels]
+        covered = start
+        for s, e in merged_intervals([(s, e) for s, e in clipped if e > s]):  # kernels inside the window
+            add(s - covered)
+            covered = e
+        add(end - covered)
+    return IdleGaps(sum(end - start for start, end in windows), tuple(zip(labels, counts, idle)))
 
 
 _TEMPLATE_OR_ARGS = re.compile(r"[<(].*$")
@@ -124,14 +126,14 @@ def gaps_table(gaps: IdleGaps) -> str:
 
 
 def kernel_report(timeline: Timeline, top: int) -> tuple[str, dict] | None:
-    """(printable text, JSON-ready dict) for the measured window of `timeline`; None when no kernel ran."""
-    window = measured_window(timeline)
-    if window is None:
+    """(printable text, JSON-ready dict) over the measured windows of `timeline`; None when no kernel ran in them
+    (an nsys export without `--cuda-graph-trace=node` has no kernels of graph replays)."""
+    windows = measured_windows(timeline)
+    rows, gaps = kernel_rows(timeline.kernels, windows), idle_gaps(timeline.kernels, windows)
+    if not rows:
         return None
-    start, end = window
-    rows, gaps = kernel_rows(timeline.kernels, start, end), idle_gaps(timeline.kernels, start, end)
     busy_pct = 100.0 * (1 - gaps.idle_ns / gaps.window_ns) if gaps.window_ns else 0.0
-    head = (f"window {gaps.window_ns / 1e6:.2f} ms ('{WINDOW_RANGE}' regions, else all kernels): "
+    head = (f"window {gaps.window_ns / 1e6:.2f} ms ({len(windows)} '{WINDOW_RANGE}' region(s), else all kernels): "
             f"{sum(r.calls for r in rows)} kernels of {len(rows)} names, GPU busy {busy_pct:.1f}%; "
             f"idle {gaps.idle_ns / 1e6:.2f} ms in {gaps.count} gaps")
     text = "\n\n".join([head, kernels_table(rows, top), gaps_table(gaps)])

@@ -7,7 +7,7 @@ from profiling.kernel_table import (
     idle_gaps,
     kernel_report,
     kernel_rows,
-    measured_window,
+    measured_windows,
     short_kernel_name,
 )
 from profiling.timeline import ApiRecord, KernelRecord, RangeRecord, Timeline
@@ -19,14 +19,14 @@ def k(name: str, start: int, end: int, stream: int = 7) -> KernelRecord:
 
 def test_kernels_grouped_by_name_clipped_to_the_window_most_time_first_ties_by_name():
     kernels = [k("gemm", 0, 3000), k("norm", 3000, 3500), k("gemm", 4000, 6000), k("late", 9500, 12000)]
-    rows = kernel_rows(kernels, 1000, 10000)
+    rows = kernel_rows(kernels, [(1000, 10000)])
     assert [(r.name, r.calls, r.total_ns) for r in rows] == [("gemm", 2, 4000), ("late", 1, 500), ("norm", 1, 500)]
     assert rows[0].mean_us == 2.0
 
 
 def test_idle_gaps_count_only_time_when_no_stream_runs_a_kernel():
     kernels = [k("a", 1000, 2000, 7), k("b", 1500, 2500, 8), k("c", 2600, 3000, 7), k("d", 20000, 21000, 8)]
-    gaps = idle_gaps(kernels, 0, 22000)
+    gaps = idle_gaps(kernels, [(0, 22000)])
     by_label = {label: (n, ns) for label, n, ns in gaps.buckets}
     assert by_label["< 1 us"] == (1, 100)  # 2500 -> 2600: the overlap of a and b is busy, not idle
     assert by_label["< 2 us"] == (2, 2000)  # 0 -> 1000 before the first kernel, 21000 -> 22000 after the last
@@ -36,15 +36,27 @@ def test_idle_gaps_count_only_time_when_no_stream_runs_a_kernel():
 
 def test_window_is_the_loop_region_and_its_queued_work_else_all_kernels():
     kernels = (k("a", 50, 60), k("b", 500, 900))
-    assert measured_window(Timeline(kernels=kernels)) == (50, 900)
+    assert measured_windows(Timeline(kernels=kernels)) == [(50, 900)]
     loop = Timeline(ranges=(RangeRecord("setup", 0, 40, 1), RangeRecord("loop", 100, 800, 1)), kernels=kernels)
-    assert measured_window(loop) == (100, 900)  # the GPU finishes what the loop queued: b runs on to 900
+    assert measured_windows(loop) == [(100, 900)]  # the GPU finishes what the loop queued: b runs on to 900
     early = Timeline(ranges=(RangeRecord("loop", 100, 400, 1),), kernels=kernels)
-    assert measured_window(early) == (100, 400)  # b starts after the loop and no launch record says otherwise
+    assert measured_windows(early) == [(100, 400)]  # b starts after the loop and no launch record says otherwise
     queued = Timeline(ranges=early.ranges, kernels=(KernelRecord("b", 500, 900, correlation=3, stream=7),),
                       api_calls=(ApiRecord("cudaGraphLaunch_v10000", 300, 310, 1, 3),))
-    assert measured_window(queued) == (100, 900)  # launched at 300, inside the loop: the loop's work
-    assert measured_window(Timeline()) is None and kernel_report(Timeline(), 5) is None
+    assert measured_windows(queued) == [(100, 900)]  # launched at 300, inside the loop: the loop's work
+    assert measured_windows(Timeline()) == [] and kernel_report(Timeline(), 5) is None
+
+
+def test_two_loops_are_two_windows_and_no_kernel_is_no_report():
+    """Stage 1 and stage 2 are two "loop" regions: the time between them (a VAE, an upsampler) is neither kernel
+    time nor idle time of the loops. A window with no kernel (an nsys export without graph node tracing) gives no
+    report rather than "0 kernels, GPU busy 0%"."""
+    loops = (RangeRecord("loop", 0, 1000, 1), RangeRecord("loop", 5000, 6000, 1))
+    kernels = (k("step", 0, 900), k("between_loops", 2000, 4000), k("step", 5000, 5900))
+    text, data = kernel_report(Timeline(ranges=loops, kernels=kernels), top=5)
+    assert [r["name"] for r in data["top_kernels"]] == ["step"]
+    assert (data["window_ns"], data["idle_ns"]) == (2000, 200) and "2 'loop' region(s)" in text
+    assert kernel_report(Timeline(ranges=loops), top=5) is None
 
 
 def test_short_names_drop_return_type_templates_and_arguments():
