@@ -160,8 +160,11 @@ def ranges_from_boundaries(boundaries, end_time: int) -> list[RangeRecord]:
         stack = stacks.setdefault(thread, [])
         if step > 0:
             stack.append((name, ts))
-        elif stack:
-            opened_name, start = stack.pop()
+            continue
+        # The newest open region of that name: regions may close out of order (`profiling.ranges.region`).
+        match = next((i for i in range(len(stack) - 1, -1, -1) if stack[i][0] == name), None)
+        if match is not None:
+            opened_name, start = stack.pop(match)
             out.append(RangeRecord(opened_name, start, ts, thread))
     for thread, stack in stacks.items():
         out += [RangeRecord(name, start, end_time, thread) for name, start in stack]

@@ -127,6 +127,15 @@ def test_boundaries_pair_per_thread_and_close_at_the_end():
         RangeRecord("loop", 1, 9, 5), RangeRecord("step 0", 2, 4, 5), RangeRecord("worker", 3, 5, 6)]
 
 
+def test_boundaries_closed_out_of_order_pair_by_name():
+    """`region` allows closing out of order (a suspended generator); the pairing follows names, as the dispatch
+    detector's region stack does, so an `allow_host_sync` window ends when it closed."""
+    allow = "allow_host_sync: read timings"
+    boundaries = [(0, 1, allow, 1), (10, 1, "pass cond", 1), (20, -1, allow, 1), (30, -1, "pass cond", 1)]
+    assert sorted(ranges_from_boundaries(boundaries, end_time=99), key=lambda r: r.start) == [
+        RangeRecord(allow, 0, 20, 1), RangeRecord("pass cond", 10, 30, 1)]
+
+
 def test_range_clock_timestamps_region_boundaries():
     ticks = itertools.count(100)
     clock = _RangeClock(lambda: next(ticks), lambda: 3)
