@@ -3,7 +3,9 @@
 * Fixture ``no_host_sync``: its value is a context manager. ``with no_host_sync: ...`` runs the block
   under the detectors and, after the block, fails the test listing every sync seen (op, code line,
   regions). Reusable several times in one test; ``no_host_sync.findings`` holds the last block's syncs.
-* Marker ``@pytest.mark.no_host_sync``: the same check around the whole test body (fixtures excluded).
+* Marker ``@pytest.mark.no_host_sync``: the same check around the whole test body (fixtures excluded, except
+  those the body requests itself with ``request.getfixturevalue``). A test failing for its own reason keeps its
+  error; the syncs seen before it are added to it as a note.
   Assertions that read tensor values are syncs too: make them after a ``with no_host_sync:`` block, or
   inside ``profiling.syncs.allow_host_sync("check")``.
 * One-time syncs (``allow_host_sync(..., one_time=True)``: a CUDA graph capture, i.e. a cache miss) fail the check
@@ -118,10 +120,14 @@ class HostSyncGuard:
             if exc_type is None:
                 raise
             self.findings = []  # the block's own error is the one to report
-        if exc_type is None and self.findings:
+        if self.findings:
             from profiling.syncs import HostSyncError
 
-            pytest.fail(f"no_host_sync: {HostSyncError(self.findings)}", pytrace=False)
+            message = f"no_host_sync: {HostSyncError(self.findings)}"
+            if exc_type is None:
+                pytest.fail(message, pytrace=False)
+            if exc is not None:  # the block's own error propagates, and says what the check saw before it
+                exc.add_note(message)
         return False
 
     def _collect(self) -> list:
