@@ -12,7 +12,9 @@ Two independent detectors, because each misses something the other sees:
   dispatch nothing (``torch.histc`` with its default range reads min/max), ``torch.cuda.synchronize()`` and
   ``Event.synchronize()``, and on CPU anything that only syncs because of where its tensors live: a CPU tensor
   stands in for a device one, so ``torch.tensor(list, device=x.device)`` and ``t[mask] = t.mean()`` pass on CPU
-  (they are flagged with tensors on a GPU).
+  (they are flagged with tensors on a GPU). The stand-in also errs the other way: ``.item()`` of a tensor that
+  really lives on the host is flagged, on a GPU machine too, and so are CPU-only internal reads such as
+  ``F.one_hot``'s range check (the CUDA kernel checks on the device).
 * :func:`cuda_sync_debug` -- PyTorch's own sync debug mode ("warn"/"error") on a GPU. It sees syncs inside
   C++ code but misses ``torch.cuda.synchronize()`` and pageable ``non_blocking`` copies; the CUPTI
   profiler (:mod:`profiling.cupti`) sees those.
