@@ -169,16 +169,22 @@ def options_from_args(args) -> RunOptions:
 
 def _refuse_ignored_flags(args, guidance, workload: Workload) -> None:
     """A flag that would change nothing in this run is an error, not a silent no-op."""
+    parser = getattr(args, "command_parser", None)
+    default = (lambda name: None) if parser is None else parser.get_default  # profile's steps default to 2
+    if 1 not in args.stages:
+        stage1 = [f"--{name.replace('_', '-')}" for name in ("guidance", "steps")
+                  if getattr(args, name) not in (None, default(name))]
+        stage1 += [f"--{modality}-{name}" for modality in ("video", "audio")
+                   for name in ("cfg", "stg", "rescale", "modality") if getattr(args, f"{modality}_{name}") is not None]
+        stage1 += ["--stg-blocks"] if args.stg_blocks is not None else []
+        if stage1:
+            raise CommandError("only stage 2 runs (unguided, over its fixed distilled sigmas), so these stage-1 flags "
+                               f"would change nothing: {', '.join(stage1)}", hint="drop them, or use --stages 1,2")
     if args.stg_blocks and not (guidance.video.needs_perturbed or guidance.audio.needs_perturbed):  # `none` is ()
         raise CommandError(f"--stg-blocks has no effect: guidance {args.guidance!r} with these scales runs no "
                            "perturbed pass (both STG scales are 0)",
                            hint="set --video-stg/--audio-stg above 0" + (", or use --guidance dev"
                                                                          if args.guidance != "dev" else ""))
-    parser = getattr(args, "command_parser", None)
-    steps_default = None if parser is None else parser.get_default("steps")  # profile's is 2
-    if args.steps not in (None, steps_default) and 1 not in args.stages:
-        raise CommandError("--steps sets stage 1's sampler steps, and only stage 2 runs (stage 2 refines over its "
-                           "fixed distilled sigmas)", hint="drop --steps, or use --stages 1,2")
     if getattr(args, "nsys", False) and workload.device.type != "cuda":
         raise CommandError("--nsys marks the loop for an Nsight Systems capture of CUDA activity, and no GPU is in "
                            "use", hint="run it on a GPU, or count host syncs on CPU with plain `ltx2-graphs run`",

@@ -98,7 +98,8 @@ def test_top_level_help_lists_the_commands(capsys):
         (("profile", "--trace", "/"), "--trace: expected a file path"),
         (("profile", "--trace", "-"), "a trace is not written to stdout"),
         (("run", "--stg-blocks", "1"), "--stg-blocks has no effect"),  # hq runs no perturbed pass
-        (("run", "--stages", "2", "--steps", "3"), "--steps sets stage 1's sampler steps"),
+        (("run", "--stages", "2", "--steps", "3"), "these stage-1 flags would change nothing: --steps"),
+        (("run", "--stages", "2", "--guidance", "dev", "--audio-cfg", "2"), "change nothing: --guidance, --audio-cfg"),
     ],
 )
 def test_bad_arguments_give_one_line_and_nonzero_exit(capsys, argv, words):
