@@ -116,7 +116,7 @@ class InputSignature:
         return out
 
 
-# Per module with hooks: (name, forward pre-hook handle ids, forward hook handle ids); see `WeightsProbe.hooks`
+# Per module with hooks: (name, forward pre-hook handle ids, forward hook handle ids); see `WeightsProbe.code`
 Hooks = tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
 
 
@@ -152,7 +152,7 @@ class ModelIdentity:
     per-grid Python numbers or cached coordinate tensors replaced per grid), its forward hooks and the code of
     its submodules (a capture records what they ran; a replay runs no Python, so a hook added or removed later, a
     submodule's class changed in place or a `forward` set on an instance would be silently ignored;
-    `WeightsProbe.hooks`, `WeightsProbe.module_code`) and the `torch_settings` of the moment."""
+    `WeightsProbe.code`) and the `torch_settings` of the moment."""
 
     model_id: int
     model_class: str
@@ -185,8 +185,7 @@ class ModelIdentity:
             _hashable(getattr(model, "config", None)),
             _hashable(getattr(model, "attention_backend", None)),
             _hashable(getattr(model, "graph_key_extra", None)),
-            probe.hooks(),
-            probe.module_code(),
+            *probe.code(),
             torch_settings(),
         )
 
@@ -255,7 +254,7 @@ def _placement(tensors: list[Tensor]) -> int:
 
 
 class WeightsProbe:
-    """Computes `WeightsState` of one model quickly, and its forward hooks (`hooks`) from the same walk.
+    """Computes `WeightsState` of one model quickly, and what its modules run (`code`: hooks, classes) from the same walk.
 
     Walking the module tree (`model.parameters()`) costs ~10 ms for a 48-block model; the probe walks it once
     and keeps each parameter's slot (its module's `_parameters` dict and name), so a parameter replaced by
@@ -305,24 +304,21 @@ class WeightsProbe:
         return WeightsState(int(getattr(self.model, "weights_version", 0)), sum(map(_version, weights)),
                             _placement(weights), _placement(buffers))
 
-    def module_code(self) -> int:
-        """A hash of every module's class and instance-level `forward` (if one was set on the object), in tree
-        order: what a capture ran besides the weights. A layout change walks again first."""
-        if self._layout_changed():
-            self._walk()
-        return self._module_code
+    def code(self) -> tuple[Hooks, int]:
+        """What the modules run besides their weights, after one layout check (a change walks again first):
 
-    def hooks(self) -> Hooks:
-        """(module name, forward pre-hook handles, forward hook handles) of each module that has any, with "*" for
-        the global module hooks (`nn.modules.module.register_module_forward_hook`). Handles are unique per
-        registration, so a hook removed and added again reads as a change. A layout change walks again first."""
+        - the forward hooks: (module name, pre-hook handles, hook handles) of each module that has any, with "*" for
+          the global module hooks (`nn.modules.module.register_module_forward_hook`). Handles are unique per
+          registration, so a hook removed and added again reads as a change;
+        - a hash of every module's class and instance-level `forward` (if one was set on the object), in tree order.
+        """
         if self._layout_changed():
             self._walk()
         found = [(name, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
                  for name, m in self._named if m._forward_pre_hooks or m._forward_hooks]
         if nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks:
             found.append(("*", tuple(nn_module._global_forward_pre_hooks), tuple(nn_module._global_forward_hooks)))
-        return tuple(found)
+        return tuple(found), self._module_code
 
 
 def _code(module: nn.Module) -> tuple[type, Any]:
