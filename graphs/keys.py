@@ -254,7 +254,8 @@ def _placement(tensors: list[Tensor]) -> int:
 
 
 class WeightsProbe:
-    """Computes `WeightsState` of one model quickly, and what its modules run (`code`: hooks, classes) from the same walk.
+    """Computes `WeightsState` of one model quickly, and what its modules run (`code`: hooks, classes) from the
+    same walk.
 
     Walking the module tree (`model.parameters()`) costs ~10 ms for a 48-block model; the probe walks it once
     and keeps each parameter's slot (its module's `_parameters` dict and name), so a parameter replaced by
