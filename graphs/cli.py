@@ -276,7 +276,9 @@ def add_guidance_flags(parser: argparse.ArgumentParser) -> None:
         "LTX-2.3 schedule (2 evaluations per step, 1 for the last); hq: passes cond, neg, modality; dev: all four "
         "(cond, neg, perturbed = STG on block 28, modality). Stage 2 is unguided (cond only)"
     )
-    group.add_argument("--guidance", default="hq", choices=("hq", "dev"), help="guidance preset (default hq)")
+    group.add_argument("--guidance", default="hq", choices=("hq", "dev"),
+                       help="guidance preset (default hq): its scales and passes; the sampler stays res2s with "
+                       "--steps (the reference's dev pipeline samples with Euler, 30 steps, anchored at 4096 tokens)")
     group.add_argument("--steps", type=positive_int, metavar="N",
                        help="stage-1 sampler steps (default 15; profile: 2)")
     for modality in ("video", "audio"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 PRESET_NAMES = ("tiny", "small", "ltx2.3")
@@ -22,7 +23,8 @@ class ModelConfig:
 
     The LTX-2.3 features are always on (gated attention, 9-row cross-attention AdaLN, the sigma-driven prompt
     AdaLN, split RoPE, cross-modality timesteps); only sizes vary between presets. Text context arrives after
-    the text connector, so its widths equal the stream widths in LTX-2.3.
+    the text connector at the stream widths, which the prompt AdaLN needs (it shifts and scales the context with
+    stream-width rows): `video_context_dim` / `audio_context_dim` must equal `video_dim` / `audio_dim`.
     """
 
     num_layers: int = 48
@@ -62,6 +64,12 @@ class ModelConfig:
                                  f"got {getattr(self, f'{name}_head_dim')}")
             if (dim // 2) % heads:
                 raise ValueError(f"ModelConfig: {name} RoPE width {dim // 2} must divide into {heads} heads")
+        for name, context, dim in (("video", self.video_context_dim, self.video_dim),
+                                   ("audio", self.audio_context_dim, self.audio_dim)):
+            if context != dim:
+                raise ValueError(f"ModelConfig.{name}_context_dim must equal the {name} width {name}_heads x "
+                                 f"{name}_head_dim = {dim} (the prompt AdaLN modulates the context at that width), "
+                                 f"got {context}")
         # The A2V/V2A RoPE tables are audio-width; the video side splits them over the video heads (as the
         # reference does), so audio_dim / 2 must divide into the video heads too.
         if (self.audio_dim // 2) % self.video_heads:
@@ -141,8 +149,8 @@ def block_indices(value: object, name: str, *, num_layers: int | None = None) ->
     """`value` (transformer block indices) as a sorted tuple, or ValueError naming `name`.
 
     One rule for `PassSpec`, `GuidanceConfig.stg_blocks` and the transformer's forward, so options accepted by
-    one are accepted by the others: any non-string iterable of ints (tuple, list, set, frozenset, range, ...);
-    bools are refused (True is not block 1), as are negative indices, duplicates and, with `num_layers`, blocks
+    one are accepted by the others: any non-string iterable (tuple, list, set, frozenset, range, ...) of ints, NumPy
+    ints included (returned as ints); bools are refused (True is not block 1), as are negative indices, duplicates and, with `num_layers`, blocks
     past the model's depth. Reads only Python values (an element that is not an int is named by its type, never
     printed), so the forward can call it without synchronising the host. Lives here, below `passes`,
     `guidance` and `model`, because `passes` imports `guidance`."""
@@ -150,13 +158,15 @@ def block_indices(value: object, name: str, *, num_layers: int | None = None) ->
     try:
         if isinstance(value, (str, bytes)):
             raise TypeError
-        blocks = tuple(value)  # type: ignore[arg-type]
+        items = tuple(value)  # type: ignore[arg-type]
     except TypeError:  # not iterable (an int, a 0-d tensor, ...) or a string
         raise ValueError(f"{name} must be {accepted}, got {_shown(value)}") from None
     expected = "block indices >= 0" if num_layers is None else f"block indices in [0, {num_layers - 1}]"
-    for b in blocks:
-        if not is_int(b):
+    for b in items:  # NumPy's ints are Integral too; a tensor is not (reading it would be a host sync)
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
             raise ValueError(f"{name} must be {accepted}, got an element {_shown(b)}")
+    blocks = tuple(map(int, items))
+    for b in blocks:
         if b < 0 or (num_layers is not None and b >= num_layers):
             raise ValueError(f"{name} contains {b}; expected {expected}")
     if len(set(blocks)) != len(blocks):

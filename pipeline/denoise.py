@@ -190,8 +190,7 @@ def _validate_common(executor: object, conditioning: Conditioning, seed: object,
         raise ValueError(f"executor must implement PassExecutor (set_conditioning, run), got {type(executor).__name__}")
     validate_conditioning(conditioning)
     validate_seed(seed)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    res2s.check_eta(eta)
     if not isinstance(bongmath, bool):
         raise ValueError(f"bongmath must be a bool, got {bongmath!r}")
 

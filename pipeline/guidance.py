@@ -80,7 +80,10 @@ class GuidanceConfig:
 
     @classmethod
     def preset(cls, name: str) -> GuidanceConfig:
-        """A named preset: `hq` is LTX-2.3 HQ stage 1 (passes cond, neg, modality), `dev` LTX-2.3 dev (4 passes)."""
+        """A named preset of guidance scales: `hq` is LTX-2.3 HQ stage 1's (passes cond, neg, modality), `dev` LTX-2.3
+        dev's (cond, neg, perturbed, modality). Only the scales and passes: the reference's dev pipeline also
+        samples differently (Euler, 30 steps, the schedule anchored at 4096 tokens), while `denoise_stage1` keeps
+        res2s and its `steps` / `num_tokens` arguments, whatever the preset."""
         presets = _presets()
         if name not in presets:
             raise ValueError(f"unknown guidance preset {name!r}; expected one of {sorted(presets)}")

@@ -39,11 +39,34 @@ ATTENTION_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
+OUTPUT_NORM_EPS = 1e-6  # the output LayerNorm's eps: fixed in the reference, not `ModelConfig.norm_eps`
+
+# Where a pinned backend runs (device type -> backend -> dtypes; None: any dtype). A backend that cannot run failed
+# inside block 0 with "No viable backend for scaled_dot_product_attention", which names no setting.
+_HALF = (torch.float16, torch.bfloat16)
+BACKEND_DTYPES = {
+    "cpu": {"auto": None, "flash": None, "math": None},
+    "cuda": {"auto": None, "cudnn": _HALF, "flash": _HALF, "efficient": (torch.float32, *_HALF), "math": None},
+}
+
+
+def attention_backend_runs(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether SDPA pinned to `backend` runs on `device` in `dtype` (`BACKEND_DTYPES`; other devices: unknown,
+    taken as yes)."""
+    table = BACKEND_DTYPES.get(device.type)
+    if table is None:
+        return True
+    return backend in table and (table[backend] is None or dtype in table[backend])
 
 
 def rms(x: Tensor, eps: float) -> Tensor:
     """RMSNorm without affine weight over the last dim."""
     return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def output_norm(x: Tensor) -> Tensor:
+    """The output layer's LayerNorm without affine weight over the last dim (`OUTPUT_NORM_EPS`)."""
+    return F.layer_norm(x, (x.shape[-1],), eps=OUTPUT_NORM_EPS)
 
 
 def modulate(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -111,8 +134,8 @@ def ada_rows(table: Tensor, mod: Tensor, rows: slice) -> tuple[Tensor, ...]:
 
 
 class Modulation(NamedTuple):
-    """Per-forward AdaLN outputs shared by every block (all [B, T, rows, dim]; T = 1 per sample, or Nv for the
-    per-token video timestep)."""
+    """Per-forward AdaLN outputs shared by every block, each [B, T, rows, dim]: T = 1 (per sample) for all but
+    `video`, whose T is Nv under a per-token sigma."""
 
     video: Tensor  # 9 rows: shift/scale/gate of self-attn, FFN, text-cross-attn query
     audio: Tensor  # 9 rows
@@ -463,7 +486,6 @@ class LTX2Transformer(nn.Module):
         validate_inputs(self, video, audio, video_context, audio_context, sigma, rope,
                         disable_a2v_cross_attn=disable_a2v_cross_attn, disable_v2a_cross_attn=disable_v2a_cross_attn,
                         text_kv=text_kv)
-        eps = 1e-6  # the output LayerNorm's eps is fixed in the reference
         if text_kv is None:
             text_kv = self._text_kv(video_context, audio_context, sigma)
         mod, video_emb, audio_emb = self.modulation(sigma)
@@ -482,9 +504,9 @@ class LTX2Transformer(nn.Module):
             streams.join()  # also on an error, so no side-stream work is left unjoined (or a capture unjoined)
         v, a = v.add(), a.add()  # the last block's FFN residuals
         shift, scale = (self.video_out_table + video_emb.unsqueeze(2)).unbind(2)  # [B, T, Dv] each
-        v = self.video_out(modulate(F.layer_norm(v, (v.shape[-1],), eps=eps), scale, shift))  # [B, Nv, 128]
+        v = self.video_out(modulate(output_norm(v), scale, shift))  # [B, Nv, 128]
         shift, scale = (self.audio_out_table + audio_emb.unsqueeze(2)).unbind(2)  # [B, 1, Da] each
-        a = self.audio_out(modulate(F.layer_norm(a, (a.shape[-1],), eps=eps), scale, shift))  # [B, Na, 128]
+        a = self.audio_out(modulate(output_norm(a), scale, shift))  # [B, Na, 128]
         return v, a
 
 
@@ -514,10 +536,13 @@ def _check_text_inputs(model: LTX2Transformer, video_context: Tensor, audio_cont
     for name, t in (("video_context", video_context), ("audio_context", audio_context)):
         if t.shape[1] == 0:
             raise ValueError(f"{name} has shape {list(t.shape)}: no text tokens, expected at least 1")
-    if isinstance(sigma, Tensor) and sigma.ndim == 2:
-        _check_tensor("sigma", sigma, (b, video_tokens), torch.float32, device)
-    else:
-        _check_tensor("sigma", sigma, (b,), torch.float32, device)
+    per_token = isinstance(sigma, Tensor) and sigma.ndim == 2
+    shape = (b, video_tokens) if per_token else (b,)
+    if isinstance(sigma, Tensor) and not (sigma.ndim == len(shape) and all(
+            e is None or n == e for n, e in zip(sigma.shape, shape))):  # name both forms, not the one guessed
+        raise ValueError(f"sigma has shape {list(sigma.shape)}, expected [{b}] (per sample) or "
+                         f"[{b}, {'Nv' if video_tokens is None else video_tokens}] (per video token)")
+    _check_tensor("sigma", sigma, shape, torch.float32, device)
 
 
 def validate_inputs(model: LTX2Transformer, video: Tensor, audio: Tensor, video_context: Tensor,
@@ -530,6 +555,11 @@ def validate_inputs(model: LTX2Transformer, video: Tensor, audio: Tensor, video_
     Reads only tensor metadata (shape, dtype, device) and Python values: never synchronises.
     """
     c, dtype, device = model.config, model.dtype, model.device
+    backend = model.attention_backend
+    if not attention_backend_runs(backend, device, dtype):
+        usable = [name for name in ATTENTION_BACKENDS if attention_backend_runs(name, device, dtype)]
+        raise ValueError(f"model.attention_backend {backend!r} cannot run on {device.type} with {dtype}; "
+                         f"expected one of {usable}")
     _check_tensor("video", video, (None, None, c.in_channels), dtype, device)
     b, nv = video.shape[:2]
     _check_tensor("audio", audio, (b, None, c.audio_in_channels), dtype, device)

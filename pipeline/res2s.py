@@ -20,6 +20,7 @@ bongmath fixed point and the small-h updates free of float32 cancellation.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -104,6 +105,15 @@ def res2s_coefficients(sigma: float, sigma_next: float, c2: float = 0.5) -> Res2
     return Res2sCoefficients(h=h, a21=a21, b1=b1, b2=b2, sigma_mid=sigma_mid)
 
 
+def check_eta(eta: object) -> float:
+    """`eta` as a float, or ValueError: a real number (not a bool) in [0, 1], the one rule every entry point uses
+    (`denoise_stage1/2`, `plan_res2s`, `sde_step`). The SDE clamps sigma_up at 0.9999 * sigma_next, so eta above 1
+    would only mean 0.9999."""
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    return float(eta)
+
+
 def sde_coefficients(sigma_next: float, eta: float = DEFAULT_ETA) -> SdeCoefficients:
     """alpha, sigma_down, sigma_up of an SDE step landing on `sigma_next` > 0, from floats.
 
@@ -111,11 +121,9 @@ def sde_coefficients(sigma_next: float, eta: float = DEFAULT_ETA) -> SdeCoeffici
     sigma_res`, `sigma_down = sigma_res / alpha`. A landing sigma of 0 is the terminal case, which the
     caller handles without coefficients (the reference's NaN clean-up on the device is not needed).
     """
-    s, eta = float(sigma_next), float(eta)
+    s, eta = float(sigma_next), check_eta(eta)
     if not (math.isfinite(s) and 0.0 < s <= 1.0):
         raise ValueError(f"sigma_next must be in (0, 1] for an SDE step, got {sigma_next!r}")
-    if not (math.isfinite(eta) and eta >= 0.0):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     sigma_up = min(eta * s, 0.9999 * s)
     sigma_res = math.sqrt(max(s * s - sigma_up * sigma_up, 0.0))
     alpha = (1.0 - s) + sigma_res
@@ -148,7 +156,7 @@ class Res2sStep:
 def plan_res2s(sigmas: Sequence[float], *, eta: float = DEFAULT_ETA, bongmath: bool = True) -> tuple[Res2sStep, ...]:
     """One `Res2sStep` per step of `sigmas` (validated floats; only a step to exactly 0 is terminal)."""
     values = validate_sigmas(sigmas)
-    sde_coefficients(1.0, eta)  # validates eta here, before any step runs
+    eta = check_eta(eta)  # here, before any step runs
     steps = []
     for i, (sigma, sigma_next) in enumerate(zip(values[:-1], values[1:], strict=True)):
         if sigma_next == 0.0:

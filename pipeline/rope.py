@@ -32,6 +32,10 @@ class RopeTables:
     video_cross / audio_cross: the A2V/V2A tables (temporal coordinate only, audio width), [B, N, H, audio_dim / 2H]
     with H = video_heads on the video side and audio_heads on the audio side, as in the reference.
     The batch dimension is an expanded view (batch_size copies cost no memory).
+
+    The tables are what places tokens on a grid: latents [B, N, C] carry no grid, so tables of another grid with
+    the same token counts (384x256 and 256x384 both have 1536 tokens) cannot be told apart here. Build them from
+    the grid the latents will be decoded with.
     """
 
     video: CosSin
@@ -101,12 +105,11 @@ def split_rope_table(coords: Tensor, max_pos: tuple[float, ...], *, dim: int, he
     freqs = (torch.pow(theta, exponents) * math.pi / 2.0).to(torch.float32)  # [F]
     angles = (grid.unsqueeze(-1) * 2 - 1) * freqs  # [N, axes, F]
     angles = angles.transpose(-1, -2).flatten(1)  # [N, F * axes], axes interleaved per frequency
-    pad = dim // 2 - angles.shape[-1]
+    n, pad = angles.shape[0], dim // 2 - angles.shape[-1]
     cos, sin = angles.cos(), angles.sin()
-    if pad:
-        cos = torch.cat([torch.ones_like(cos[:, :pad]), cos], dim=-1)
-        sin = torch.cat([torch.zeros_like(sin[:, :pad]), sin], dim=-1)
-    n = angles.shape[0]
+    if pad:  # shaped explicitly: below 2 * axes columns there are no frequencies, and `cos` has no columns
+        cos = torch.cat([cos.new_ones(n, pad), cos], dim=-1)
+        sin = torch.cat([sin.new_zeros(n, pad), sin], dim=-1)
     return cos.reshape(n, heads, -1), sin.reshape(n, heads, -1)  # [N, H, r]
 
 

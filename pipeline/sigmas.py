@@ -14,6 +14,7 @@ back from the device.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 from pipeline.config import is_int
@@ -96,16 +97,21 @@ def distilled_stage2_sigmas(*, res2s: bool = True) -> list[float]:
 def validate_sigmas(sigmas: Sequence[float], *, name: str = "sigmas") -> tuple[float, ...]:
     """Check a schedule on the host and return it as a tuple of Python floats.
 
-    A schedule has at least two finite values in [0, 1], strictly decreasing; only the last may be 0.
+    A schedule has at least two finite values in [0, 1], strictly decreasing; only the last may be 0. Its items
+    must be host real numbers (NumPy's too): a string is a sequence of digits and a bool a number to `float`, and
+    reading a tensor's items would synchronise the host once per sigma, so none of them is a schedule.
     """
     try:
         items = tuple(sigmas)
-        # A string is a sequence of digits and a bool a number to `float`: neither is a schedule.
-        if isinstance(sigmas, (str, bytes)) or any(isinstance(s, bool) for s in items):
-            raise TypeError
-        values = tuple(float(s) for s in items)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a sequence of Python numbers, got {sigmas!r}") from e
+    except TypeError:
+        items = None
+    if items is None or isinstance(sigmas, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of Python numbers, got {type(sigmas).__name__}")
+    for i, s in enumerate(items):
+        if isinstance(s, bool) or not isinstance(s, numbers.Real):
+            raise ValueError(f"{name} must be a sequence of Python numbers, got a {type(s).__name__} at {name}[{i}] "
+                             f"(of a {type(sigmas).__name__}; a tensor's items would need a host sync to read)")
+    values = tuple(float(s) for s in items)
     if len(values) < 2:
         raise ValueError(f"{name} needs at least 2 values (one step), got {list(values)}")
     for i, s in enumerate(values):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -26,6 +27,7 @@ from pipeline.model import LTX2Transformer
 OFFICIAL_PREFIX = "model.diffusion_model."
 # Inside the DiT prefix of single-file checkpoints but not part of the DiT (text connectors run outside it).
 OFFICIAL_IGNORED = ("video_embeddings_connector.", "audio_embeddings_connector.")
+OFFICIAL_MARKER = "patchify_proj.weight"  # a DiT key only the official names have (diffusers: proj_in.weight)
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 # Source dtypes (safetensors header names) a weight may have: the copy into the model casts them, which is only
@@ -147,8 +149,8 @@ def diffusers_key_map(config: ModelConfig) -> KeyMap:
 
 def _check_model(model: object) -> None:
     """What loading and exporting need: an `LTX2Transformer` (the key maps are its parameter names) with storage
-    (a model built on the meta device has none: a load would copy into nothing) and bf16 Linears (a model whose
-    projections are e4m3, `pipeline.fp8`, has no such weights)."""
+    (a model built on the meta device has none: a load would copy into nothing) and plain floating-point Linears
+    (a model whose projections are e4m3, `pipeline.fp8`, has no such weights)."""
     if not isinstance(model, LTX2Transformer):
         raise ValueError(f"model must be an LTX2Transformer (pipeline.model.build_model), got {type(model).__name__}")
     if model.device.type == "meta":
@@ -181,26 +183,47 @@ def _open_safetensors(path: Path):
         raise WeightLoadError(f"{str(path)!r} is not a readable safetensors file ({e})") from None
 
 
-def _problem_report(missing, unexpected, misshaped, mistyped) -> str:
+_LISTED = 10  # names listed per kind of problem; a checkpoint of another depth has thousands
+
+
+def _listed(what: str, items: list[str]) -> str:
+    """'N what: a, b, ...' with at most `_LISTED` items and the count of the rest."""
+    more = f", ... ({len(items) - _LISTED} more)" if len(items) > _LISTED else ""
+    return f"{len(items)} {what}: " + ", ".join(items[:_LISTED]) + more
+
+
+def _problem_report(missing, unexpected, misshaped, mistyped, duplicated) -> str:
     lines = []
     if missing:
-        lines.append(f"{len(missing)} missing: " + ", ".join(f"{n} {list(s)}" for n, s in missing))
+        lines.append(_listed("missing", [f"{n} {list(s)}" for n, s in missing]))
     if unexpected:
-        lines.append(f"{len(unexpected)} unexpected: " + ", ".join(f"{n} {list(s)}" for n, s in unexpected))
+        lines.append(_listed("unexpected", [f"{n} {list(s)}" for n, s in unexpected]))
     if misshaped:
-        lines.append(f"{len(misshaped)} mis-shaped: " + ", ".join(
-            f"{n} {list(s)} (expected {list(e)})" for n, s, e in misshaped))
+        lines.append(_listed("mis-shaped", [f"{n} {list(s)} (expected {list(e)})" for n, s, e in misshaped]))
     if mistyped:
-        lines.append(f"{len(mistyped)} mis-typed: " + ", ".join(f"{n} {d}" for n, d in mistyped)
+        lines.append(_listed("mis-typed", [f"{n} {d}" for n, d in mistyped])
                      + f" (expected one of {', '.join(LOADABLE_DTYPES)})")
+    if duplicated:
+        lines.append(_listed("in two files", [f"{n} ({a}, {b})" for n, a, b in duplicated]))
     return "; ".join(lines)
+
+
+def _depth_hint(names: list[str], num_layers: int) -> str:
+    """A hint when the checkpoint's blocks are not the model's (a wrong preset shows as thousands of keys)."""
+    blocks = {int(m.group(1)) for m in map(_BLOCK_INDEX.match, names) if m}
+    if not blocks or len(blocks) == num_layers:
+        return ""
+    return f" (the checkpoint holds {len(blocks)} transformer blocks, the model {num_layers}: check the preset)"
+
+
+_BLOCK_INDEX = re.compile(r"(?:.*\.)?transformer_blocks\.(\d+)\.")
 
 
 def _load(model: torch.nn.Module, files: list[Path], key_map: KeyMap, rename) -> None:
     """Check every tensor of `files` (renamed by `rename`, None = ignore) against `key_map`, then copy them in."""
     targets = _targets(model, key_map)
-    seen: set[str] = set()
-    unexpected, misshaped, mistyped, plan = [], [], [], []
+    seen: dict[str, Path] = {}  # name -> the file it was found in
+    unexpected, misshaped, mistyped, duplicated, plan = [], [], [], [], []
     for path in files:
         with _open_safetensors(path) as f:
             for key in f.keys():
@@ -212,16 +235,20 @@ def _load(model: torch.nn.Module, files: list[Path], key_map: KeyMap, rename) ->
                 if name not in targets:
                     unexpected.append((key, shape))
                     continue
-                seen.add(name)
+                if name in seen:  # which copy is right is not ours to guess
+                    duplicated.append((key, seen[name].name, path.name))
+                    continue
+                seen[name] = path
                 if shape != targets[name][2]:
                     misshaped.append((key, shape, targets[name][2]))
                 if dtype not in LOADABLE_DTYPES:
                     mistyped.append((key, dtype))
                 plan.append((path, key, name))
     missing = [(n, t[2]) for n, t in targets.items() if n not in seen]
-    if missing or unexpected or misshaped or mistyped:
-        report = _problem_report(missing, unexpected, misshaped, mistyped)
-        raise WeightLoadError(f"checkpoint does not match the model ({report}); nothing was loaded")
+    if missing or unexpected or misshaped or mistyped or duplicated:
+        report = _problem_report(missing, unexpected, misshaped, mistyped, duplicated)
+        hint = _depth_hint([key for key, _ in unexpected] + list(seen), model.config.num_layers)
+        raise WeightLoadError(f"checkpoint does not match the model ({report}){hint}; nothing was loaded")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for path in files:  # one file open at a time, one tensor in host memory at a time
@@ -235,23 +262,46 @@ def _load(model: torch.nn.Module, files: list[Path], key_map: KeyMap, rename) ->
     model.weights_version += 1
 
 
-def _official_rename(key: str) -> str | None:
-    if not key.startswith(OFFICIAL_PREFIX):
+def _official_rename(key: str, prefix: str = OFFICIAL_PREFIX) -> str | None:
+    if not key.startswith(prefix):
         return None  # VAE, audio VAE, vocoder, text encoder...: not the DiT
-    name = key[len(OFFICIAL_PREFIX):]
+    name = key[len(prefix):]
     return None if name.startswith(OFFICIAL_IGNORED) else name
 
 
+def _official_prefix(keys: list[str]) -> str | None:
+    """The prefix of a single file's DiT keys in official names: `model.diffusion_model.`, "" for a DiT saved
+    without it (its names are official, e.g. `patchify_proj.weight`), None when neither (diffusers names)."""
+    if any(k.startswith(OFFICIAL_PREFIX) for k in keys):
+        return OFFICIAL_PREFIX
+    return "" if OFFICIAL_MARKER in keys else None
+
+
+def _file_keys(path: Path) -> list[str]:
+    with _open_safetensors(path) as f:
+        return list(f.keys())
+
+
 def load_official_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load a Lightricks single-file checkpoint (DiT keys under `model.diffusion_model.`; the rest ignored)."""
+    """Load a Lightricks single-file checkpoint (DiT keys under `model.diffusion_model.`, the rest ignored; a DiT
+    saved without that prefix loads too)."""
     _check_model(model)
-    _load(model, [Path(path)], official_key_map(model.config), _official_rename)
+    path = _existing(Path(path))
+    prefix = _official_prefix(_file_keys(path))
+    _load(model, [path], official_key_map(model.config),
+          lambda key: _official_rename(key, OFFICIAL_PREFIX if prefix is None else prefix))
+
+
+def _existing(path: Path) -> Path:
+    if not path.exists():
+        raise ValueError(f"path {str(path)!r} does not exist")
+    return path
 
 
 def diffusers_weight_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files of a diffusers transformer: a file, an index JSON, or a directory holding either
     (`diffusion_pytorch_model.safetensors` or its sharded `.index.json`; a `transformer/` subfolder also works)."""
-    path = Path(path)
+    path = _existing(Path(path))
     if path.is_dir():
         for folder in (path, path / "transformer"):
             if (folder / DIFFUSERS_INDEX).is_file():
@@ -298,12 +348,10 @@ def load_diffusers_transformer(model: torch.nn.Module, path: str | os.PathLike) 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load either format: a directory / index JSON is diffusers; a single file is official if any key carries
-    the `model.diffusion_model.` prefix, else diffusers."""
-    p = Path(path)
-    if p.is_file() and p.suffix == ".safetensors":
-        with _open_safetensors(p) as f:
-            if any(k.startswith(OFFICIAL_PREFIX) for k in f.keys()):
-                return load_official_checkpoint(model, p)
+    the `model.diffusion_model.` prefix or it has the official DiT's names without it, else diffusers."""
+    p = _existing(Path(path))
+    if p.is_file() and p.suffix == ".safetensors" and _official_prefix(_file_keys(p)) is not None:
+        return load_official_checkpoint(model, p)
     return load_diffusers_transformer(model, p)
 
 
@@ -353,10 +401,21 @@ def diffusers_config(config: ModelConfig) -> dict:
         "activation_fn": "gelu-approximate", "qk_norm": "rms_norm_across_heads", "norm_elementwise_affine": False,
         "norm_eps": config.norm_eps, "caption_channels": config.video_context_dim, "attention_bias": True,
         "attention_out_bias": True, "rope_theta": config.rope_theta, "rope_double_precision": True,
-        "causal_offset": config.causal_offset, "timestep_scale_multiplier": int(config.timestep_scale),
-        "cross_attn_timestep_scale_multiplier": int(round(config.timestep_scale * config.cross_attn_gate_scale)),
+        "causal_offset": config.causal_offset,
+        "timestep_scale_multiplier": _whole("timestep_scale", config.timestep_scale),
+        "cross_attn_timestep_scale_multiplier": _whole("timestep_scale x cross_attn_gate_scale",
+                                                       config.timestep_scale * config.cross_attn_gate_scale),
         "rope_type": "split", "use_prompt_embeddings": False, "perturbed_attn": True,
     }
+
+
+def _whole(name: str, value: float) -> int:
+    """`value` as the int diffusers' config takes, or ValueError: truncating 999.6 to 999 would export another
+    model."""
+    if value != round(value):
+        raise ValueError(f"diffusers_config: ModelConfig {name} = {value!r} is not a whole number; diffusers' "
+                         "LTX2VideoTransformer3DModel takes integer timestep multipliers")
+    return round(value)
 
 
 def save_diffusers_transformer(model: torch.nn.Module, directory: str | os.PathLike, *,

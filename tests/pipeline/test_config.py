@@ -58,6 +58,10 @@ def test_from_pixels_refuses_sizes_the_vae_does_not_produce(kwargs, match):
     ("audio_hop_length", 0, "audio_hop_length must be a positive int"),
     ("causal_offset", -1, "causal_offset must be an int >= 0"),
     ("num_layers", 2.0, "num_layers must be a positive int"),
+    # The prompt AdaLN shifts and scales the context with stream-width rows: any other width failed in every
+    # forward with a bare size mismatch, and the diffusers export took it as the cross-attention RoPE width.
+    ("video_context_dim", 40, r"video_context_dim must equal the video width video_heads x video_head_dim = 32 "),
+    ("audio_context_dim", 24, r"audio_context_dim must equal the audio width audio_heads x audio_head_dim = 16 "),
 ])
 def test_model_config_refuses_values_that_run_into_nonsense(field, value, match):
     with pytest.raises(ValueError, match=f"ModelConfig.{match}"):
@@ -104,6 +108,12 @@ def test_from_pixels_and_from_tokens_share_the_audio_rule():
 def test_block_indices_accepts_any_iterable_of_ints(value):
     assert block_indices(value, "blocks") == (0, 1)
     assert block_indices((), "blocks", num_layers=2) == ()
+
+
+def test_block_indices_takes_numpy_ints_as_ints():
+    np = pytest.importorskip("numpy")
+    blocks = block_indices(np.arange(2, 4), "blocks", num_layers=4)
+    assert blocks == (2, 3) and all(type(b) is int for b in blocks)  # hashable, and equal in graph keys
 
 
 @pytest.mark.parametrize("value, num_layers, match", [

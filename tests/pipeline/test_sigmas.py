@@ -148,8 +148,29 @@ def test_floor_insertion():
         (["a", "b"], "Python numbers"),
         ("10", "Python numbers"),  # float("1"), float("0") would read it as [1.0, 0.0]
         ([True, False], "Python numbers"),
+        (5, "Python numbers, got int"),
+        # A tensor's items would each be read with a host sync: refused before any is read.
+        (torch.tensor([1.0, 0.5, 0.0]), r"got a Tensor at sigmas\[0\] \(of a Tensor; a tensor's items would need"),
+        ([1.0, torch.tensor(0.5), 0.0], r"got a Tensor at sigmas\[1\]"),
     ],
 )
 def test_validate_sigmas(bad, match):
     with pytest.raises(ValueError, match=match):
         validate_sigmas(bad)
+
+
+def test_validate_sigmas_takes_host_numbers():
+    np = pytest.importorskip("numpy")
+    assert validate_sigmas(np.array([1.0, 0.5, 0.0])) == (1.0, 0.5, 0.0)
+    assert validate_sigmas((1, 0.25, 0)) == (1.0, 0.25, 0.0)
+
+
+def test_validate_sigmas_reads_no_tensor(monkeypatch):
+    """A tensor schedule is refused without reading an item (each read is a host sync on a GPU)."""
+    def no_read(self):
+        raise AssertionError("a sigma tensor was read")
+
+    monkeypatch.setattr(torch.Tensor, "__float__", no_read)
+    monkeypatch.setattr(torch.Tensor, "item", no_read)
+    with pytest.raises(ValueError, match="host sync"):
+        validate_sigmas(torch.tensor([1.0, 0.5, 0.0]))

@@ -246,8 +246,59 @@ def test_malformed_index_names_the_file(tmp_path, text, match):
 def test_bad_paths(tmp_path):
     with pytest.raises(ValueError, match="holds neither"):
         load_diffusers_transformer(build_model(TINY, device="cpu", dtype=torch.float32), tmp_path)
+    (tmp_path / "model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="is not a .safetensors file"):
         diffusers_weight_files(tmp_path / "model.bin")
+    gone = tmp_path / "gone.safetensors"  # was "not a .safetensors file, an .index.json or a directory"
+    for load in (load_weights, load_official_checkpoint, load_diffusers_transformer):
+        with pytest.raises(ValueError, match=f"path {str(gone)!r} does not exist"):
+            load(build_model(TINY, device="cpu", dtype=torch.float32), gone)
+
+
+def test_official_names_without_the_prefix_load(tmp_path):
+    """A DiT saved without `model.diffusion_model.` was read as diffusers and failed with every name listed as
+    missing or unexpected; its official names are recognised now."""
+    ours = build_model(TINY, device="cpu", dtype=torch.float32, seed=1)
+    state = {k.removeprefix(OFFICIAL_PREFIX): v for k, v in official_state_dict(ours).items()}
+    save_file(state, tmp_path / "dit.safetensors")
+    for load in (load_weights, load_official_checkpoint):
+        model = build_model(TINY, device="cpu", dtype=torch.float32, seed=2)
+        load(model, tmp_path / "dit.safetensors")
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ours.state_dict().values()))
+
+
+def test_a_key_in_two_shards_is_refused(tmp_path):
+    """The last shard read won silently (the index names one file per key)."""
+    ours = build_model(TINY, device="cpu", dtype=torch.float32, seed=1)
+    save_diffusers_transformer(ours, tmp_path, max_shard_bytes=200_000)
+    shards = sorted(tmp_path.glob("*-of-*.safetensors"))
+    assert len(shards) >= 2
+    with safe_open(shards[0], framework="pt") as f:
+        first = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(shards[1], framework="pt") as f:
+        second = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(iter(first))
+    save_file({**second, key: first[key] + 7}, shards[1])
+    with pytest.raises(WeightLoadError, match=rf"1 in two files: {key} \({shards[0].name}, {shards[1].name}\)"):
+        load_weights(build_model(TINY, device="cpu", dtype=torch.float32), tmp_path)
+
+
+def test_a_checkpoint_of_another_depth_is_named_briefly(tmp_path):
+    """12 blocks into a 2-block model listed every key (66 kB of message); now 10 per kind and the block count."""
+    deep = build_model(TINY.replace(num_layers=12), device="cpu", dtype=torch.float32)
+    path = save_official_checkpoint(deep, tmp_path / "deep.safetensors")
+    with pytest.raises(WeightLoadError) as info:
+        load_weights(build_model(TINY, device="cpu", dtype=torch.float32), path)
+    message = str(info.value)
+    assert len(message) < 3000, len(message)
+    assert "more)" in message
+    assert "the checkpoint holds 12 transformer blocks, the model 2: check the preset" in message
+
+
+def test_diffusers_config_refuses_fractional_timestep_scales():
+    with pytest.raises(ValueError, match="timestep_scale = 999.6 is not a whole number"):
+        diffusers_config(TINY.replace(timestep_scale=999.6))
+    assert diffusers_config(TINY)["timestep_scale_multiplier"] == 1000
 
 
 def test_diffusers_peer_with_our_random_weights_matches():
