@@ -208,15 +208,15 @@ def _problem_report(missing, unexpected, misshaped, mistyped, duplicated) -> str
     return "; ".join(lines)
 
 
+_BLOCK_INDEX = re.compile(r"(?:.*\.)?transformer_blocks\.(\d+)\.")  # either format, prefixed or not
+
+
 def _depth_hint(names: list[str], num_layers: int) -> str:
     """A hint when the checkpoint's blocks are not the model's (a wrong preset shows as thousands of keys)."""
     blocks = {int(m.group(1)) for m in map(_BLOCK_INDEX.match, names) if m}
     if not blocks or len(blocks) == num_layers:
         return ""
     return f" (the checkpoint holds {len(blocks)} transformer blocks, the model {num_layers}: check the preset)"
-
-
-_BLOCK_INDEX = re.compile(r"(?:.*\.)?transformer_blocks\.(\d+)\.")
 
 
 def _load(model: torch.nn.Module, files: list[Path], key_map: KeyMap, rename) -> None:
