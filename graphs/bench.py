@@ -159,7 +159,9 @@ def bench(args, progress: Progress) -> BenchReport:
         device=str(workload.device), card=_device_name(workload.device), torch_version=torch.__version__,
         diffusers_version=_diffusers_version(), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         preset=workload.preset, dtype=str(workload.dtype).removeprefix("torch."), text_tokens=workload.text_tokens,
-        peak_tflops=peak, guidance=args.guidance, repeats=args.repeats,
+        peak_tflops=peak, guidance=args.guidance, repeats=args.repeats, audio_tokens=args.audio_tokens,
+        share_text_kv=workload.share_text_kv, overlap_audio=workload.overlap_audio and workload.device.type == "cuda",
+        attention=getattr(args, "attention", "auto"),
     )
     plan = CellPlan(timed_specs=timed, guidance=guidance, repeats=args.repeats, warmup=args.warmup,
                     step_count=STEP_COUNT, peak_tflops=peak, share_text_kv=workload.share_text_kv,
@@ -213,7 +215,8 @@ def measure_floors(model, workload: Workload, shapes: dict[int, CellInputs], rep
         progress(f"kernel floor at {tokens} tokens: timing each GEMM and attention call of one block alone")
         windows: list[tuple[float, float]] = []
         floor = measure_floor(model, tokens, inputs.grid.num_audio_tokens, workload.text_tokens,
-                              min_seconds=min_seconds, timed_windows=windows)
+                              min_seconds=min_seconds, timed_windows=windows,
+                              read_clock=None if clocks is None else clocks.read_now)
         data, described = floor.to_json(), floor.describe()
         if clocks is not None:
             described += _add_floor_clocks(data, floor.ms, windows, clocks)

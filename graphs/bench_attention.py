@@ -51,13 +51,14 @@ class BackendChoice:
 Timer = Callable[[Callable[[], object]], TimingStats]
 
 
-def _default_timer(fn: Callable[[], object]) -> TimingStats:
-    return time_cuda(fn, warmup=3, repeats=20)
-
-
 def measure_self_attention(config: ModelConfig, tokens: int, *, device: torch.device, dtype: torch.dtype,
-                           backends: Sequence[str] = CANDIDATES, timer: Timer = _default_timer) -> BackendChoice:
-    """Time SDPA on the video self-attention shape `[1, video_heads, tokens, video_head_dim]` per backend."""
+                           backends: Sequence[str] = CANDIDATES, timer: Timer | None = None) -> BackendChoice:
+    """Time SDPA on the video self-attention shape `[1, video_heads, tokens, video_head_dim]` per backend.
+
+    `timer` defaults to CUDA events on `device`'s current stream (`time_cuda`): events of another GPU than the one
+    the calls run on would time nothing."""
+    if timer is None:
+        timer = lambda fn: time_cuda(fn, warmup=3, repeats=20, device=device)  # noqa: E731
     unknown = [b for b in backends if b not in ATTENTION_BACKENDS or b == "auto"]
     if unknown:
         known = sorted(set(ATTENTION_BACKENDS) - {"auto"})

@@ -18,7 +18,9 @@ PASS_KEY = ("impl", "executor", "video_tokens", "pass_name")
 STEP_KEY = ("impl", "executor", "video_tokens", "passes")
 NAME_WIDTH = 90  # kernel names are long (cuBLAS encodes its tile and schedule in them)
 # What both reports must share for a row pair to compare code rather than workloads (the row key does not hold it).
-WORKLOAD_FIELDS = ("preset", "dtype", "text_tokens", "guidance")
+# A report from before a field existed does not have it: that field is not compared.
+WORKLOAD_FIELDS = ("preset", "dtype", "text_tokens", "guidance", "audio_tokens", "share_text_kv", "overlap_audio",
+                   "attention")
 
 
 def load_report(path: str | Path) -> dict:
@@ -74,6 +76,19 @@ class RowPair:
     after: dict
 
 
+def _duplicates(rows: list[dict], label: str) -> list[str]:
+    """Keys that more than one row of a report has (a report written by hand or merged): `pair_rows` keeps the
+    last of them, so the comparison says so."""
+    seen: set[tuple] = set()
+    out = []
+    for row in rows:
+        key = _key(row, STEP_KEY if "step" in row else PASS_KEY)
+        if key in seen:
+            out.append(f"{label}: {_key_text(key)}")
+        seen.add(key)
+    return out
+
+
 def pair_rows(before: list[dict], after: list[dict], fields: tuple[str, ...]) -> tuple[list[RowPair], list, list]:
     """(rows in both, keys only in before, keys only in after), in the order of `after` (then `before`)."""
     old = {_key(r, fields): r for r in before}
@@ -108,12 +123,15 @@ def compare(before: dict, after: dict, *, names_per_row: int = 8) -> dict:
            "only_after": pass_only_after + step_only_after,
            "kernel_names_missing": any(not (p.before.get("kernel_names") and p.after.get("kernel_names"))
                                        for p in passes),
-           "workload_differs": [(f, before.get(f), after.get(f)) for f in WORKLOAD_FIELDS
-                                if before.get(f) != after.get(f)]}
+           "workload_differs": [(f, before[f], after[f]) for f in WORKLOAD_FIELDS
+                                if f in before and f in after and before[f] != after[f]],
+           "duplicate_rows": _duplicates(before["passes"] + before.get("steps", []), "before")
+           + _duplicates(after["passes"] + after.get("steps", []), "after")}
     for p in passes:
         changes = kernel_name_changes(p.before.get("kernel_names"), p.after.get("kernel_names"))
         out["passes"].append({
             **_both_sides(p, "timing"),
+            "flops": (p.before.get("flops"), p.after.get("flops")),
             "kernels": (p.before.get("kernels"), p.after.get("kernels")),
             "kernel_name_changes": changes[:names_per_row],
             "kernel_names_changed": len(changes),
@@ -143,6 +161,14 @@ def format_comparison(before: dict, after: dict, result: dict, before_path: str,
     if result["workload_differs"]:
         lines.append("warning: the reports measured different workloads, so a change below is not a code effect: "
                      + ", ".join(f"{f} {a} -> {b}" for f, a, b in result["workload_differs"]))
+    flops_differ = [_key_text(p["key"]) for p in result["passes"] if None not in p["flops"]
+                    and p["flops"][0] != p["flops"][1]]
+    if flops_differ:
+        lines.append("warning: these rows computed different FLOPs (another workload: audio tokens, shared text K/V "
+                     "...), so their change is not a code effect: " + "; ".join(flops_differ))
+    if result["duplicate_rows"]:
+        lines.append("warning: rows with the same key in one report (only the last is compared): "
+                     + "; ".join(result["duplicate_rows"]))
     lines += ["", "per pass:"]
     rows = []
     for p in result["passes"]:

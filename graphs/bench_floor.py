@@ -126,7 +126,8 @@ def block_kernels(model: nn.Module, video_tokens: int, audio_tokens: int, text_t
 
 
 def kernel_alone_ms(fn: Callable[[], object], device: torch.device, *, calls: int = 20, repeats: int = 10,
-                    min_seconds: float = 0.0, timed_windows: list[tuple[float, float]] | None = None) -> float:
+                    min_seconds: float = 0.0, timed_windows: list[tuple[float, float]] | None = None,
+                    read_clock: Callable[[], object] | None = None) -> float:
     """Per-call device time of `fn`'s kernels: `calls` calls in one CUDA graph, replayed (no launch cost).
 
     `fn` must already have run once eagerly (library set-up: cuBLAS handles, cuDNN plans). `fn(i)` is called with
@@ -137,7 +138,8 @@ def kernel_alone_ms(fn: Callable[[], object], device: torch.device, *, calls: in
     replays speed up as the clock climbs), so a card at its power limit settles at the
     clock a back-to-back loop sustains instead of timing a burst at its boost clock. `timed_windows` gets the
     (start, end) time.monotonic() of the timed replays, so a clock sampler can read the clock of the kernels
-    apart from the set-up around them.
+    apart from the set-up around them; `read_clock` (`ClockSampler.read_now`) is called as the replays end,
+    inside the window, so a window shorter than the sampler's interval still holds one reading.
     """
     stream = torch.cuda.Stream(device=device)
     graph = torch.cuda.CUDAGraph()
@@ -151,6 +153,8 @@ def kernel_alone_ms(fn: Callable[[], object], device: torch.device, *, calls: in
         repeats = max(repeats, math.ceil(1.25 * min_seconds * 1e3 / replay_ms))
     started = time.monotonic()
     ms = time_cuda(graph.replay, warmup=2, repeats=repeats, device=device).median_ms / calls
+    if read_clock is not None:
+        read_clock()
     if timed_windows is not None:
         timed_windows.append((started, time.monotonic()))
     return ms
@@ -191,10 +195,11 @@ def _attention_call(kernel: FloorKernel, backend: str, device: torch.device,
 
 
 def measure_floor(model: nn.Module, video_tokens: int, audio_tokens: int, text_tokens: int, *,
-                  min_seconds: float = 0.0, timed_windows: list[tuple[float, float]] | None = None) -> Floor:
-    """Time every kernel of `block_kernels` alone on the model's GPU, in the model's dtype. `min_seconds`: see
-    `kernel_alone_ms`; `timed_windows` gets one window per kernel, in `Floor.kernels` order (for an attention call,
-    that of its fastest backend)."""
+                  min_seconds: float = 0.0, timed_windows: list[tuple[float, float]] | None = None,
+                  read_clock: Callable[[], object] | None = None) -> Floor:
+    """Time every kernel of `block_kernels` alone on the model's GPU, in the model's dtype. `min_seconds` and
+    `read_clock`: see `kernel_alone_ms`; `timed_windows` gets one window per kernel, in `Floor.kernels` order (for
+    an attention call, that of its fastest backend)."""
     device, dtype = model.device, model.dtype
     if device.type != "cuda":
         raise ValueError(f"the kernel floor times CUDA graphs and needs a GPU model, got device {device}")
@@ -204,7 +209,8 @@ def measure_floor(model: nn.Module, video_tokens: int, audio_tokens: int, text_t
         if kernel.kind == "gemm":
             call = _gemm_call(kernel, device, dtype)
             call()
-            times.append(kernel_alone_ms(call, device, min_seconds=min_seconds, timed_windows=windows))
+            times.append(kernel_alone_ms(call, device, min_seconds=min_seconds, timed_windows=windows,
+                                         read_clock=read_clock))
             backends.append("")
             continue
         timed, refused, backend_windows = {}, {}, {}
@@ -216,7 +222,8 @@ def measure_floor(model: nn.Module, video_tokens: int, audio_tokens: int, text_t
                 refused[name] = str(e).splitlines()[0][:80]
                 continue
             window: list[tuple[float, float]] = []
-            timed[name] = kernel_alone_ms(call, device, min_seconds=min_seconds, timed_windows=window)
+            timed[name] = kernel_alone_ms(call, device, min_seconds=min_seconds, timed_windows=window,
+                                          read_clock=read_clock)
             backend_windows[name] = window[0]
         if not timed:
             raise RuntimeError(f"no SDPA backend could run the {kernel.name} at shape {kernel.shape}: {refused}")

@@ -89,6 +89,12 @@ class BenchReport:
     peak_tflops: float
     guidance: str
     repeats: int
+    # What else shapes every row (and `compare` checks): the --audio-tokens flag (None: each grid's own, 126 for
+    # 16 latent frames), text K/V shared between passes, the audio chain on its own stream, the SDPA choice.
+    audio_tokens: int | None = None
+    share_text_kv: bool = True
+    overlap_audio: bool = True
+    attention: str = "auto"
     passes: list[PassRow] = field(default_factory=list)
     steps: list[StepRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -130,6 +136,13 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _aligned(headers: list[str], names: int) -> tuple[str, ...]:
+    """Column alignment of a row table: the first `names` columns (impl, executor) and the 4th (pass or step
+    passes) left, the numbers right. The cells are formatted strings (`disable_numparse`): tabulate would re-read
+    them as numbers and reprint 84.70 as 84.7."""
+    return tuple("left" if i < names or i == 3 else "right" for i in range(len(headers)))
+
+
 def pass_table(report: BenchReport) -> str:
     from tabulate import tabulate
 
@@ -146,7 +159,7 @@ def pass_table(report: BenchReport) -> str:
             _flops(None if r.tflops is None else r.tflops * 1e12, "/s"),
             _num(r.mfu_pct, ".1f") + ("%" if r.mfu_pct is not None else ""),
         ])
-    return tabulate(rows, headers=headers, tablefmt="github")
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, colalign=_aligned(headers, 2))
 
 
 def step_table(report: BenchReport) -> str:
@@ -165,7 +178,7 @@ def step_table(report: BenchReport) -> str:
             _num(r.syncs_per_step, ".1f"), _num(r.warmup_s, ".1f"), _num(r.captures, "d"), _num(r.compiles, "d"),
             _num(None if r.pool_bytes is None else r.pool_bytes / 2**20, ".1f"),
         ])
-    return tabulate(rows, headers=headers, tablefmt="github")
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, colalign=_aligned(headers, 2))
 
 
 def kernel_class_table(report: BenchReport) -> str | None:
@@ -261,7 +274,11 @@ def fp8_error_table(report: BenchReport) -> str | None:
 def format_report(report: BenchReport) -> str:
     head = (
         f"{report.card} | torch {report.torch_version} | diffusers {report.diffusers_version or 'not installed'} | "
-        f"{report.date}\n{report.preset} {report.dtype}, batch 1, {report.text_tokens} text tokens; matmul peak "
+        f"{report.date}\n{report.preset} {report.dtype}, batch 1, {report.text_tokens} text tokens, "
+        + (f"{report.audio_tokens} audio tokens" if report.audio_tokens else "audio tokens of each grid")
+        + f"; text K/V {'shared' if report.share_text_kv else 'per pass'}, audio chain "
+        + f"{'on its own stream' if report.overlap_audio else 'on the video stream'}, attention {report.attention}"
+        + "; matmul peak "
         + (f"{report.peak_tflops:.3g} TFLOP/s (measured)" if report.peak_tflops > 0 else "not measured (no MFU)")
         + f"; {report.repeats} repeats per pass; step = res2s step of guidance '{report.guidance}'"
     )

@@ -8,7 +8,9 @@ A cell warms the executor up (compile/capture every pass it will run, timed as w
    `graphs.bench_kernels.kernel_activity` for kernels per pass and GPU busy;
    with a clock sampler (`profiling.gpu_clocks`), the SM clock and power over the timed calls (warm-up included);
 2. per step: real res2s steps of the guidance preset through `pipeline.denoise.denoise_stage1` (sigmas taken
-   from the start of the HQ schedule, all non-terminal: 2 evaluations per step), with host syncs counted.
+   from the start of the HQ schedule, all non-terminal: 2 evaluations per step), the first one untimed. Host
+   syncs are counted over every step run, that first one included (a one-time sync shows as a fraction per step:
+   stricter than the timed steps alone), and the clock summary spans them all too.
 Any failure inside a cell becomes that cell's `error` (one line) so one broken row does not end the run.
 """
 
@@ -166,6 +168,8 @@ def _measure_pass(executor, executor_name: str, spec, row: PassRow, inputs: Cell
         row.kernel_counts = {name: n / plan.kernel_calls for name, n in activity.count_by_class.items()}
     if activity.count_by_name is not None:
         row.kernel_names = {name: n / plan.kernel_calls for name, n in activity.count_by_name.items()}
+    if row.timing.median_ms <= 0:  # below the timer's resolution: no rate to report
+        return
     row.tflops = row.flops / (row.timing.median_ms * 1e-3) / 1e12
     if plan.peak_tflops > 0:
         row.mfu_pct = 100.0 * row.tflops / plan.peak_tflops

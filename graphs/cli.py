@@ -155,6 +155,14 @@ def int_list(text: str) -> tuple[int, ...]:
         values = ()
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1536,8160, got {text!r}")
+    return _once_each(values, text)
+
+
+def _once_each(values: tuple, text: str) -> tuple:
+    """`values` when none repeats: a list naming an item twice would time (and report) it twice."""
+    twice = sorted({str(v) for v in values if values.count(v) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} named more than once in {text!r}; expected each once")
     return values
 
 
@@ -188,7 +196,7 @@ def choice_list(choices: Sequence[str], *, allow_none: bool = False):
         bad = [v for v in values if v not in choices]
         if not values or bad:
             raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}, got {text!r}")
-        return values
+        return _once_each(values, text)
 
     return parse
 

@@ -124,11 +124,16 @@ class ClockSampler:
         while not self._stop.is_set() and self._take():
             self._stop.wait(self.interval_s)
 
+    def read_now(self) -> None:
+        """One reading now, besides the thread's (nothing after a failure): for windows shorter than the
+        interval, whose end would otherwise often hold no sample."""
+        if self.error is None:
+            self._take()
+
     def summary_since(self, start: float) -> ClockSummary | None:
         """Summary of one window from `start` (time.monotonic() seconds) to now: the last sample before it, the
         samples inside it and one reading taken now. None if there is none (sampling failed)."""
-        if self.error is None:
-            self._take()
+        self.read_now()
         with self._lock:
             before = [s for s in self._samples if s.t < start]
             window = [s for s in self._samples if s.t >= start]

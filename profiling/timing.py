@@ -8,6 +8,7 @@ its unit.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +33,9 @@ class TimingStats:
         samples = tuple(float(s) for s in samples_ms)
         if not samples:
             raise ValueError("TimingStats.from_samples: got no samples, expected at least one")
+        bad = [s for s in samples if not 0.0 <= s < math.inf]  # a NaN made the median depend on sample order
+        if bad:
+            raise ValueError(f"TimingStats.from_samples: got {bad[0]!r}; expected finite times >= 0 ms")
         return cls(statistics.median(samples), min(samples), max(samples), samples)
 
     @property
@@ -40,8 +44,11 @@ class TimingStats:
 
     @property
     def spread_pct(self) -> float:
-        """(max - min) / median, in percent: how much to trust the median."""
-        return 100.0 * self.spread_ms / self.median_ms if self.median_ms else 0.0
+        """(max - min) / median, in percent: how much to trust the median (inf when the median is 0 ms and the
+        samples differ: no time was resolved)."""
+        if self.median_ms:
+            return 100.0 * self.spread_ms / self.median_ms
+        return 0.0 if self.spread_ms == 0 else math.inf
 
     def __str__(self) -> str:
         return (f"{self.median_ms:.3f} ms median (min {self.min_ms:.3f} ms, max {self.max_ms:.3f} ms, "

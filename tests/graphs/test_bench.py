@@ -179,6 +179,31 @@ def test_report_lists_the_syncs_a_step_row_saw():
     assert report.to_json()["steps"][0]["sync_findings"] == [finding]
 
 
+def test_report_keeps_its_digits_and_names_the_workload():
+    """tabulate re-read the formatted numbers (84.70 -> 84.7, a 123456.78 ms step -> 123457); the header and the
+    JSON name the audio tokens, the text K/V sharing, the audio stream and the SDPA choice."""
+    report = BenchReport("cuda:0", "card", "t", None, "d", "ltx2.3", "bfloat16", 1024, 800.0, "hq", 3,
+                         audio_tokens=400, share_text_kv=False, attention="cudnn")
+    report.passes.append(PassRow("ours", "compile+graphs", 1536, "cond", 10, TimingStats.from_samples([84.70]),
+                                 kernels=2316.67))
+    report.steps.append(StepRow("ours", "compile+graphs", 1536, ("cond",), step=TimingStats.from_samples([123456.78])))
+    text = format_report(report)
+    assert "| 84.70 " in text and "| 2317 " in text and "| 123456.78 " in text
+    assert "400 audio tokens; text K/V per pass, audio chain on its own stream, attention cudnn" in text
+    data = report.to_json()
+    assert (data["audio_tokens"], data["share_text_kv"], data["overlap_audio"], data["attention"]) == (
+        400, False, True, "cudnn")
+
+
+def test_lists_naming_an_item_twice_are_refused(capsys):
+    """`--tokens 48,48 --passes cond,cond` timed each twice and wrote four rows with one key."""
+    from tests.graphs.test_cli import run_cli
+
+    for flag, value in (("--tokens", "48,48"), ("--passes", "cond,cond"), ("--executors", "eager,eager")):
+        code, _, err = run_cli(capsys, "bench", "--device", "cpu", "--no-peer", flag, value)
+        assert code == 2 and f"argument {flag}: " in err and "named more than once" in err
+
+
 def test_report_shows_clocks_only_when_sampled():
     report = BenchReport("cuda:0", "card", "t", None, "d", "ltx2.3", "bfloat16", 1024, 800.0, "hq", 3)
     report.passes.append(PassRow("ours", "compile+graphs", 1536, "cond", 10, TimingStats.from_samples([86.0])))
@@ -210,12 +235,16 @@ def test_floor_reports_the_clock_of_each_kernel_and_their_time_weighted_mean(mon
     floor = Floor(video_tokens=48, layers=2, kernels=kernels, ms=(3.0, 1.0), backends=("", "flash"))
     asked = {}
 
-    def fake_measure_floor(model, video_tokens, audio_tokens, text_tokens, *, min_seconds, timed_windows):
-        asked["min_seconds"] = min_seconds
+    def fake_measure_floor(model, video_tokens, audio_tokens, text_tokens, *, min_seconds, timed_windows,
+                           read_clock):
+        asked["min_seconds"], asked["read_clock"] = min_seconds, read_clock
         timed_windows += [(1.0, 2.0), (3.0, 4.0)]
         return floor
 
     class Clocks:  # the sampler's side: 1500 MHz in the first window, 1900 in the second
+        def read_now(self):
+            pass
+
         def summary_within(self, windows):
             mhz = {(1.0, 2.0): 1500.0, (3.0, 4.0): 1900.0}
             values = [mhz[w] for w in windows]
@@ -226,6 +255,7 @@ def test_floor_reports_the_clock_of_each_kernel_and_their_time_weighted_mean(mon
     shapes = {48: SimpleNamespace(grid=SimpleNamespace(num_audio_tokens=18))}
     measure_floors(None, SimpleNamespace(text_tokens=16), shapes, report, lambda message: None, Clocks(), 1.5)
     assert asked["min_seconds"] == 1.5
+    assert asked["read_clock"].__name__ == "read_now"  # each kernel's window gets a reading as its replays end
     data = report.floors[0]
     assert [k["sm_mhz"] for k in data["kernels"]] == [1500.0, 1900.0]
     assert data["sm_mhz_kernel_time_weighted"] == (3.0 * 1500 + 1.0 * 1900) / 4.0  # 1600

@@ -38,6 +38,17 @@ def test_backends_that_cannot_run_are_reported_not_chosen():
     assert BackendChoice(8160, {"flash": 3.2, "cudnn": 1.7}, {}).best == "cudnn"
 
 
+def test_the_default_timer_times_the_device_the_calls_run_on(monkeypatch):
+    """It timed on the current device: with --device cuda:1 the events and the sync were cuda:0's."""
+    import graphs.bench_attention as bench_attention
+
+    seen = []
+    monkeypatch.setattr(bench_attention, "time_cuda",
+                        lambda fn, **kw: seen.append(kw.get("device")) or TimingStats.from_samples([1.0]))
+    measure_self_attention(ModelConfig.preset("tiny"), 8, device=torch.device("cpu"), dtype=torch.float32)
+    assert seen == [torch.device("cpu")] * 3
+
+
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="not SDPA backends"):
         measure_self_attention(ModelConfig.preset("tiny"), 8, device=torch.device("cpu"), dtype=torch.float32,

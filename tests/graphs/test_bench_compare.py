@@ -112,3 +112,24 @@ def test_step_rows_compare_each_side_and_name_rows_and_workloads_that_differ(cap
     assert "rows only in before (not compared): ours compile+graphs 1536 cond" in out  # no Python tuple
     assert "warning: the reports measured different workloads" in out and "dtype bfloat16 -> float8" in out
     assert compare(before, before)["workload_differs"] == []
+
+
+def test_rows_of_other_workloads_and_duplicate_rows_are_named(capsys, tmp_path):
+    """Audio tokens, shared text K/V, the audio stream and the SDPA choice are workload fields now; a report from
+    before they existed is not warned about; rows whose FLOPs differ and keys a report holds twice are named."""
+    before = {**_report("a", [_pass("cond", 85.0, 1600, 2300, flops=100), _pass("cond", 99.0, 1600, 2300, flops=100)]),
+              "audio_tokens": None, "share_text_kv": True}
+    after = {**_report("b", [_pass("cond", 80.0, 1600, 2300, flops=120)]), "audio_tokens": 400, "share_text_kv": True}
+    result = compare(before, after)
+    assert result["workload_differs"] == [("audio_tokens", None, 400)]
+    assert result["duplicate_rows"] == ["before: ours compile+graphs 1536 cond"]
+    assert compare(BEFORE, {**AFTER, "audio_tokens": 400})["workload_differs"] == []  # BEFORE predates the field
+    paths = tmp_path / "before.json", tmp_path / "after.json"
+    for path, report in zip(paths, (before, after)):
+        path.write_text(json.dumps(report))
+    assert main(["compare", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "audio_tokens None -> 400" in out
+    assert "warning: these rows computed different FLOPs" in out and "ours compile+graphs 1536 cond" in out
+    assert "warning: rows with the same key in one report (only the last is compared)" in out
+

@@ -120,3 +120,21 @@ def test_min_seconds_replays_a_kernel_long_enough_to_reach_the_sustained_clock()
     (start, end), = windows
     assert ms > 0 and end - start >= 0.25
 
+
+@pytest.mark.cuda
+def test_a_short_window_holds_a_clock_reading():
+    """A kernel timed in less than the sampler's interval had no sample in its window (most of a 1536-token
+    floor's kernels): `read_clock` reads the clock as the replays end, inside the window."""
+    from profiling.gpu_clocks import nvml_sampler
+
+    a = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    sampler, _, why = nvml_sampler(torch.device("cuda"), interval_s=10.0)  # the thread reads once, at the start
+    if sampler is None:
+        pytest.skip(f"no clock sampler here: {why}")
+    windows = []
+    with sampler:
+        a @ a
+        kernel_alone_ms(lambda i=0: a @ a, torch.device("cuda"), timed_windows=windows, read_clock=sampler.read_now)
+        summary = sampler.summary_within(windows)
+    assert summary is not None and summary.samples >= 1 and summary.sm_mhz_median > 0
+

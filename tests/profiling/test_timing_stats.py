@@ -19,6 +19,18 @@ def test_stats_from_samples():
         TimingStats.from_samples([])
 
 
+@pytest.mark.parametrize("bad", [[float("nan"), 1.0, 2.0], [1.0, float("nan"), 2.0], [1.0, float("inf")], [-1.0]])
+def test_stats_refuse_samples_that_are_not_times(bad):
+    """A NaN made the median depend on where it sat (median 1.0, nan or 2.0 for the same three samples)."""
+    with pytest.raises(ValueError, match="expected finite times >= 0 ms"):
+        TimingStats.from_samples(bad)
+
+
+def test_spread_of_a_zero_median():
+    assert TimingStats.from_samples([0.0, 0.0, 5.0]).spread_pct == float("inf")  # no time resolved: not "0%"
+    assert TimingStats.from_samples([0.0, 0.0]).spread_pct == 0.0
+
+
 def test_warmup_calls_are_not_timed():
     calls = []
     stats = time_cuda(lambda: calls.append(1), warmup=2, repeats=5, device="cpu")
