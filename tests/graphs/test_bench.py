@@ -188,7 +188,7 @@ def test_report_keeps_its_digits_and_names_the_workload():
                                  kernels=2316.67))
     report.steps.append(StepRow("ours", "compile+graphs", 1536, ("cond",), step=TimingStats.from_samples([123456.78])))
     text = format_report(report)
-    assert "| 84.70 " in text and "| 2317 " in text and "| 123456.78 " in text
+    assert " 84.70 |" in text and " 2317 |" in text and " 123456.78 |" in text  # numbers right-aligned
     assert "400 audio tokens; text K/V per pass, audio chain on its own stream, attention cudnn" in text
     data = report.to_json()
     assert (data["audio_tokens"], data["share_text_kv"], data["overlap_audio"], data["attention"]) == (
