@@ -212,11 +212,11 @@ _BLOCK_INDEX = re.compile(r"(?:.*\.)?transformer_blocks\.(\d+)\.")  # either for
 
 
 def _depth_hint(names: list[str], num_layers: int) -> str:
-    """A hint when the checkpoint's blocks are not the model's (a wrong preset shows as thousands of keys)."""
+    """What a wrong preset looks like, said first (it shows as thousands of keys, and long messages get cut)."""
     blocks = {int(m.group(1)) for m in map(_BLOCK_INDEX.match, names) if m}
     if not blocks or len(blocks) == num_layers:
         return ""
-    return f" (the checkpoint holds {len(blocks)} transformer blocks, the model {num_layers}: check the preset)"
+    return f": it holds {len(blocks)} transformer blocks, the model {num_layers} (check the preset)"
 
 
 def _load(model: torch.nn.Module, files: list[Path], key_map: KeyMap, rename) -> None:
@@ -248,7 +248,7 @@ def _load(model: torch.nn.Module, files: list[Path], key_map: KeyMap, rename) ->
     if missing or unexpected or misshaped or mistyped or duplicated:
         report = _problem_report(missing, unexpected, misshaped, mistyped, duplicated)
         hint = _depth_hint([key for key, _ in unexpected] + list(seen), model.config.num_layers)
-        raise WeightLoadError(f"checkpoint does not match the model ({report}){hint}; nothing was loaded")
+        raise WeightLoadError(f"checkpoint does not match the model{hint} ({report}); nothing was loaded")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for path in files:  # one file open at a time, one tensor in host memory at a time
