@@ -136,11 +136,11 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _aligned(headers: list[str], names: int) -> tuple[str, ...]:
-    """Column alignment of a row table: the first `names` columns (impl, executor) and the 4th (pass or step
-    passes) left, the numbers right. The cells are formatted strings (`disable_numparse`): tabulate would re-read
-    them as numbers and reprint 84.70 as 84.7."""
-    return tuple("left" if i < names or i == 3 else "right" for i in range(len(headers)))
+def _aligned(headers: list[str]) -> tuple[str, ...]:
+    """Column alignment of a row table: impl, executor and the 4th column (pass or step passes) left, the numbers
+    right. The cells are formatted strings (`disable_numparse`): tabulate would re-read them as numbers and reprint
+    84.70 as 84.7."""
+    return tuple("left" if i in (0, 1, 3) else "right" for i in range(len(headers)))
 
 
 def pass_table(report: BenchReport) -> str:
@@ -159,7 +159,7 @@ def pass_table(report: BenchReport) -> str:
             _flops(None if r.tflops is None else r.tflops * 1e12, "/s"),
             _num(r.mfu_pct, ".1f") + ("%" if r.mfu_pct is not None else ""),
         ])
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, colalign=_aligned(headers, 2))
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, colalign=_aligned(headers))
 
 
 def step_table(report: BenchReport) -> str:
@@ -178,7 +178,7 @@ def step_table(report: BenchReport) -> str:
             _num(r.syncs_per_step, ".1f"), _num(r.warmup_s, ".1f"), _num(r.captures, "d"), _num(r.compiles, "d"),
             _num(None if r.pool_bytes is None else r.pool_bytes / 2**20, ".1f"),
         ])
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, colalign=_aligned(headers, 2))
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, colalign=_aligned(headers))
 
 
 def kernel_class_table(report: BenchReport) -> str | None:
