@@ -380,7 +380,7 @@ def build_parser() -> OneLineParser:
         help="for recording under Nsight Systems: wrap each stage loop in the NVTX region 'profile' (domain ltx2) "
         "that starts with the positive control, and leave CUPTI to nsys (no --gpu-busy). Record with "
         "`nsys profile --trace=cuda,nvtx --cuda-graph-trace=node --capture-range=nvtx --nvtx-capture=profile@ltx2 "
-        "--capture-range-end=stop ...`",
+        "--capture-range-end=stop ...` (with --stages 1,2: --capture-range-end=repeat, one report per stage)",
     )
     run.add_argument(
         "--output", type=output_file, metavar="FILE.safetensors",

@@ -54,6 +54,8 @@ def format_summary(summary: RunSummary) -> str:
     lines += _loop_capture_warnings(summary)
     if summary.output:
         lines.append(f"final latents: {summary.output}")
+    if summary.output_error:
+        lines.append(f"final latents NOT written: {summary.output_error}")
     findings = [f for s in summary.stages for f in s.syncs.findings]
     if findings:
         lines.append(f"host syncs seen ({len(findings)}), first ones:")

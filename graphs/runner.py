@@ -37,6 +37,7 @@ from graphs.run_workload import (
     resolve_workload,
 )
 from pipeline.config import LatentGrid
+from pipeline.denoise import DEFAULT_STAGE1_STEPS
 from pipeline.guidance import GuidanceConfig, GuidanceParams
 
 LoopContext = Callable[[int], contextlib.AbstractContextManager]
@@ -105,6 +106,8 @@ class RunSummary:
     stages: list[StageSummary] = field(default_factory=list)
     total_s: float = 0.0
     output: str | None = None
+    output_error: str | None = None  # why `--output` was not written (the report is still printed first)
+    settings: dict = field(default_factory=dict)  # what else shaped the result (`run_settings`), also in --output
 
     @property
     def syncs(self) -> int | None:
@@ -117,6 +120,26 @@ class RunSummary:
         for stage, summary in zip(data["stages"], self.stages):
             stage["median_step_ms"] = summary.median_step_ms
         return data
+
+
+def guidance_label(options: RunOptions) -> str:
+    """The guidance as the report names it: the preset, unless flags changed its scales or blocks, or no guided
+    stage ran (stage 2 is unguided)."""
+    if 1 not in options.stages:
+        return "none (stage 2 only, unguided)"
+    preset, _ = fitted_guidance(options.guidance_name, options.workload.config.num_layers)
+    return options.guidance_name if options.guidance == preset else f"{options.guidance_name}, changed by flags"
+
+
+def run_settings(options: RunOptions) -> dict:
+    """Everything besides preset, seed, executor and grid that makes two runs' latents differ: in the JSON summary
+    and the `--output` file's metadata, so two files of different runs never look alike."""
+    w = options.workload
+    return {
+        "dtype": str(w.dtype).removeprefix("torch."), "fp8": w.fp8, "weights": w.weights, "text_tokens": w.text_tokens,
+        "steps": (options.steps or DEFAULT_STAGE1_STEPS) if 1 in options.stages else None,
+        "guidance": asdict(options.guidance) if 1 in options.stages else None,
+    }
 
 
 def guidance_from_args(args, base: GuidanceConfig | None = None) -> GuidanceConfig:
@@ -185,6 +208,17 @@ def _refuse_ignored_flags(args, guidance, workload: Workload) -> None:
                            "perturbed pass (both STG scales are 0)",
                            hint="set --video-stg/--audio-stg above 0" + (", or use --guidance dev"
                                                                          if args.guidance != "dev" else ""))
+    on_gpu = workload.device.type == "cuda"
+    executor = resolve_executor(args.executor, workload.device)
+    ignored = [flag for flag, applies in (
+        ("--no-shared-text-kv", workload.share_text_kv or "graphs" in executor),  # only graphs hold K/V for others
+        ("--no-audio-stream", workload.overlap_audio or on_gpu),  # a side CUDA stream: nothing to turn off on CPU
+        ("--gpu-busy off", getattr(args, "gpu_busy", "auto") != "off" or on_gpu),
+    ) if not applies]
+    if ignored:
+        raise CommandError(f"{', '.join(ignored)} would change nothing with executor {executor} on "
+                           f"{workload.device.type}", hint="--no-shared-text-kv applies to the graph executors, "
+                           "--no-audio-stream and --gpu-busy to GPU runs")
     if getattr(args, "nsys", False) and workload.device.type != "cuda":
         raise CommandError("--nsys marks the loop for an Nsight Systems capture of CUDA activity, and no GPU is in "
                            "use", hint="run it on a GPU, or count host syncs on CPU with plain `ltx2-graphs run`",
@@ -221,8 +255,8 @@ def run_stage(stage: int, options: RunOptions, executor, latents, workload: Work
     warmup = warm_up(executor, options.executor, specs, conditioning, video, audio, progress=progress)
     on_gpu = workload.device.type == "cuda"
     captures_before = _captures(executor)
-    started = time.perf_counter()
-    # Profilers outermost, the sync count innermost: only the loop itself is checked for syncs.
+    # Profilers outermost, the sync count innermost: only the loop itself is checked for syncs, and only the loop
+    # is in `loop_s` (not the profilers' start-up, positive control or tear-down).
     with (
         kernel_activity(
             workload.device, enabled=on_gpu and options.gpu_busy and loop_context is None, cupti_only=True
@@ -230,6 +264,7 @@ def run_stage(stage: int, options: RunOptions, executor, latents, workload: Work
         loop_context(stage) if loop_context is not None else contextlib.nullcontext(),
         count_host_syncs(workload.device, enabled=options.sync_check, compiled="compile" in options.executor) as syncs,
     ):
+        started = time.perf_counter()
         if stage == 1:
             result = denoise.denoise_stage1(
                 executor, conditioning, video, audio, seed=workload.seed, steps=options.steps,
@@ -240,7 +275,7 @@ def run_stage(stage: int, options: RunOptions, executor, latents, workload: Work
                 executor, conditioning, video, audio, seed=workload.seed, quiet=progress.quiet
             )
         step_ms = result.device_step_ms()  # one wait for the last step's event, inside allow_host_sync
-    loop_s = time.perf_counter() - started
+        loop_s = time.perf_counter() - started
     loop_captures = _count_loop_captures(executor, captures_before, syncs)
     if activity.busy_pct is not None:
         busy, busy_source = activity.busy_pct / 100.0, activity.source
@@ -339,7 +374,8 @@ def _run(options: RunOptions, progress: Progress, loop_context: LoopContext | No
     build_s = time.perf_counter() - started
     summary = RunSummary(
         workload=w.describe(), preset=w.preset, device=str(w.device), dtype=str(w.dtype).removeprefix("torch."),
-        executor=options.executor, guidance=options.guidance_name, seed=w.seed, build_s=build_s, fp8=w.fp8,
+        executor=options.executor, guidance=guidance_label(options), seed=w.seed, build_s=build_s, fp8=w.fp8,
+        settings=run_settings(options),
     )
     executor = make_executor(options.executor, model, progress=progress, share_text_kv=w.share_text_kv)
     grid = w.grid
@@ -356,7 +392,7 @@ def _run(options: RunOptions, progress: Progress, loop_context: LoopContext | No
             else:
                 latents = initial_latents(
                     (1, grid2.num_video_tokens, c.in_channels), (1, grid2.num_audio_tokens, c.audio_in_channels),
-                    seed=w.seed + 1, device=w.device,
+                    seed=w.seed, device=w.device, stage=2,
                 )
             grid = grid2
         progress(f"stage {stage}: {grid.num_video_tokens} video tokens, {grid.num_audio_tokens} audio tokens")
@@ -365,15 +401,15 @@ def _run(options: RunOptions, progress: Progress, loop_context: LoopContext | No
         )
         summary.stages.append(stage_summary)
     if options.output:
-        meta = {"preset": w.preset, "seed": str(w.seed), "executor": options.executor,
-                "guidance": options.guidance_name, "stages": ",".join(map(str, options.stages)),
-                "grid": json.dumps(asdict(grid))}
+        meta = {"preset": w.preset, "seed": str(w.seed), "executor": options.executor, "guidance": summary.guidance,
+                "stages": ",".join(map(str, options.stages)), "grid": json.dumps(asdict(grid)),
+                "settings": json.dumps(summary.settings)}
         try:
             write_safetensors_atomic(options.output, {"video": latents[0], "audio": latents[1]}, meta)
-        except OSError as e:
-            raise CommandError(f"--output: cannot write {options.output}: {e.strerror or e}") from e
-        summary.output = options.output
-        progress(f"wrote final latents to {options.output}")
+            summary.output = options.output
+            progress(f"wrote final latents to {options.output}")
+        except OSError as e:  # the loops' results still get reported (`main` raises after the report)
+            summary.output_error = f"cannot write {options.output}: {e.strerror or e}"
     summary.total_s = time.perf_counter() - started
     return summary
 
@@ -388,6 +424,9 @@ def main(args, progress: Progress) -> int:
         print(format_summary(summary))
     if args.json:
         emit_json(summary.to_json(), args.json)
+    if summary.output_error:  # after the report: the loops ran, only the latents are lost
+        raise CommandError(f"--output: {summary.output_error}", hint="the report above is complete; pick a "
+                           "writable --output path")
     synced = sum(stage.unexpected_syncs for stage in summary.stages)
     if synced:  # after the report and the latents are out: the run finished, the check failed
         where = ("`ltx2-graphs profile` with the same flags reports where each happens"

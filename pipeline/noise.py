@@ -109,9 +109,13 @@ def initial_latents(
     seed: int,
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
+    stage: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Pure-noise starting latents (sigma = 1) for text-to-video stage 1: video then audio, one generator."""
-    gen = generator(derive_seed(seed, 1, "init"), device)
+    """Pure-noise starting latents (sigma = 1) for text-to-video stage 1: video then audio, one generator.
+
+    `stage` picks whose "init" stream draws them: 2 for stage 2 started without stage 1 (a benchmark of stage 2
+    alone), so those latents are no other seed's stage-1 noise."""
+    gen = generator(derive_seed(seed, stage, "init"), device)
     video = torch.randn(tuple(video_shape), generator=gen, dtype=dtype, device=device)
     audio = torch.randn(tuple(audio_shape), generator=gen, dtype=dtype, device=device)
     return video, audio

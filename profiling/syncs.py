@@ -211,6 +211,8 @@ def detect_host_syncs(*, mode: str = "raise") -> Iterator[SyncReport]:
     """
     if mode not in MODES:
         raise ValueError(f"detect_host_syncs(mode=...): got {mode!r}, expected one of {MODES}")
+    import torch._dynamo  # noqa: F401  the modes' first op imports it (1-3 s): here, not inside the checked work
+
     detector = _Detector(mode)
     _OPEN_REPORTS.stack.append(detector.report)
     try:

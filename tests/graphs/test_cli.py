@@ -280,7 +280,42 @@ def test_default_run_on_cpu(capsys, tmp_path):
         assert f.get_tensor("video").shape == (1, 48, 128)
         assert torch.isfinite(f.get_tensor("video")).all()
         assert f.metadata()["preset"] == "tiny"
+        # Everything else that makes two runs' latents differ: steps, dtype, FP8, weights, the guidance as run.
+        settings = json.loads(f.metadata()["settings"])
+        assert settings == summary["settings"]
+        assert (settings["steps"], settings["dtype"], settings["fp8"], settings["weights"]) == (4, "float32", False, None)
+        assert settings["guidance"]["video"]["cfg"] == 3.0 and f.metadata()["guidance"] == "hq"
     assert [p.name for p in out_file.parent.iterdir()] == ["latents.safetensors"]
+
+
+def test_changed_guidance_and_stage_2_alone_are_named_as_such(capsys):
+    code, out, _ = run_cli(capsys, "run", "--steps", "1", "--quiet", "--json", "--video-cfg", "1", "--audio-cfg", "1")
+    assert code == 0 and json.loads(out)["guidance"] == "hq, changed by flags"  # not "hq": only cond + modality ran
+    code, out, _ = run_cli(capsys, "run", "--stages", "2", "--quiet", "--json", "--sync-check", "off")
+    assert code == 0 and json.loads(out)["guidance"] == "none (stage 2 only, unguided)"
+    assert json.loads(out)["settings"]["steps"] is None
+
+
+def test_a_failed_output_write_still_reports_the_run(capsys, tmp_path, monkeypatch):
+    """The write came before the report: a disk that filled during the run lost the table and the --json."""
+    import graphs.runner
+
+    def disk_full(path, tensors, metadata):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(graphs.runner, "write_safetensors_atomic", disk_full)
+    json_file = tmp_path / "summary.json"
+    code, out, err = run_cli(capsys, "run", "--steps", "1", "--output", str(tmp_path / "x.safetensors"), "--json",
+                             str(json_file))
+    assert code == 2 and "stage1" in out and "final latents NOT written" in out and "No space left" in out
+    assert "--output: cannot write" in err and "the report above is complete" in err
+    assert json.loads(json_file.read_text())["output_error"].startswith("cannot write")
+
+
+@pytest.mark.parametrize("flag", [["--no-shared-text-kv"], ["--no-audio-stream"], ["--gpu-busy", "off"]])
+def test_flags_that_change_nothing_on_cpu_eager_are_refused(capsys, flag):
+    code, _, err = run_cli(capsys, "run", "--device", "cpu", "--steps", "1", *flag)
+    assert code == 2 and f"{' '.join(flag)} would change nothing with executor eager on cpu" in err
 
 
 def test_json_to_stdout_is_pure_json(capsys):

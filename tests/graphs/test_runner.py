@@ -115,6 +115,8 @@ def test_two_stages(capsys):
 def test_stage2_alone_starts_from_random_latents(capsys):
     data = run_json(capsys, "--stages", "2", "--tokens", "12", "--audio-tokens", "5")
     assert [s["stage"] for s in data["stages"]] == ["stage2"] and data["stages"][0]["video_tokens"] == 48
+    data = run_json(capsys, "--stages", "2", "--tokens", "12", "--audio-tokens", "5", "--seed", str(2**63 - 1))
+    assert data["seed"] == 2**63 - 1  # the largest seed the parser takes (stage 2 drew from seed + 1 before)
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):

@@ -47,6 +47,16 @@ def test_same_seed_bitwise_identical():
     assert torch.equal(v1, v2) and torch.equal(a1, a2) and v1.dtype == torch.float32
 
 
+def test_stage_2_start_latents_are_no_seeds_stage_1_noise():
+    """Stage 2 alone drew its start from seed + 1's stage-1 stream: `--stages 2 --seed 0` began where seed 1's
+    stage 1 did (and the largest seed overflowed)."""
+    shapes = (1, 12, 8), (1, 5, 8)
+    stage2 = initial_latents(*shapes, seed=0, device="cpu", stage=2)[0]
+    for seed in (0, 1):
+        assert not torch.equal(stage2, initial_latents(*shapes, seed=seed, device="cpu")[0])
+    initial_latents(*shapes, seed=2**63 - 1, device="cpu", stage=2)
+
+
 def test_streams_are_separate():
     """Draws of one kind never advance the other kind's generator; the two kinds differ."""
 

@@ -8,7 +8,10 @@ rule is exercised on CPU with FakeTensorMode tensors that claim to live on "cuda
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -408,3 +411,16 @@ def test_a_sync_warning_is_located_at_the_users_line():
         warnings.warn(SYNC_DEBUG_WARNING, UserWarning)  # the user's line
     (finding,) = hook.findings
     assert "test_sync_detector.py:" in finding.location and "warnings.warn(SYNC_DEBUG_WARNING" in finding.code
+
+
+def test_the_detector_imports_dynamo_before_the_checked_block():
+    """The modes' first op imported torch._dynamo (1-3 s), so the first timed step of a checked CPU run carried
+    it. Checked in a fresh interpreter, where nothing has imported dynamo yet."""
+    code = (
+        "import sys, torch\n"
+        "from profiling.syncs import detect_host_syncs\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "with detect_host_syncs(mode='record'):\n"
+        "    assert 'torch._dynamo' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
