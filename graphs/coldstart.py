@@ -250,7 +250,7 @@ def main(args, progress: Progress) -> int:
     if executor == "eager" and args.cache == "fresh":
         progress("executor eager compiles nothing: the compile caches do not matter")
     result = replace(measure(workload, executor, args.guidance, args.cache, progress),
-                                 import_s=getattr(args, "import_seconds", None))
+                     import_s=getattr(args, "import_seconds", None))
     if args.json != "-":
         print(format_cold_start(result))
     if args.json:

@@ -406,10 +406,11 @@ def _run(options: RunOptions, progress: Progress, loop_context: LoopContext | No
                 "settings": json.dumps(summary.settings)}
         try:
             write_safetensors_atomic(options.output, {"video": latents[0], "audio": latents[1]}, meta)
-            summary.output = options.output
-            progress(f"wrote final latents to {options.output}")
         except OSError as e:  # the loops' results still get reported (`main` raises after the report)
             summary.output_error = f"cannot write {options.output}: {e.strerror or e}"
+        else:
+            summary.output = options.output
+            progress(f"wrote final latents to {options.output}")
     summary.total_s = time.perf_counter() - started
     return summary
 
