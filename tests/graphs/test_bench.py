@@ -313,3 +313,46 @@ def test_a_precompiled_peer_runs_its_own_compile_not_ours(monkeypatch):
     assert [m["compile"] for m in made] == [False, "default"]
     monkeypatch.setattr("graphs.compile.find_blocks", lambda model: [model])
     assert isinstance(make_executor("compile", model), CompiledExecutor)
+
+
+def _cpu_cond_bench(capsys, tmp_path) -> dict:
+    path = tmp_path / "bench.json"
+    code = main(["bench", "--quiet", "--json", str(path), "--device", "cpu", "--preset", "tiny", "--repeats", "2",
+                 "--warmup", "1", "--passes", "cond", "--executors", "eager", "--no-peer"])
+    assert code == 0, capsys.readouterr().err
+    return json.loads(path.read_text())
+
+
+def test_flop_rate_and_timed_steps_are_what_they_say(capsys, tmp_path):
+    from graphs.bench import STEP_COUNT
+
+    data = _cpu_cond_bench(capsys, tmp_path)
+    row = data["passes"][0]
+    assert row["tflops"] == pytest.approx(row["flops"] / (row["timing"]["median_ms"] * 1e-3) / 1e12)
+    assert len(data["steps"][0]["step"]["samples"]) == STEP_COUNT  # the warm-up step is not among them
+
+
+def test_a_sync_in_the_loop_shows_in_syncs_per_step(capsys, tmp_path, monkeypatch):
+    """The column's 0 means something only if a sync in the step makes it non-zero."""
+    from pipeline import res2s
+
+    original = res2s.sde_step
+
+    def sde_step_with_item(x, x_det, noise, **kwargs):
+        x.abs().max().item()  # one host read per SDE step
+        return original(x, x_det, noise, **kwargs)
+
+    monkeypatch.setattr(res2s, "sde_step", sde_step_with_item)
+    assert _cpu_cond_bench(capsys, tmp_path)["steps"][0]["syncs_per_step"] == 4  # video + audio, substep + step
+
+
+def test_a_consuming_pass_is_charged_less_than_one_projecting_its_own_text_kv():
+    from graphs.bench_rows import CellInputs, _flops
+    from graphs.keys import OWN, TextKVRole
+    from pipeline.config import LatentGrid, ModelConfig
+    from pipeline.passes import PassSpec
+
+    inputs = CellInputs(ModelConfig.preset("tiny"), LatentGrid.from_tokens(48, audio_tokens=18), 16, None, None,
+                        None, 0)
+    modality = PassSpec("modality", disable_a2v_cross_attn=True, disable_v2a_cross_attn=True)
+    assert _flops(inputs, modality, TextKVRole.reading("cond", ())) < _flops(inputs, modality, OWN)

@@ -133,3 +133,15 @@ def test_rows_of_other_workloads_and_duplicate_rows_are_named(capsys, tmp_path):
     assert "warning: these rows computed different FLOPs" in out and "ours compile+graphs 1536 cond" in out
     assert "warning: rows with the same key in one report (only the last is compared)" in out
 
+
+@pytest.mark.parametrize("field", ["preset", "dtype", "text_tokens", "guidance", "audio_tokens", "share_text_kv",
+                                   "overlap_audio", "attention"])
+def test_every_workload_field_is_compared(field):
+    empty = {"passes": [], "steps": []}
+    assert compare({**empty, field: 1}, {**empty, field: 2})["workload_differs"] == [(field, 1, 2)]
+
+
+def test_step_rows_in_one_report_only_are_listed():
+    step = {"impl": "ours", "executor": "eager", "video_tokens": 48, "passes": ["cond"], "step": {"median_ms": 1.0}}
+    result = compare({"passes": [], "steps": []}, {"passes": [], "steps": [step]})
+    assert result["only_after"] == [("ours", "eager", 48, ("cond",))]

@@ -356,3 +356,19 @@ def test_flag_vocabularies_match_their_sources():
     from pipeline.passes import PASS_NAMES
 
     assert cli.EXECUTORS == EXECUTOR_NAMES and cli.PASS_NAMES == PASS_NAMES
+
+
+@pytest.mark.parametrize("error, start", [
+    ("CaptureError", "CUDA graph capture failed:"),
+    ("GraphMissError", "CUDA graph capture failed:"),
+    ("BlindProfilerError", "refusing to report host syncs"),
+])
+def test_capture_and_blind_profiler_errors_exit_3_with_a_hint(error, start):
+    """The README's exit status 3 for a failed capture and a blind profiler, checked without a GPU."""
+    from graphs import errors
+    from graphs.cli import describe_error
+    from profiling import report
+
+    cls = getattr(errors, error, None) or getattr(report, error)
+    line, code = describe_error(cls("refusing to report host syncs" if error == "BlindProfilerError" else "boom"))
+    assert code == 3 and line.startswith(start) and "hint:" in line

@@ -137,9 +137,9 @@ def test_diffusers_through_the_graph_executor_on_gpu():
         outputs = eager.run(video, audio, 0.4, tuple(SPECS.values()))
         expected = {k: (v.video.clone(), v.audio.clone()) for k, v in outputs.items()}
     got = graphs.run(video, audio, 0.4, tuple(SPECS.values()))
-    for name in SPECS:
-        torch.testing.assert_close(got[name].video, expected[name][0], rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(got[name].audio, expected[name][1], rtol=2e-2, atol=2e-2)
+    for name in SPECS:  # the same model without compile: replays launch what eager launches
+        assert torch.equal(got[name].video, expected[name][0]), name
+        assert torch.equal(got[name].audio, expected[name][1]), name
 
 
 def test_switching_grids_changes_the_graph_key_and_switching_back_restores_it(pair):

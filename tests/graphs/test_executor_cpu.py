@@ -834,3 +834,37 @@ def test_loop_with_stand_in_graphs_equals_eager(fake_graphs):
     for ours, eager in zip(loop(executor), loop(EagerExecutor(model))):
         assert torch.equal(ours, eager)
     assert executor.stats.captures == 4 and executor.stats.eager_passes == 0
+
+
+@pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
+def test_a_consumer_refuses_kv_held_by_another_graph_of_its_text(fake_graphs):
+    """Two graph sets of one text (a torch switch flipped between runs): after the old cond replays, the new
+    modality must not read the new cond's held K/V, which the old cond's replay may have overwritten."""
+    model, conditioning, video, audio = _setup()
+    executor = _executor(model)
+    executor.set_conditioning(conditioning)
+    flash = torch.backends.cuda.flash_sdp_enabled()
+    executor.run(video, audio, 0.7, HQ)  # graphs of setting X: neg, cond(X), modality(X)
+    torch.backends.cuda.enable_flash_sdp(not flash)
+    try:
+        executor.run(video, audio, 0.7, HQ)  # graphs of setting Y, captured after X's
+        torch.backends.cuda.enable_flash_sdp(flash)
+        executor.replay_only(COND)  # cond(X) now holds the positive K/V
+        torch.backends.cuda.enable_flash_sdp(not flash)
+        with pytest.raises(GraphMissError, match="replay cond first"):
+            executor.replay_only(MODALITY)  # modality(Y) reads cond(Y)'s
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flash)
+
+
+def test_eager_fallback_follows_set_conditioning():
+    """A CPU model runs every pass eagerly under miss_policy="eager"; new conditioning must reach those passes."""
+    model, conditioning, video, audio = _setup()
+    executor = GraphExecutor(model, miss_policy="eager", progress=None)
+    executor.set_conditioning(conditioning)
+    with pytest.warns(Warning):
+        executor.run(video, audio, 0.5, (COND,))
+    other = make_conditioning(model.config, GRID, device="cpu", seed=42)
+    executor.set_conditioning(other)
+    out = executor.run(video, audio, 0.5, (COND,))
+    assert torch.equal(out["cond"].video, _eager(model, other, video, audio, 0.5, (COND,))["cond"].video)

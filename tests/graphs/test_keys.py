@@ -20,6 +20,7 @@ from graphs.keys import (
     explain_miss,
     key_difference,
     nearest_key,
+    torch_settings,
 )
 from pipeline.config import LatentGrid
 from pipeline.passes import PassSpec
@@ -272,3 +273,41 @@ def test_probe_tolerates_inference_tensors():
     with torch.inference_mode():
         model = nn.Linear(2, 2)
     assert WeightsProbe(model)().param_versions == 0
+
+
+def _flip_getter(monkeypatch, name):
+    value = getattr(torch.backends.cuda, name)()
+    monkeypatch.setattr(torch.backends.cuda, name, lambda: not value)
+
+
+_MATMUL, _CONV = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+SWITCHES = {  # every kernel switch `torch_settings` keys on, each flipped
+    "sdp_cudnn": lambda mp: _flip_getter(mp, "cudnn_sdp_enabled"),
+    "sdp_efficient": lambda mp: _flip_getter(mp, "mem_efficient_sdp_enabled"),
+    "sdp_math": lambda mp: _flip_getter(mp, "math_sdp_enabled"),
+    "blas": lambda mp: mp.setattr(torch.backends.cuda, "preferred_blas_library", lambda *a: "_BlasBackend.Cublaslt"),
+    "cudnn_fp32_precision": lambda mp: mp.setattr(_CONV, "fp32_precision",
+                                                  "ieee" if _CONV.fp32_precision != "ieee" else "tf32"),
+    "matmul_bf16_reduced_reduction": lambda mp: mp.setattr(
+        _MATMUL, "allow_bf16_reduced_precision_reduction", not _MATMUL.allow_bf16_reduced_precision_reduction),
+    "matmul_fp16_reduced_reduction": lambda mp: mp.setattr(
+        _MATMUL, "allow_fp16_reduced_precision_reduction", not _MATMUL.allow_fp16_reduced_precision_reduction),
+}
+
+
+@pytest.mark.parametrize("field", sorted(SWITCHES))
+def test_every_kernel_switch_is_a_key_field(monkeypatch, field):
+    """Beyond the three switches `test_torch_kernel_settings_are_part_of_the_key` flips end to end (flash SDPA,
+    TF32 matmul, deterministic): dropping any of these from the key went unnoticed."""
+    before = dict(torch_settings())
+    SWITCHES[field](monkeypatch)
+    after = dict(torch_settings())
+    assert field in before and after[field] != before[field], (field, before.get(field), after.get(field))
+
+
+def test_a_parameter_added_after_the_walk_changes_the_weights_state():
+    model = tiny_model()
+    probe = WeightsProbe(model)
+    before = probe()
+    model.video_out.register_parameter("lora_scale", nn.Parameter(torch.ones(1)))
+    assert not probe().same_weights(before)

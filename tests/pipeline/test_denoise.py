@@ -413,3 +413,33 @@ def test_gpu_loops_never_sync_and_time_steps_with_events():
     assert torch.isfinite(s2.video).all()
     a, b = (SdeNoise(NoiseSeeds.for_stage(1, 1), device)("step", (video, audio)) for _ in range(2))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_step_timer_reads_each_steps_events_after_one_wait(monkeypatch):
+    """The CUDA-event path on CPU with stand-in events: per-step end - start, one host wait on the last end."""
+    from pipeline import denoise
+
+    clock, waited = [0.0], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self, stream=None):
+            clock[0] += 1.0
+            self.t = clock[0]
+
+        def synchronize(self):
+            waited.append(self)
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(denoise.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(denoise.torch.cuda, "current_stream", lambda device=None: "stream")
+    timer = denoise.StepTimer(torch.device("cuda:0"), num_steps=3)
+    for index in range(2):  # 2 of 3 steps ran
+        with timer.step(index):
+            clock[0] += 10.0
+    assert timer.device_ms() == (11.0, 11.0)
+    assert waited == [timer._events[1][1]]

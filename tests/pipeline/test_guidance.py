@@ -176,3 +176,16 @@ def test_fitted_to_keeps_in_range_blocks_and_names_only_the_missing_ones(blocks,
         return
     assert note == (f"STG block(s) {missing} do not exist in a model with {layers} layers: "
                     f"using block {layers - 1} instead")
+
+
+@pytest.mark.parametrize("params, name", [(GuidanceParams(cfg=0.5), "neg"), (GuidanceParams(modality=0.5), "modality"),
+                                          (GuidanceParams(stg=-0.5), "perturbed")])
+def test_scales_below_the_identity_need_their_pass_and_term(params, name):
+    """A scale below the identity (cfg or modality under 1, a negative STG) is guidance too: its pass runs and its
+    term enters the combine (the tests elsewhere use 1 and 3 only)."""
+    config = GuidanceConfig(video=params, stg_blocks=(0,) if params.stg else ())
+    assert name in [s.name for s in pass_specs_for(config)]
+    g = torch.Generator().manual_seed(0)
+    x0 = {n: torch.randn(1, 4, 3, generator=g) for n in ("cond", name)}
+    scale = {"neg": params.cfg - 1, "modality": params.modality - 1, "perturbed": params.stg}[name]
+    torch.testing.assert_close(combine(params, x0), x0["cond"] + scale * (x0["cond"] - x0[name]))

@@ -176,3 +176,34 @@ def test_guard_keeps_its_cupti_option_refuses_reentry_and_reports_a_sync_seen_tw
                                              SimpleNamespace(location="test.py:9")])  # seen by sync-debug only
     guard._profiler = None
     assert [f.location for f in guard._collect()] == ["test.py:3", "test.py:9"]
+
+
+def test_the_guard_demands_the_cupti_control_and_merges_syncs_seen_twice_once():
+    """On CPU with a stand-in profiler: the guard must ask for the positive control (a blind profiler is an
+    error, not "0 syncs"), and a sync both detectors saw counts once while a CUPTI-only one is kept."""
+    from types import SimpleNamespace
+
+    from profiling.pytest_plugin import HostSyncGuard
+    from profiling.report import BlindProfilerError
+
+    asked = []
+
+    def report(require_control):
+        asked.append(require_control)
+        if require_control:
+            raise BlindProfilerError("control missing")
+        return SimpleNamespace(unexpected_syncs=())
+
+    guard = HostSyncGuard(use_cupti=True, allow_one_time=True)
+    guard._report, guard._debug = SimpleNamespace(findings=[], one_time=[]), None
+    guard._profiler = SimpleNamespace(report=report)
+    with pytest.raises(BlindProfilerError):
+        guard._collect()
+    assert asked == [True]
+
+    seen = SimpleNamespace(location="t.py:3", ranges=("loop", "step 0"))
+    cupti = [SimpleNamespace(kind="stream_synchronize", api="cudaStreamSynchronize", ranges=("loop", "step 0")),
+             SimpleNamespace(kind="stream_synchronize", api="cudaStreamSynchronize", ranges=("loop", "step 1"))]
+    guard._report = SimpleNamespace(findings=[seen], one_time=[])
+    guard._profiler = SimpleNamespace(report=lambda require_control: SimpleNamespace(unexpected_syncs=cupti))
+    assert [f.ranges for f in guard._collect()] == [("loop", "step 0"), ("loop", "step 1")]

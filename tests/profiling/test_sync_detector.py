@@ -424,3 +424,46 @@ def test_the_detector_imports_dynamo_before_the_checked_block():
         "    assert 'torch._dynamo' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_the_positive_control_makes_exactly_one_allowed_sync_in_its_region():
+    """Checkable on CPU: the control's read is a sync the detector sees, allowed inside the control's region."""
+    from profiling.control import run_positive_control
+    from profiling.ranges import CONTROL_RANGE
+
+    with detect_host_syncs(mode="record") as report:
+        assert run_positive_control("cpu") == 1.0
+    assert report.findings == []
+    assert len(report.allowed) == 1 and CONTROL_RANGE in report.allowed[0].ranges
+    assert "_local_scalar_dense" in report.allowed[0].op
+
+
+def test_non_blocking_copy_into_pageable_host_memory_is_a_sync():
+    with FakeTensorMode():
+        x = torch.empty(4, device="cuda")
+        pageable = torch.empty(4)  # not pinned
+        with detect_host_syncs(mode="record") as report:
+            pageable.copy_(x, non_blocking=True)  # a pageable device->host copy blocks even when non_blocking
+    assert len(report.findings) == 1 and "device->host" in report.findings[0].reason
+
+
+def test_blocking_host_to_device_copy_is_a_sync_and_non_blocking_is_not():
+    copy = torch.ops.aten.copy_.default
+    with FakeTensorMode():
+        dev = torch.empty(4, device="cuda")
+        host = torch.empty(4)
+    assert sync_rules.dispatch_reason(copy, (dev, host), {}) == (
+        "blocking host->device copy (non_blocking=False synchronises the stream)")
+    assert sync_rules.dispatch_reason(copy, (dev, host), {"non_blocking": True}) is None
+
+
+_PEEK = torch.library.Library("ltx2_test_peek", "DEF")
+_PEEK.define("peek(Tensor x) -> float?")
+_PEEK.impl("peek", lambda x: float(x.sum()), "CPU")
+
+
+def test_an_op_returning_an_optional_python_value_is_caught_after_the_call():
+    """`-> float?` is a schema the before-the-call rule cannot classify; the value it hands to Python is data."""
+    with detect_host_syncs(mode="record") as report:
+        torch.ops.ltx2_test_peek.peek(torch.ones(3))
+    assert [f.reason for f in report.findings] == ["returned a Python value read from tensor data"]

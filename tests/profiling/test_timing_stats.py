@@ -61,3 +61,45 @@ def test_cuda_events_sync_only_at_the_boundaries():
 def test_matmul_peak_on_gpu_is_plausible():
     tflops = matmul_peak_tflops("cuda", torch.bfloat16, size=4096)
     assert 1.0 < tflops < 5000.0
+
+
+def test_matmul_peak_counts_two_flops_per_multiply_add(monkeypatch):
+    import profiling.timing
+
+    monkeypatch.setattr(profiling.timing, "time_cuda", lambda fn, **kw: TimingStats.from_samples([2.0]))
+    assert matmul_peak_tflops("cpu", size=1000) == pytest.approx(1.0)  # 2 * 1000^3 FLOP in 2 ms
+
+
+def test_time_cuda_brackets_each_call_with_its_events_and_waits_for_the_last(monkeypatch):
+    """The CUDA-event path on CPU with stand-in events (the GPU test checks only that nothing syncs in between)."""
+    import contextlib
+
+    import profiling.timing
+
+    log, clock = [], [0.0]
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            self.t = None
+
+        def record(self, stream=None):
+            self.t = clock[0]
+            log.append(("record", self))
+
+        def synchronize(self):
+            log.append(("sync", self))
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    def fn():
+        clock[0] += 1.5  # each call takes 1.5 "ms" of device time
+        log.append(("call", None))
+
+    monkeypatch.setattr(profiling.timing.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(profiling.timing.torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(profiling.timing.torch.cuda, "synchronize", lambda *a: log.append(("device sync", None)))
+    stats = time_cuda(fn, warmup=1, repeats=3, device="cuda")
+    assert stats.samples == (1.5, 1.5, 1.5)
+    assert [k for k, _ in log] == ["call", "device sync"] + ["record", "call", "record"] * 3 + ["sync"]
+    assert log[-1][1] is log[-2][1]  # the host waits on the last end event, once
