@@ -372,3 +372,14 @@ def test_capture_and_blind_profiler_errors_exit_3_with_a_hint(error, start):
     cls = getattr(errors, error, None) or getattr(report, error)
     line, code = describe_error(cls("refusing to report host syncs" if error == "BlindProfilerError" else "boom"))
     assert code == 3 and line.startswith(start) and "hint:" in line
+
+
+def test_an_interrupted_run_exits_130(capsys, monkeypatch):
+    import graphs.runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(graphs.runner, "run", interrupted)
+    code, _, err = run_cli(capsys, "run", "--device", "cpu", "--steps", "1")
+    assert code == 130 and "ltx2-graphs run: interrupted" in err

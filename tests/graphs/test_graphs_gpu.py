@@ -385,3 +385,15 @@ def test_a_host_sync_in_a_pass_fails_its_capture_with_the_cause_and_for_good(sma
     out = fresh.run(video, audio, 0.5, (COND,))["cond"]
     expected = eager_pass(model, cond1, video, audio, 0.5, COND)
     assert torch.equal(out.video, expected.video) and torch.equal(out.audio, expected.audio)
+
+
+@pytest.mark.filterwarnings("ignore::graphs.errors.GraphMissWarning")
+def test_a_capture_is_a_declared_one_time_sync(small):
+    """A loop that captures is not a warm loop: each capture is recorded as a one-time block, which the pytest
+    plugin and `no_host_sync` refuse unless allowed, and its own syncs are not unexpected ones."""
+    model, cond1, _, video, audio = small
+    executor = GraphExecutor(model, progress=None)
+    executor.set_conditioning(cond1)
+    with detect_host_syncs(mode="record") as report:
+        executor.run(video, audio, 0.5, (COND,))
+    assert report.one_time == ["capture cond"] and report.findings == []
