@@ -109,6 +109,37 @@ def test_every_loop_flag_is_named_by_its_dest():
         assert "--" + action.dest.replace("_", "-") in action.option_strings, action.option_strings
 
 
+# A value away from profile's default for every loop flag that takes one (a new flag fails the test below until it
+# is listed here, so `--nsys-sqlite` is checked to refuse it too).
+LOOP_FLAG_VALUES = {
+    "weights": "ck.safetensors", "device": "cpu", "seed": "5", "resolution": "64x64", "frames": "17", "fps": "30",
+    "tokens": "96", "audio_tokens": "7", "text_tokens": "8", "steps": "3", "video_cfg": "2", "video_stg": "1",
+    "video_rescale": "0.5", "video_modality": "2", "audio_cfg": "2", "audio_stg": "1", "audio_rescale": "0.5",
+    "audio_modality": "2", "stg_blocks": "1", "stages": "1,2",
+}
+
+
+def test_every_loop_flag_away_from_its_default_is_seen():
+    """`loop_flags_given` (what `--nsys-sqlite` refuses) must see each loop flag, not a hand-picked few."""
+    import argparse
+
+    from graphs.cli import OneLineParser, add_loop_flags, build_parser
+    from graphs.cli_profile import loop_flags_given
+
+    loop = OneLineParser(add_help=False)
+    add_loop_flags(loop)
+    for action in loop._actions:
+        flag = "--" + action.dest.replace("_", "-")
+        if isinstance(action, argparse._StoreTrueAction):
+            argv = [flag]
+        elif action.choices:
+            argv = [flag, next(c for c in action.choices if c != action.default)]
+        else:
+            argv = [flag, LOOP_FLAG_VALUES[action.dest]]
+        args = build_parser().parse_args(["profile", "--nsys-sqlite", "run.sqlite", *argv])
+        assert any(given.split()[0] == flag for given in loop_flags_given(args)), argv
+
+
 @pytest.mark.cuda
 def test_live_profile_on_gpu(capsys, tmp_path):
     pytest.importorskip("cupti")
