@@ -173,11 +173,12 @@ def options_from_args(args) -> RunOptions:
         guidance.validate(workload.config.num_layers)
     except ValueError as e:
         raise CommandError(str(e), hint="pick --stg-blocks inside the model's depth") from e
-    _refuse_ignored_flags(args, guidance, workload)
+    executor = resolve_executor(args.executor, workload.device)
+    _refuse_ignored_flags(args, guidance, workload, executor)
     sync_check = args.sync_check != "off"
     return RunOptions(
         workload=workload,
-        executor=resolve_executor(args.executor, workload.device),
+        executor=executor,
         guidance=guidance,
         guidance_name=args.guidance,
         steps=args.steps,
@@ -190,7 +191,7 @@ def options_from_args(args) -> RunOptions:
     )
 
 
-def _refuse_ignored_flags(args, guidance, workload: Workload) -> None:
+def _refuse_ignored_flags(args, guidance, workload: Workload, executor: str) -> None:
     """A flag that would change nothing in this run is an error, not a silent no-op."""
     parser = getattr(args, "command_parser", None)
     default = (lambda name: None) if parser is None else parser.get_default  # profile's steps default to 2
@@ -209,7 +210,6 @@ def _refuse_ignored_flags(args, guidance, workload: Workload) -> None:
                            hint="set --video-stg/--audio-stg above 0" + (", or use --guidance dev"
                                                                          if args.guidance != "dev" else ""))
     on_gpu = workload.device.type == "cuda"
-    executor = resolve_executor(args.executor, workload.device)
     ignored = [flag for flag, applies in (
         ("--no-shared-text-kv", workload.share_text_kv or "graphs" in executor),  # only graphs hold K/V for others
         ("--no-audio-stream", workload.overlap_audio or on_gpu),  # a side CUDA stream: nothing to turn off on CPU

@@ -285,11 +285,14 @@ def _file_keys(path: Path) -> list[str]:
 def load_official_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load a Lightricks single-file checkpoint (DiT keys under `model.diffusion_model.`, the rest ignored; a DiT
     saved without that prefix loads too)."""
-    _check_model(model)
     path = _existing(Path(path))
-    prefix = _official_prefix(_file_keys(path))
-    _load(model, [path], official_key_map(model.config),
-          lambda key: _official_rename(key, OFFICIAL_PREFIX if prefix is None else prefix))
+    prefix = _official_prefix(_file_keys(path))  # "" for a DiT saved without the prefix
+    _load_official(model, path, OFFICIAL_PREFIX if prefix is None else prefix)
+
+
+def _load_official(model: torch.nn.Module, path: Path, prefix: str) -> None:
+    _check_model(model)
+    _load(model, [path], official_key_map(model.config), lambda key: _official_rename(key, prefix))
 
 
 def _existing(path: Path) -> Path:
@@ -350,8 +353,9 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load either format: a directory / index JSON is diffusers; a single file is official if any key carries
     the `model.diffusion_model.` prefix or it has the official DiT's names without it, else diffusers."""
     p = _existing(Path(path))
-    if p.is_file() and p.suffix == ".safetensors" and _official_prefix(_file_keys(p)) is not None:
-        return load_official_checkpoint(model, p)
+    prefix = _official_prefix(_file_keys(p)) if p.is_file() and p.suffix == ".safetensors" else None
+    if prefix is not None:  # the file's keys are read once
+        return _load_official(model, p, prefix)
     return load_diffusers_transformer(model, p)
 
 
